@@ -1,0 +1,102 @@
+"""Backend selection.
+
+Every fused op registers one implementation per backend. Each implementation answers
+``why_not(**inputs) -> list[str]``: the reasons it cannot serve these inputs (empty when it can).
+Dispatch walks :data:`BACKENDS` in order and takes the first implementation with no reasons.
+``FASTADAPT_BACKEND=<name>`` (or :func:`use_backend`) forces one backend; if that backend cannot
+serve, the error names its reasons instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+# Priority order (DESIGN.md "Backends and fallbacks").
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+ENV_VAR = "FASTADAPT_BACKEND"
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastadapt_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve the given inputs (the message lists why)."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op: the forward, the backward and its capability check."""
+
+    op: str
+    backend: str
+    why_not: Callable[..., list[str]]
+    forward: Callable
+    backward: Callable
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, *, why_not: Callable[..., list[str]], forward: Callable,
+             backward: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or, failing that, by ``FASTADAPT_BACKEND``."""
+    name = _forced.get() or os.environ.get(ENV_VAR) or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force ``name`` for the ops called inside the block (``None`` restores automatic choice).
+
+    The same backend serves the forward and the backward of one call only if the backward also runs
+    under it: dropout masks are regenerated from a seed by each backend's own generator.
+    """
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def explain(op: str, **inputs) -> dict[str, list[str]]:
+    """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can)."""
+    impls = _REGISTRY.get(op, {})
+    return {
+        name: (impls[name].why_not(**inputs) if name in impls else [f"no {name} implementation of {op}"])
+        for name in BACKENDS
+    }
+
+
+def select(op: str, **inputs) -> Implementation:
+    """The implementation that serves ``inputs``: the forced backend, or the first with no reasons."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    forced = forced_backend()
+    if forced is not None:
+        impl = impls.get(forced)
+        reasons = impl.why_not(**inputs) if impl else [f"no {forced} implementation of {op}"]
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {forced!r} was forced but cannot run {op}: " + "; ".join(reasons))
+        return impl
+    for name in BACKENDS:
+        impl = impls.get(name)
+        if impl is not None and not impl.why_not(**inputs):
+            return impl
+    reasons = explain(op, **inputs)
+    raise BackendUnavailableError(
+        f"no backend can run {op}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in reasons.items()))

@@ -1,0 +1,169 @@
+"""The fused LoRA linear as a ``torch.library`` custom op with autograd, and its backends.
+
+``fastadapt::lora_linear`` returns ``(y, u)``, where ``u = s * D(x) A^T`` (M, r) is saved for the
+backward instead of the dropped input (PEFT saves D(x), M x K); the dropout mask is regenerated
+from the seed. ``fastadapt::lora_linear_backward`` is one fused backward call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastadapt import _checks, dispatch
+from fastadapt.backends import device_reasons, dtype_reasons
+from fastadapt.reference import lora as reference
+
+OP = "lora_linear"
+
+
+def _seed(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed)
+
+
+@torch.library.custom_op("fastadapt::lora_linear", mutates_args=())
+def _lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    x2d = x.reshape(-1, x.shape[-1])
+    impl = dispatch.select(OP, x=x2d, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    y, u = impl.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), u
+
+
+@_lora_linear.register_fake
+def _(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    M = x.shape[:-1].numel()
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, lora_A.shape[0])
+
+
+@torch.library.custom_op("fastadapt::lora_linear_backward", mutates_args=())
+def _lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                          u: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                          needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(gx, gA, gB, gbias, gweight); a gradient not asked for in ``needs`` comes back empty."""
+    x2d = x.reshape(-1, x.shape[-1])
+    gy2d = gy.reshape(-1, gy.shape[-1])
+    impl = dispatch.select(OP, x=x2d, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=None)
+    grads = impl.backward(gy2d, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs)
+    gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
+    return (gx.view(x.shape) if needs[0] else gx), *rest
+
+
+@_lora_linear_backward.register_fake
+def _(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    shapes = (x.shape, lora_A.shape, lora_B.shape, weight.shape[:1], weight.shape)
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, gy, _gu):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    nx, nw, na, nb, _, nbias, _, _ = ctx.needs_input_grad
+    needs = [nx, na, nb, nbias, nw]
+    grads = torch.ops.fastadapt.lora_linear_backward(
+        gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
+    gx, gA, gB, gbias, gw = (g if need else None for g, need in zip(grads, needs))
+    return gx, gw, gA, gB, None, gbias, None, None
+
+
+_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True) -> Tensor:
+    """Fused LoRA linear: ``x W^T + b + scaling * (dropout(x) A^T) B^T``.
+
+    Args:
+        x: (..., in_features), float16 / bfloat16 / float32 (float64 runs on the reference).
+        weight: (out_features, in_features), the frozen base weight; same dtype as ``x``.
+        lora_A: (r, in_features); lora_B: (out_features, r) (PEFT's layouts). If their dtype
+            differs from ``x`` (PEFT keeps adapters in float32 by default), the low-rank path is
+            computed in ``x``'s dtype with float32 accumulation, and their grads come back in
+            their own dtype.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), finite.
+        bias: (out_features,) or None.
+        dropout_p: dropout probability on the LoRA input, applied only when ``training``; the mask
+            is drawn from a seed inside the kernel and regenerated in the backward, never stored.
+
+    Returns:
+        (..., out_features), ``x``'s dtype. Gradients flow to x, lora_A, lora_B, bias, and to
+        weight only if it requires grad.
+
+    Equivalent PyTorch::
+
+        F.linear(x, weight, bias) + (F.dropout(x, dropout_p, training) @ lora_A.T) @ lora_B.T * scaling
+    """
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.tensor("weight", weight, ndim=2)
+    _checks.tensor("lora_A", lora_A, ndim=2)
+    _checks.tensor("lora_B", lora_B, ndim=2)
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+    scaling = _checks.finite_float("scaling", scaling)
+    dropout_p = _checks.probability("dropout_p", dropout_p)
+    _checks.same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    _checks.same_dtype(x=x, weight=weight, bias=bias)
+    n_out, n_in = weight.shape
+    rank = lora_A.shape[0]
+    _checks.dim_equal("x.shape[-1] (in_features)", x.shape[-1], n_in)
+    if rank == 0:
+        raise ValueError("lora_A has rank 0: r must be at least 1")
+    _checks.dim_equal("lora_A.shape[1] (in_features)", lora_A.shape[1], n_in)
+    _checks.dim_equal("lora_B.shape[0] (out_features)", lora_B.shape[0], n_out)
+    _checks.dim_equal("lora_B.shape[1] (r)", lora_B.shape[1], rank)
+    if bias is not None:
+        _checks.dim_equal("bias.shape[0] (out_features)", bias.shape[0], n_out)
+    if n_in == 0 or n_out == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
+
+    p = dropout_p if training else 0.0
+    # Drawn on the CPU generator: no device sync, and torch.compile traces it.
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
+    y, _ = torch.ops.fastadapt.lora_linear(
+        x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, bias, p, seed)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def _triton_why_not(x, weight, lora_A, lora_B, bias):
+    reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
+    if len({t.dtype for t in (x, weight, lora_A, lora_B, bias) if t is not None}) > 1:
+        reasons.append("x, weight, lora_A, lora_B and bias must share one dtype")
+    return reasons
+
+
+def _triton_forward(*args):
+    from fastadapt.kernels import lora
+    return lora.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastadapt.kernels import lora
+    return lora.backward(*args)
+
+
+dispatch.register(OP, "triton", why_not=_triton_why_not, forward=_triton_forward,
+                  backward=_triton_backward)
+dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
+                  backward=reference.backward)
+
+
+def dropout_keep(backend: str, seed: int, shape, p: float, device) -> Tensor:
+    """The dropout mask (True = kept) that ``backend`` draws from ``seed`` for an input of ``shape``."""
+    if backend == "triton":
+        from fastadapt.kernels import lora
+        return lora.dropout_keep(seed, shape, p, device)
+    if backend == "reference":
+        return reference.dropout_keep(seed, shape, p, device)
+    raise ValueError(f"no dropout mask for backend {backend!r}")

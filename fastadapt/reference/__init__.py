@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the oracles of the tests and the last-resort backend, one module per op."""

@@ -1,0 +1,58 @@
+"""Pieces every Triton kernel of fastadapt shares: the dot-product wrapper, the dropout draw, and
+the launch-time choices (precision, interpreter) that the kernels take as constexprs."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastadapt.backends import triton_interpret
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    UPCAST is set only under the CPU interpreter, which stores bfloat16 as raw uint16 and would
+    multiply bit patterns; products of two bf16 (or fp16) values are exact in fp32, so the upcast
+    computes the same numbers the tensor cores do.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dropout_scale(seed, rows, cols, n_cols, p):
+    """``1/(1-p)`` where element (row, col) of an (., n_cols) tensor is kept, else 0.
+
+    The draw is Philox on the element's flat int64 index, so the forward and the backward (and
+    any tile shape) regenerate the same mask from ``seed`` without storing it.
+    """
+    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    keep = tl.rand(seed, offsets) >= p
+    return tl.where(keep, 1.0 / (1.0 - p), 0.0)
+
+
+def dot_constexprs(dtype: torch.dtype) -> dict:
+    """UPCAST / PRECISION for :func:`mma`: fp32 inputs follow torch's matmul precision setting
+    (``torch.set_float32_matmul_precision``), as cuBLAS does for ``torch.mm``."""
+    if dtype == torch.float32:
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    else:
+        precision = "tf32"  # Triton's default; only fp32 operands read it
+    return {"UPCAST": triton_interpret() and dtype != torch.float32, "PRECISION": precision}
+
+
+def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """A power-of-two block for a dimension of size n, in [lo, hi] (tl.dot needs >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

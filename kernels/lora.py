@@ -1,0 +1,290 @@
+"""Triton kernels of the fused LoRA linear, forward and backward.
+
+Three kernels cover the whole op (the math is in ``fastadapt/reference/lora.py``):
+
+* ``_lora_down_kernel``: ``out[M, R] = scale * (D(X)[M, C] @ V[C, R])``: the skinny product that
+  reads X once (forward ``u = s D(x) A^T``; backward ``gu = s gy B``), dropout drawn in-register.
+* ``_lora_matmul_kernel``: ``out[M, N] = X @ W + D(U @ V) + b``: the frozen product with the rank-r
+  update folded in. The accumulator is seeded with ``U @ V`` before the K loop, so the update costs
+  no extra pass over the output (forward ``y``; backward ``gx = gy W + D(gu A)``).
+* ``_lora_reduce_kernel``: ``out[R, C] = scale * (P^T[R, M] @ D(X)[M, C])``: products that reduce
+  over the token dimension (``gA = gu^T D(x)``, ``gB^T = u^T gy``), split over M across programs
+  with fp32 atomics so that few-column outputs still fill the GPU.
+
+``D`` is inverted dropout with the mask drawn from (seed, flat index of x), identical in all three.
+Operands are taken as strided views, so transposed weights and non-contiguous inputs need no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastadapt.backends import triton_interpret
+from fastadapt.kernels.common import dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, v_ptr, out_ptr,
+    M, C, R, scale, p, seed,
+    stride_xm, stride_xc, stride_vc, stride_vr, stride_om, stride_or,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rcols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    r_ok = rcols < R
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            # Rounded back to the input dtype before the product, as eager dropout(x) would be.
+            xt = (xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p)).to(x_ptr.dtype.element_ty)
+        vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
+                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    acc = acc * scale
+    tl.store(out_ptr + rows64[:, None] * stride_om + rcols[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    x_ptr, w_ptr, u_ptr, v_ptr, bias_ptr, out_ptr,
+    M, N, K, R, p, seed, M_BUCKET,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order (Triton matmul tutorial): GROUP_M row blocks share their W columns in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    # Seed the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
+    # per tile, and adding it here means the frozen K loop below runs unchanged.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    if DROPOUT:
+        acc = acc * dropout_scale(seed, rows, cols, N, p)
+
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        ks64 = ks.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + ks64[:, None] * stride_wk + cols64[None, :] * stride_wn,
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(xt, wt, acc, UPCAST, PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    p_ptr, x_ptr, out_ptr,
+    M, C, R, scale, p, seed, rows_per_split,
+    stride_pm, stride_pr, stride_xm, stride_xc, stride_or, stride_oc,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < C
+    r_ok = rr < R
+    cols64 = cols.to(tl.int64)
+    m_start = tl.program_id(2) * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        rows64 = rows.to(tl.int64)
+        pt = tl.load(p_ptr + rows64[None, :] * stride_pm + rr[:, None] * stride_pr,
+                     mask=r_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols64[None, :] * stride_xc,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            xt = (xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p)).to(x_ptr.dtype.element_ty)
+        acc = mma(pt, xt, acc, UPCAST, PRECISION)
+    acc = acc * scale
+    out = out_ptr + rr[:, None] * stride_or + cols64[None, :] * stride_oc
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=r_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, acc, mask=r_ok[:, None] & col_ok[None, :])
+
+
+def _matmul_configs():
+    # The Triton matmul tutorial's CUDA configs plus two narrow-N ones; untuned on our shapes
+    # until the GPU benchmark sets them (issue "GPU performance").
+    shapes = [(128, 256, 64, 3, 8), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+              (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=stages, num_warps=warps)
+            for bm, bn, bk, stages, warps in shapes]
+
+
+# One tuning per (size class of M, N, K, R): M varies call to call (batch x sequence) and would
+# otherwise retune on every new value.
+_lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "R"])(
+    _lora_matmul_kernel)
+
+# Small fixed tiles for the CPU interpreter, where every program instance runs in numpy.
+_INTERPRET_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def lora_down(x, v, scale: float, out, *, dropout_p: float = 0.0, seed: int = 0):
+    """``out = scale * D(x) @ v`` for x (M, C), v (C, R) (any strides), out (M, R)."""
+    M, C = x.shape
+    R = v.shape[1]
+    block_r = pow2_block(R)
+    block_m, block_c = (32, 32) if triton_interpret() else (64, 64)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    _lora_down_kernel[grid](
+        x, v, out, M, C, R, scale, dropout_p, seed,
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c,
+        **dot_constexprs(x.dtype))
+    return out
+
+
+def lora_matmul(x, w, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0):
+    """``out = x @ w + D(u @ v) + bias`` for x (M, K), w (K, N), u (M, R), v (R, N), out (M, N)."""
+    M, K = x.shape
+    N = w.shape[1]
+    R = u.shape[1]
+    args = (x, w, u, v, bias if bias is not None else out, out, M, N, K, R, dropout_p, seed,
+            max(M, 1).bit_length(), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R),
+                **dot_constexprs(x.dtype))
+
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+    if triton_interpret():
+        _lora_matmul_kernel[grid(_INTERPRET_MATMUL)](*args, **meta, **_INTERPRET_MATMUL)
+    else:
+        _lora_matmul_tuned[grid](*args, **meta)
+    return out
+
+
+def lora_reduce(pm, x, scale: float, out, *, dropout_p: float = 0.0, seed: int = 0,
+                splits: int | None = None):
+    """``out = scale * pm^T @ D(x)`` for pm (M, R), x (M, C), out (R, C) float32 (any strides).
+
+    The M reduction is split across ``splits`` programs per output tile (default: enough to fill
+    the GPU, 1 when deterministic algorithms are requested); splits > 1 accumulate with atomics.
+    """
+    M, R = pm.shape
+    C = x.shape[1]
+    block_r = pow2_block(R)
+    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
+    tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
+    if splits is None:
+        if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            splits = 1
+        else:
+            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(x.device.index or 0) // tiles))
+    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
+    splits = triton.cdiv(max(M, 1), rows_per_split)
+    if splits > 1:
+        out.zero_()
+    _lora_reduce_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)](
+        pm, x, out, M, C, R, scale, dropout_p, seed, rows_per_split,
+        pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_M=block_m,
+        **dot_constexprs(x.dtype))
+    return out
+
+
+def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype."""
+    M = x.shape[0]
+    N, R = lora_B.shape
+    u = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y, u
+    lora_down(x, lora_A.t(), scaling, u, dropout_p=dropout_p, seed=seed)
+    lora_matmul(x, weight.t(), u, lora_B.t(), bias, y)
+    return y, u
+
+
+def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    """Fused backward: (gx, gA, gB, gbias, gweight), ``None`` where not needed."""
+    need_x, need_A, need_B, need_bias, need_weight = needs
+    M, K = x.shape
+    N, R = lora_B.shape
+    gx = gA = gB = gbias = gweight = None
+    gu = None
+    if need_x or need_A:
+        gu = torch.empty((M, R), device=x.device, dtype=x.dtype)
+        lora_down(gy, lora_B, scaling, gu)
+    if need_x:
+        gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        lora_matmul(gy, weight, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
+    if need_A:
+        gA = torch.empty((R, K), device=x.device, dtype=torch.float32)
+        gA = lora_reduce(gu, x, 1.0, gA, dropout_p=dropout_p, seed=seed).to(lora_A.dtype)
+    if need_B:
+        # Written through transposed strides: the kernel produces gB^T = u^T gy into gB's memory.
+        gB = torch.empty((N, R), device=x.device, dtype=torch.float32)
+        lora_reduce(u, gy, 1.0, gB.t())
+        gB = gB.to(lora_B.dtype)
+    if need_bias:
+        gbias = gy.sum(0, dtype=torch.float32).to(gy.dtype)
+    if need_weight:
+        gweight = gy.t() @ x
+    return gx, gA, gB, gbias, gweight
+
+
+@triton.jit
+def _dropout_keep_kernel(out_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_scale(seed, rows, cols, K, p) != 0.0
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The mask the kernels draw for an (M, K) input (True = kept), so that tests can hand the
+    reference the very mask the Triton backend used."""
+    M, K = shape
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, p, seed, BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

@@ -1,0 +1,17 @@
+"""Test setup: without CUDA the Triton kernels run in Triton's CPU interpreter, which must be
+switched on before triton is first imported (fastadapt itself imports it lazily)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (fresh random inputs), reproducible from the test id.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

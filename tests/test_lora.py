@@ -1,0 +1,229 @@
+"""fastadapt.lora_linear against the float64 reference: output and every gradient, on every
+backend that can run here (the Triton kernels through the interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import DEVICES, DTYPES, assert_close, backends_for, gpu, nan_like, rel_err
+
+import fastadapt
+from fastadapt import dispatch
+from fastadapt.ops.lora import dropout_keep
+from fastadapt.reference import lora as reference
+
+CASES = [  # (leading shape of x, in, out, r)
+    ((1,), 80, 123, 1),
+    ((7,), 123, 80, 7),
+    ((129,), 80, 256, 16),
+    ((3, 43), 256, 80, 64),
+    ((2, 5, 7), 123, 123, 16),
+]
+BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("lora_linear", d)]
+
+
+def _inputs(lead, n_in, n_out, r, dtype, device, bias=True):
+    x = torch.randn(*lead, n_in, dtype=dtype, device=device)
+    weight = torch.randn(n_out, n_in, dtype=dtype, device=device) / n_in**0.5
+    lora_A = torch.randn(r, n_in, dtype=dtype, device=device) / n_in**0.5
+    lora_B = torch.randn(n_out, r, dtype=dtype, device=device) / r**0.5
+    b = torch.randn(n_out, dtype=dtype, device=device) if bias else None
+    return [x, weight, lora_A, lora_B, b]
+
+
+def _leaf(t, dtype=None):
+    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def _run(backend, tensors, scaling, dropout_p, seed):
+    x, weight, lora_A, lora_B, b = tensors
+    torch.manual_seed(seed)  # the op draws its dropout seed from the default CPU generator
+    with dispatch.use_backend(backend):
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, b, dropout_p=dropout_p)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+    return y, gy
+
+
+def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bias=True, dropout_p=0.0,
+                             scaling=0.5, train_weight=False, noncontig=False):
+    raw = _inputs(lead, n_in, n_out, r, dtype, device, bias)
+    if noncontig:  # x as a transposed view: its last dim has stride != 1
+        raw[0] = raw[0].transpose(-1, -2).contiguous().transpose(-1, -2) if raw[0].dim() > 1 else raw[0]
+        raw[0] = raw[0].detach()
+    ours = [_leaf(t) for t in raw]
+    ours[1].requires_grad_(train_weight)
+    y, gy = _run(backend, ours, scaling, dropout_p, seed=1234)
+
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(1234)
+        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        keep = dropout_keep(backend, seed, (raw[0].numel() // n_in, n_in), dropout_p, device)
+        keep = keep.view(raw[0].shape)
+
+    def reference_run(cast):
+        ts = [_leaf(t, cast) for t in raw]
+        ts[1].requires_grad_(train_weight)
+        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, dropout_p)
+        out.backward(gy.to(cast))
+        return out, ts
+
+    y64, ref64 = reference_run(torch.float64)
+    y_pt, ref_pt = reference_run(dtype)  # PyTorch's own error in this dtype
+    assert_close("y", y, y64, dtype, device, y_pt)
+    names = ["x", "weight", "lora_A", "lora_B", "bias"]
+    for name, mine, r64, rpt in zip(names, ours, ref64, ref_pt):
+        if mine is None or not mine.requires_grad:
+            continue
+        assert mine.grad is not None, f"no gradient for {name}"
+        assert mine.grad.dtype == mine.dtype and mine.grad.shape == mine.shape
+        assert_close(f"grad {name}", mine.grad, r64.grad, dtype, device, rpt.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n_in,n_out,r", CASES)
+def test_matches_reference(backend, device, dtype, lead, n_in, n_out, r):
+    _check_against_reference(backend, device, dtype, lead, n_in, n_out, r)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_same_mask_forward_and_backward(backend, device, dtype):
+    _check_against_reference(backend, device, dtype, (37,), 80, 48, 16, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("variant", ["no_bias", "noncontiguous_x", "trainable_weight", "rslora_scale"])
+def test_variants(backend, device, variant):
+    kwargs = {"no_bias": dict(bias=False), "noncontiguous_x": dict(noncontig=True),
+              "trainable_weight": dict(train_weight=True), "rslora_scale": dict(scaling=16 / 7**0.5)}[variant]
+    lead = (37,) if variant == "noncontiguous_x" else (2, 19)  # 2-D: the kernels see the strided view
+    _check_against_reference(backend, device, torch.float32, lead, 80, 48, 7, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_dropout_keeps_expected_fraction(backend, device):
+    p = 0.25
+    keep = dropout_keep(backend, 99, (64, 512), p, device)
+    frac = keep.float().mean().item()
+    # 32768 Bernoulli(0.75) draws: std 0.0024; 5 sigma.
+    assert abs(frac - (1 - p)) < 0.012
+    again = dropout_keep(backend, 99, (64, 512), p, device)
+    other = dropout_keep(backend, 100, (64, 512), p, device)
+    assert torch.equal(keep, again) and not torch.equal(keep, other)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_eval_mode_has_no_dropout(backend, device):
+    x, weight, lora_A, lora_B, b = _inputs((9,), 48, 32, 4, torch.float32, device)
+    with dispatch.use_backend(backend):
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, 2.0, b, dropout_p=0.5, training=False)
+    assert rel_err(y, reference.lora_linear(x.double(), weight.double(), lora_A.double(), lora_B.double(),
+                                            2.0, b.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_empty_batch(backend, device):
+    x, weight, lora_A, lora_B, b = _inputs((0,), 48, 32, 4, torch.float32, device)
+    with dispatch.use_backend(backend):
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, 2.0, b)
+    assert y.shape == (0, 32)
+
+
+def test_triton_launchers_write_every_element():
+    if "triton" not in backends_for("lora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    from fastadapt.kernels import lora as kernels
+
+    M, K, N, R = 37, 80, 48, 7
+    x, weight, lora_A, lora_B, b = _inputs((M,), K, N, R, torch.float32, "cpu")
+    u = kernels.lora_down(x, lora_A.t(), 0.5, nan_like(torch.empty(M, R)))
+    y = kernels.lora_matmul(x, weight.t(), u, lora_B.t(), b, nan_like(torch.empty(M, N)))
+    assert torch.isfinite(u).all() and torch.isfinite(y).all()
+    gy = torch.randn(M, N)
+    for splits in (1, 3):  # 3 splits of the M reduction accumulate with atomics
+        gB = kernels.lora_reduce(u, gy, 1.0, nan_like(torch.empty(N, R)).t(), splits=splits).t()
+        assert rel_err(gB, gy.double().t() @ u.double()) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selects_triton_first_and_falls_back(device):
+    x, weight, lora_A, lora_B, b = _inputs((3,), 16, 8, 2, torch.float64, device)
+    reasons = dispatch.explain("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b)
+    assert any("float64" in r for r in reasons["triton"])
+    assert dispatch.select("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b).backend != "triton"
+    with pytest.raises(fastadapt.BackendUnavailableError, match="float64"):
+        with dispatch.use_backend("triton"):
+            fastadapt.lora_linear(x, weight, lora_A, lora_B, 1.0, b)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    x, weight, lora_A, lora_B, b = _inputs((3,), 16, 8, 2, torch.float32, "cpu")
+    monkeypatch.setenv("FASTADAPT_BACKEND", "reference")
+    assert dispatch.select("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b).backend == "reference"
+    monkeypatch.setenv("FASTADAPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTADAPT_BACKEND"):
+        fastadapt.lora_linear(x, weight, lora_A, lora_B, 1.0, b)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: a.__setitem__(0, a[0][..., :-1]), ValueError, "in_features"),
+    (lambda a: a.__setitem__(2, a[2][:, :-1]), ValueError, r"lora_A.shape\[1\]"),
+    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, r"lora_B.shape\[0\]"),
+    (lambda a: a.__setitem__(3, a[3][:, :-1]), ValueError, r"lora_B.shape\[1\] \(r\)"),
+    (lambda a: a.__setitem__(2, a[2][:0]), ValueError, "rank 0"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), ValueError, "bias"),
+    (lambda a: a.__setitem__(1, a[1].double()), TypeError, "weight: torch.float64"),
+    (lambda a: a.__setitem__(0, a[0].int()), TypeError, "x must be a floating-point"),
+    (lambda a: a.__setitem__(1, a[1][0]), ValueError, "weight must have 2 dimensions"),
+    (lambda a: a.__setitem__(0, "x"), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input(mutate, error, match):
+    args = _inputs((5,), 16, 8, 2, torch.float32, "cpu")
+    mutate(args)
+    with pytest.raises(error, match=match):
+        fastadapt.lora_linear(*args[:4], 1.0, args[4])
+
+
+@pytest.mark.parametrize("scaling,dropout_p,match", [
+    (float("nan"), 0.0, "scaling must be finite"), (float("inf"), 0.0, "scaling must be finite"),
+    (1.0, 1.0, r"dropout_p must be in \[0, 1\)"), (1.0, -0.1, "dropout_p"),
+])
+def test_bad_scalars(scaling, dropout_p, match):
+    args = _inputs((5,), 16, 8, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=match):
+        fastadapt.lora_linear(*args[:4], scaling, args[4], dropout_p=dropout_p)
+
+
+@gpu
+def test_device_mismatch():
+    args = _inputs((5,), 16, 8, 2, torch.float32, "cpu")
+    args[2] = args[2].cuda()
+    with pytest.raises(ValueError, match="one device"):
+        fastadapt.lora_linear(*args[:4], 1.0, args[4])
+
+
+def test_adapter_weights_in_float32_with_half_input():
+    # PEFT keeps adapters in float32 by default while the base runs in bf16/fp16.
+    x, weight, lora_A, lora_B, b = _inputs((11,), 48, 32, 4, torch.bfloat16, "cpu")
+    A32, B32 = _leaf(lora_A, torch.float32), _leaf(lora_B, torch.float32)
+    y = fastadapt.lora_linear(x, weight, A32, B32, 2.0, b)
+    y.sum().backward()
+    assert y.dtype == torch.bfloat16 and A32.grad.dtype == torch.float32 and B32.grad.dtype == torch.float32
+    ref = reference.lora_linear(x.double(), weight.double(), lora_A.double(), lora_B.double(), 2.0, b.double())
+    assert rel_err(y, ref) < 1e-2
+
+
+def test_opcheck():
+    x, weight, lora_A, lora_B, b = _inputs((2, 5), 16, 8, 3, torch.float32, "cpu")
+    for bias in (b, None):
+        for p, seed in ((0.0, None), (0.2, torch.tensor(7))):
+            args = (x.requires_grad_(), weight, lora_A.requires_grad_(), lora_B.requires_grad_(), 0.5, bias, p, seed)
+            torch.library.opcheck(torch.ops.fastadapt.lora_linear.default, args)
+    gy = torch.randn(2, 5, 8)
+    u = torch.randn(10, 3)
+    for needs in ([True, True, True, True, False], [False, True, True, False, True]):
+        torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
+                              (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs))

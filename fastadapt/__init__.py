@@ -1,8 +1,9 @@
 """fastadapt: fused kernels for parameter-efficient fine-tuning (LoRA, bottleneck adapters, gated prefix attention)."""
 
 from fastadapt.dispatch import BackendUnavailableError, use_backend
+from fastadapt.integrations import PatchReport, patch, unpatch
 from fastadapt.ops import lora_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "lora_linear", "use_backend"]
+__all__ = ["BackendUnavailableError", "PatchReport", "lora_linear", "patch", "unpatch", "use_backend"]

@@ -85,14 +85,14 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("LoRALinear is already merged")
-        self.weight += self.delta_weight()
+        self.base_layer.weight.add_(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged")
-        self.weight -= self.delta_weight()
+        self.base_layer.weight.sub_(self.delta_weight())
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,11 @@ def triton_status() -> tuple[bool, str]:
 
 
 def native_status() -> tuple[bool, str]:
-    """(available, description or reason) of the compiled extension fastadapt._C (cpp and cuda backends)."""
-    return False, "fastadapt._C is not part of this build: csrc/ has no native kernels yet"
+    """(available, description or reason) of the compiled extension fastadapt._C (cpp and cuda backends).
+
+    The first call loads it, JIT-compiling csrc/ if needed (fastadapt/_native.py); never raises."""
+    from fastadapt import _native
+    return _native.status()
 
 
 def device_reasons(backend: str, device: torch.device | str) -> list[str]:
@@ -54,11 +57,12 @@ def device_reasons(backend: str, device: torch.device | str) -> list[str]:
             return ["tensors are on the CPU and TRITON_INTERPRET is not set"]
         return [f"device {device.type!r} is not supported by the Triton kernels"]
     if backend in ("cpp", "cuda"):
-        ok, why = native_status()
-        if not ok:
-            return [why]
+        # The device first: a backend that cannot serve this device must not trigger a build.
         wanted = "cpu" if backend == "cpp" else "cuda"
-        return [] if device.type == wanted else [f"the {backend} backend runs on {wanted} tensors, got {device.type}"]
+        if device.type != wanted:
+            return [f"the {backend} backend runs on {wanted} tensors, got {device.type}"]
+        ok, why = native_status()
+        return [] if ok else [why]
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -1,0 +1,214 @@
+"""Build and load the native extension ``fastadapt._C`` (csrc/): the ``cpp`` and ``cuda`` backends.
+
+Nothing here runs at ``import fastadapt``. The first use of a native backend (dispatch asking
+whether it can serve, ``fastadapt info``) calls :func:`status`, which loads, in order:
+
+1. a prebuilt ``fastadapt._C`` (``FASTADAPT_BUILD_EXT=1 pip install .``), unless csrc/ is newer;
+2. a JIT build (``torch.utils.cpp_extension.load`` with ninja) cached under
+   ``$FASTADAPT_CACHE`` (default ``~/.cache/fastadapt``) per torch / CUDA / Python version, source
+   hash and CPU flags; the first build takes about a minute, later processes load the cached .so.
+
+CUDA sources are compiled only when torch has CUDA and nvcc is found; if that build fails the
+CPU kernels are still built and the cuda backend reports why it is missing. ``status()`` never
+raises: every failure becomes ``(False, reason)``, and the backends report the reason.
+``FASTADAPT_NO_NATIVE=1`` turns the extension off (no compile at all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+DISABLE_ENV = "FASTADAPT_NO_NATIVE"
+CACHE_ENV = "FASTADAPT_CACHE"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# One translation unit per op plus the registration file (ops.cpp).
+CPP_SOURCES = ("ops.cpp", "lora.cpp")
+CUDA_SOURCES = ("lora_cuda.cu",)
+HEADERS = ("common.h", "cpu_common.h", "ops.h", "cuda_common.cuh")
+CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees
+
+_lock = threading.Lock()
+_result: tuple[bool, str] | None = None
+_details: dict[str, str] = {}
+
+
+def _sources(names) -> list[Path]:
+    return [CSRC / n for n in names if (CSRC / n).exists()]
+
+
+def source_hash(with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    for path in sorted(_sources(CPP_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ()))):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cpu_tag() -> str:
+    # The JIT build uses -march=native: a cache shared between different CPUs (NFS home) must not
+    # hand one machine's binary to another.
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastadapt")
+    return Path(root)
+
+
+def cuda_build_reason() -> str | None:
+    """Why the CUDA kernels are not compiled in this environment (None: they are)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    if home is None or not (Path(home) / "bin" / "nvcc").exists():
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+def compile_flags(with_cuda: bool, native_arch: bool) -> dict:
+    cflags = ["-O3", "-fopenmp"] + (["-march=native"] if native_arch else [])
+    if with_cuda:
+        cflags.append("-DFASTADAPT_WITH_CUDA")
+    return dict(
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        # -lineinfo keeps profiles readable; fast-math is off so that results match the reference.
+        extra_cuda_cflags=["-O3", "-lineinfo", "-DFASTADAPT_WITH_CUDA", "--expt-relaxed-constexpr"],
+    )
+
+
+def _compiler_reason() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return (f"no C++ compiler found (looked for {cxx!r}; install g++ or set CXX) - needed once to "
+                "build fastadapt._C, or install with FASTADAPT_BUILD_EXT=1")
+    from torch.utils import cpp_extension
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja) - needed to build fastadapt._C"
+    return None
+
+
+def _prebuilt() -> tuple[bool, str] | None:
+    """Import a setup.py build of fastadapt._C if there is one and csrc/ has not changed since."""
+    spec = importlib.util.find_spec("fastadapt._C")
+    if spec is None or spec.origin is None:
+        return None
+    so = Path(spec.origin)
+    newest = max((p.stat().st_mtime for p in _sources(CPP_SOURCES + CUDA_SOURCES + HEADERS)), default=0.0)
+    if newest > so.stat().st_mtime:
+        _details["prebuilt"] = f"{so} is older than csrc/ (ignored)"
+        return None
+    import fastadapt._C  # noqa: F401  (loading registers the fastadapt_C ops)
+    return True, f"prebuilt by setup.py: {so}"
+
+
+def _jit() -> tuple[bool, str]:
+    reason = _compiler_reason()
+    if reason:
+        return False, reason
+    if not all((CSRC / n).exists() for n in CPP_SOURCES):
+        return False, f"csrc/ sources not found at {CSRC} (a wheel without them needs FASTADAPT_BUILD_EXT=1)"
+    from torch.utils import cpp_extension
+
+    cuda_reason = cuda_build_reason()
+    attempts = [True, False] if cuda_reason is None else [False]
+    last_error = ""
+    for with_cuda in attempts:
+        tag = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+        name = f"fastadapt_C_{tag}"
+        build = cache_dir() / (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-"
+                               f"{_cpu_tag()}-{source_hash(with_cuda)}").replace("+", "_")
+        build.mkdir(parents=True, exist_ok=True)
+        cached = (build / f"{name}.so").exists()
+        if not cached:
+            print(f"fastadapt: building the native extension ({tag}) in {build} (first use; about a minute)",
+                  file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        sources = [str(p) for p in _sources(CPP_SOURCES + (CUDA_SOURCES if with_cuda else ()))]
+        try:
+            cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
+                               with_cuda=with_cuda, is_python_module=False,
+                               **compile_flags(with_cuda, native_arch=True))
+        except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
+            text = str(exc).strip()
+            (build / "error.log").write_text(text)
+            last_error = f"{type(exc).__name__}: ...{text[-600:]}" if len(text) > 600 else f"{type(exc).__name__}: {text}"
+            if with_cuda:
+                _details["cuda"] = f"CUDA build failed, CPU-only build used ({last_error}; log: {build / 'error.log'})"
+            continue
+        took = time.perf_counter() - start
+        how = f"loaded from cache {build}" if cached else f"JIT-built in {took:.0f} s, cached in {build}"
+        if not with_cuda:
+            _details.setdefault("cuda", f"no CUDA kernels: {cuda_reason or 'CUDA build failed'}")
+        return True, how
+    return False, f"building fastadapt._C failed: {last_error}"
+
+
+def status() -> tuple[bool, str]:
+    """(available, description or reason) of fastadapt._C, building it on first call. Never raises."""
+    global _result
+    if _result is not None:
+        return _result
+    with _lock:
+        if _result is not None:
+            return _result
+        if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+            _result = (False, f"disabled by {DISABLE_ENV}=1")
+            return _result
+        try:
+            result = _prebuilt() or _jit()
+            if result[0]:
+                result = (True, f"{result[1]}; {torch.ops.fastadapt_C.build_info()}")
+        except Exception as exc:  # never let a broken build break dispatch
+            result = (False, f"loading fastadapt._C failed: {type(exc).__name__}: {exc}")
+        _result = result
+        return _result
+
+
+def has_cuda() -> bool:
+    """True when the loaded extension has its CUDA kernels (False if not loaded)."""
+    return status()[0] and bool(torch.ops.fastadapt_C.has_cuda())
+
+
+def cuda_reason() -> str:
+    """Why the cuda backend has no kernels in this process ('' when it has them)."""
+    ok, why = status()
+    if not ok:
+        return why
+    if has_cuda():
+        return ""
+    return _details.get("cuda") or f"fastadapt._C has no CUDA kernels: {cuda_build_reason() or 'built without CUDA'}"
+
+
+def ops():
+    """``torch.ops.fastadapt_C``, building the extension if needed; raises with the reason."""
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"fastadapt._C is unavailable: {why}")
+    return torch.ops.fastadapt_C
+
+
+def info() -> dict[str, str]:
+    """What ``fastadapt info`` shows about the native backends (builds on first call)."""
+    ok, why = status()
+    out = {"fastadapt._C": ("available: " if ok else "unavailable: ") + why}
+    out["cuda kernels"] = "yes" if ok and has_cuda() else (cuda_reason() if ok else "-")
+    out.update({k: v for k, v in _details.items() if k != "cuda"})
+    return out

@@ -1,0 +1,55 @@
+"""The ``cpp`` (C++ CPU) and ``cuda`` backends: dispatch registrations of the kernels in csrc/.
+
+The kernels are ops of the extension ``fastadapt._C`` (``torch.ops.fastadapt_C.*``, registered in
+csrc/ops.cpp) with the same signatures as the Triton backends. Registering them costs nothing:
+the extension is built or loaded only when dispatch first asks one of these backends whether it
+can serve (:func:`fastadapt.backends.native_status`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastadapt import _native, dispatch
+from fastadapt.backends import device_reasons, dtype_reasons
+
+
+def _native_reasons(backend: str, device) -> list[str]:
+    reasons = device_reasons(backend, device)
+    if not reasons and backend == "cuda" and not _native.has_cuda():
+        reasons.append(_native.cuda_reason())
+    return reasons
+
+
+def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The mask (True = kept) the native kernels draw from ``seed`` for a 2-D input of ``shape``."""
+    like = torch.empty(shape, device=device, dtype=torch.int8)
+    return _native.ops().dropout_keep(like, p, seed)
+
+
+# --- LoRA linear (csrc/lora.cpp, csrc/lora_cuda.cu) ---
+
+
+def _lora_why_not(backend):
+    def why_not(x, weight, lora_A, lora_B, bias):
+        reasons = _native_reasons(backend, x.device) + dtype_reasons(x.dtype)
+        if len({t.dtype for t in (x, weight, lora_A, lora_B, bias) if t is not None}) > 1:
+            reasons.append("x, weight, lora_A, lora_B and bias must share one dtype")
+        return reasons
+    return why_not
+
+
+def _lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    y, u = _native.ops().lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+    return y, u
+
+
+def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    needs = [bool(n) for n in needs]
+    grads = _native.ops().lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+for _backend in ("cuda", "cpp"):
+    dispatch.register("lora_linear", _backend, why_not=_lora_why_not(_backend), forward=_lora_forward,
+                      backward=_lora_backward)

@@ -11,11 +11,17 @@ Three kernels cover the whole op (the math is in ``fastadapt/reference/lora.py``
   over the token dimension (``gA = gu^T D(x)``, ``gB^T = u^T gy``), split over M across programs
   with fp32 atomics so that few-column outputs still fill the GPU.
 
+The frozen product itself runs in cuBLAS by default, with the update added in place by the second
+kernel with no frozen K loop; ``FASTADAPT_LORA_GEMM=triton`` runs it in the second kernel instead
+(see :func:`frozen_gemm`).
+
 ``D`` is inverted dropout with the mask drawn from (seed, flat index of x), identical in all three.
 Operands are taken as strided views, so transposed weights and non-contiguous inputs need no copy.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -61,9 +67,9 @@ def _lora_matmul_kernel(
     M, N, K, R, p, seed, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
     stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order (Triton matmul tutorial): GROUP_M row blocks share their W columns in L2.
     pid = tl.program_id(0)
@@ -108,8 +114,11 @@ def _lora_matmul_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -159,8 +168,10 @@ def _matmul_configs():
 
 # One tuning per (size class of M, N, K, R): M varies call to call (batch x sequence) and would
 # otherwise retune on every new value.
-_lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "R"])(
-    _lora_matmul_kernel)
+# restore_value: with ACCUMULATE the kernel updates `out` in place, so each tuning run must see the
+# original values.
+_lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "R"],
+                                     restore_value=["out_ptr"])(_lora_matmul_kernel)
 
 # Small fixed tiles for the CPU interpreter, where every program instance runs in numpy.
 _INTERPRET_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -181,16 +192,20 @@ def lora_down(x, v, scale: float, out, *, dropout_p: float = 0.0, seed: int = 0)
     return out
 
 
-def lora_matmul(x, w, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0):
-    """``out = x @ w + D(u @ v) + bias`` for x (M, K), w (K, N), u (M, R), v (R, N), out (M, N)."""
-    M, K = x.shape
-    N = w.shape[1]
+def lora_matmul(x, w, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0, accumulate: bool = False):
+    """``out = x @ w + D(u @ v) + bias`` (``out +=`` with ``accumulate``) for x (M, K), w (K, N),
+    u (M, R), v (R, N), out (M, N). ``x = w = None`` leaves out the frozen product (K = 0)."""
+    M, N = out.shape
     R = u.shape[1]
+    if x is None:
+        x, w, K = out, out, 0  # never read: the K loop runs zero times
+    else:
+        K = x.shape[1]
     args = (x, w, u, v, bias if bias is not None else out, out, M, N, K, R, dropout_p, seed,
             max(M, 1).bit_length(), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R),
-                **dot_constexprs(x.dtype))
+    meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, ACCUMULATE=accumulate,
+                BLOCK_R=pow2_block(R), **dot_constexprs(u.dtype))
 
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -231,6 +246,35 @@ def lora_reduce(pm, x, scale: float, out, *, dropout_p: float = 0.0, seed: int =
     return out
 
 
+GEMM_ENV = "FASTADAPT_LORA_GEMM"
+
+
+def frozen_gemm() -> str:
+    """Who runs the frozen product: ``torch`` (cuBLAS, then one Triton pass adds the rank-r update
+    in place) or ``triton`` (our GEMM with the update seeding its accumulator, no extra pass).
+
+    ``torch`` is the default: on the H100 of DESIGN.md a plain Triton GEMM reached 518 TFLOP/s
+    where cuBLAS did 709, which costs more than the extra pass over the output (cuBLAS + in-place
+    update measured 1.28x the frozen fwd+bwd there, PEFT 1.62x). ``FASTADAPT_LORA_GEMM=triton``
+    selects the single-kernel path, for devices and shapes where our GEMM wins.
+    """
+    choice = os.environ.get(GEMM_ENV, "torch")
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"{GEMM_ENV}={choice!r}: expected 'torch' or 'triton'")
+    return choice
+
+
+def _frozen_plus_update(x, w, u, v, bias, out, *, dropout_p=0.0, seed=0):
+    """``out = x @ w + D(u @ v) + bias`` by the strategy :func:`frozen_gemm` names."""
+    if frozen_gemm() == "triton":
+        return lora_matmul(x, w, u, v, bias, out, dropout_p=dropout_p, seed=seed)
+    if bias is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(bias, x, w, out=out)
+    return lora_matmul(None, None, u, v, None, out, dropout_p=dropout_p, seed=seed, accumulate=True)
+
+
 def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype."""
     M = x.shape[0]
@@ -240,7 +284,7 @@ def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     if M == 0:
         return y, u
     lora_down(x, lora_A.t(), scaling, u, dropout_p=dropout_p, seed=seed)
-    lora_matmul(x, weight.t(), u, lora_B.t(), bias, y)
+    _frozen_plus_update(x, weight.t(), u, lora_B.t(), bias, y)
     return y, u
 
 
@@ -256,7 +300,7 @@ def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
         lora_down(gy, lora_B, scaling, gu)
     if need_x:
         gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        lora_matmul(gy, weight, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
+        _frozen_plus_update(gy, weight, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
     if need_A:
         gA = torch.empty((R, K), device=x.device, dtype=torch.float32)
         gA = lora_reduce(gu, x, 1.0, gA, dropout_p=dropout_p, seed=seed).to(lora_A.dtype)

@@ -20,6 +20,8 @@ CASES = [  # (leading shape of x, in, out, r)
     ((2, 5, 7), 123, 123, 16),
 ]
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("lora_linear", d)]
+# The Triton backend's two ways to run the frozen product (kernels/lora.py, frozen_gemm).
+BACKEND_DEVICE_GEMM = [(b, d, g) for b, d in BACKEND_DEVICE for g in (("torch", "triton") if b == "triton" else ("-",))]
 
 
 def _inputs(lead, n_in, n_out, r, dtype, device, bias=True):
@@ -81,16 +83,18 @@ def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bi
         assert_close(f"grad {name}", mine.grad, r64.grad, dtype, device, rpt.grad)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("backend,device,gemm", BACKEND_DEVICE_GEMM)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,n_in,n_out,r", CASES)
-def test_matches_reference(backend, device, dtype, lead, n_in, n_out, r):
+def test_matches_reference(backend, device, gemm, dtype, lead, n_in, n_out, r, monkeypatch):
+    monkeypatch.setenv("FASTADAPT_LORA_GEMM", gemm)
     _check_against_reference(backend, device, dtype, lead, n_in, n_out, r)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("backend,device,gemm", BACKEND_DEVICE_GEMM)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dropout_same_mask_forward_and_backward(backend, device, dtype):
+def test_dropout_same_mask_forward_and_backward(backend, device, gemm, dtype, monkeypatch):
+    monkeypatch.setenv("FASTADAPT_LORA_GEMM", gemm)
     _check_against_reference(backend, device, dtype, (37,), 80, 48, 16, dropout_p=0.3)
 
 
@@ -142,6 +146,9 @@ def test_triton_launchers_write_every_element():
     u = kernels.lora_down(x, lora_A.t(), 0.5, nan_like(torch.empty(M, R)))
     y = kernels.lora_matmul(x, weight.t(), u, lora_B.t(), b, nan_like(torch.empty(M, N)))
     assert torch.isfinite(u).all() and torch.isfinite(y).all()
+    frozen = x @ weight.t() + b
+    updated = kernels.lora_matmul(None, None, u, lora_B.t(), None, frozen.clone(), accumulate=True)
+    assert rel_err(updated, y.double()) < 1e-5
     gy = torch.randn(M, N)
     for splits in (1, 3):  # 3 splits of the M reduction accumulate with atomics
         gB = kernels.lora_reduce(u, gy, 1.0, nan_like(torch.empty(N, R)).t(), splits=splits).t()
@@ -157,6 +164,14 @@ def test_selects_triton_first_and_falls_back(device):
     with pytest.raises(fastadapt.BackendUnavailableError, match="float64"):
         with dispatch.use_backend("triton"):
             fastadapt.lora_linear(x, weight, lora_A, lora_B, 1.0, b)
+
+
+def test_bad_gemm_choice(monkeypatch):
+    if "triton" not in backends_for("lora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    monkeypatch.setenv("FASTADAPT_LORA_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FASTADAPT_LORA_GEMM"), dispatch.use_backend("triton"):
+        fastadapt.lora_linear(*_inputs((3,), 16, 8, 2, torch.float32, "cpu")[:4], 1.0)
 
 
 def test_env_var_forces_backend(monkeypatch):

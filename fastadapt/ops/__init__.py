@@ -1,5 +1,6 @@
 """Custom ops (``torch.ops.fastadapt.*``) with autograd and dispatch, one module per op."""
 
 from fastadapt.ops.lora import lora_linear
+from fastadapt.ops.prefix_attention import prefix_attention
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "prefix_attention"]

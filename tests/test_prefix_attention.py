@@ -264,3 +264,65 @@ def test_bad_input(mutate, error, match):
     mutate(a)
     with pytest.raises(error, match=match):
         _bad(a["q"], a["k"], a["v"], a["kp"], a["vp"], a["gate"], **a["kw"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+
+
+def _module(gate="per_head", gate_tanh=False, H=4, Hkv=2, D=16, L=5):
+    from fastadapt.nn import GatedPrefixAttention
+    m = GatedPrefixAttention(hidden_size=32, num_heads=H, num_kv_heads=Hkv, head_dim=D, adapter_len=L, gate=gate,
+                             gate_tanh=gate_tanh)
+    k_proj, v_proj = torch.nn.Linear(32, Hkv * D, bias=False), torch.nn.Linear(32, Hkv * D, bias=False)
+    k_proj.requires_grad_(False)
+    v_proj.requires_grad_(False)
+    return m, k_proj, v_proj
+
+
+def test_module_zero_init_is_base_attention_and_matches_two_pass():
+    m, k_proj, v_proj = _module()
+    assert m.adaption_gate.shape == (4,) and torch.count_nonzero(m.adaption_gate) == 0
+    assert set(m.state_dict()) == {"adaption_prompt", "adaption_gate"}
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    out = m(q, k, v, k_proj, v_proj)
+    base = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert rel_err(out, base.double()) <= 1e-5
+    with torch.no_grad():
+        m.adaption_gate.copy_(torch.randn(4))
+    # PEFT's two-pass formula, per-head gate.
+    kp = k_proj(m.adaption_prompt).view(1, 5, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+    vp = v_proj(m.adaption_prompt).view(1, 5, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+    two_pass = base + m.adaption_gate.view(1, 4, 1, 1) * torch.softmax(q @ kp.transpose(-1, -2) / 4.0, -1) @ vp
+    out = m(q, k, v, k_proj, v_proj)
+    assert rel_err(out, two_pass.detach().double()) <= 1e-5
+    out.sum().backward()
+    assert m.adaption_prompt.grad is not None and m.adaption_gate.grad is not None
+
+
+def test_module_caches_prefix_kv_outside_autograd():
+    m, k_proj, v_proj = _module(gate="scalar", gate_tanh=True)
+    with torch.no_grad():
+        a = m.prefix_kv(k_proj, v_proj)
+        assert m.prefix_kv(k_proj, v_proj)[0] is a[0]
+        m.adaption_prompt.add_(1.0)  # in-place update (an optimizer step) invalidates the cache
+        assert not torch.equal(m.prefix_kv(k_proj, v_proj)[0], a[0])
+    assert m.prefix_kv(k_proj, v_proj)[0].requires_grad
+    assert "gate=scalar" in repr(m) and "gate_tanh=True" in repr(m)
+
+
+def test_module_torch_compile_fullgraph_no_graph_break():
+    m, k_proj, v_proj = _module(gate="scalar", gate_tanh=True)
+    with torch.no_grad():
+        m.adaption_gate.fill_(0.5)
+    q = torch.randn(1, 4, 7, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+
+    def step(q, k, v):
+        return m(q, k, v, k_proj, v_proj)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    assert rel_err(out, step(q, k, v).detach()) < 1e-6
+    out.sum().backward()
+    assert q.grad is not None and m.adaption_gate.grad is not None and m.adaption_prompt.grad is not None

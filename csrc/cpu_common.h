@@ -80,18 +80,22 @@ inline void load_rows(const T* src, int64_t ld, int64_t m0, int64_t rows, int64_
   }
 }
 
-// out[i] = dot(rows[i, :n], v[:n]) for the RB rows (row stride ld).
+// out[i] = dot(rows[i, :n], v[:n]) for the RB rows (row stride ld). The partial sums are double:
+// a single dot product (u = s x A^T, gu = s gy B) decides a whole row of gA or gx, so its
+// cancellation error would show up unaveraged (float partials: up to ~20 ulp on K = 123 where
+// PyTorch's GEMM got 1); these skinny products cost little next to the frozen GEMM.
 inline void dot_rows(const float* rows, int64_t ld, const float* v, int64_t n, float* out) {
-  float part[RB][LANES] = {};
+  double part[RB][LANES] = {};
   int64_t k = 0;
   for (; k + LANES <= n; k += LANES)
     for (int64_t i = 0; i < RB; ++i)
-      for (int64_t l = 0; l < LANES; ++l) part[i][l] += rows[i * ld + k + l] * v[k + l];
+      for (int64_t l = 0; l < LANES; ++l)
+        part[i][l] += static_cast<double>(rows[i * ld + k + l]) * static_cast<double>(v[k + l]);
   for (int64_t i = 0; i < RB; ++i) {
-    float s = 0.f;
+    double s = 0.0;
     for (int64_t l = 0; l < LANES; ++l) s += part[i][l];
-    for (int64_t kk = k; kk < n; ++kk) s += rows[i * ld + kk] * v[kk];
-    out[i] = s;
+    for (int64_t kk = k; kk < n; ++kk) s += static_cast<double>(rows[i * ld + kk]) * static_cast<double>(v[kk]);
+    out[i] = static_cast<float>(s);
   }
 }
 

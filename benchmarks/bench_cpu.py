@@ -1,0 +1,87 @@
+"""CPU backends: the C++ kernels of fastadapt._C against the plain PyTorch reference, per op.
+
+Forward + backward through the public op (autograd included) under a forced backend, on the
+shapes of issue 5 (M=2048, d=1024; LoRA r=16). Medians of repeated steps (p20/p80 shown) with
+torch's intra-op threads as configured (all cores by default).
+
+    python benchmarks/bench_cpu.py [--reps 15] [--dtype float32 bfloat16] [--ops lora bottleneck]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastadapt
+from fastadapt import dispatch
+from fastadapt.backends import native_status
+
+
+def _time(fn, reps: int, warmup: int = 2) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]  # median, p20, p80
+
+
+def lora_case(dtype, dropout_p, M=2048, d=1024, r=16):
+    x = torch.randn(M, d, dtype=dtype, requires_grad=True)
+    weight = torch.randn(d, d, dtype=dtype) / d**0.5
+    bias = torch.randn(d, dtype=dtype)
+    lora_A = (torch.randn(r, d, dtype=dtype) / d**0.5).requires_grad_()
+    lora_B = (torch.randn(d, r, dtype=dtype) / r**0.5).requires_grad_()
+    gy = torch.randn(M, d, dtype=dtype)
+
+    def step():
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, 2.0, bias, dropout_p=dropout_p)
+        y.backward(gy)
+        x.grad = lora_A.grad = lora_B.grad = None
+
+    return f"lora fwd+bwd M={M} {d}x{d} r={r} p={dropout_p}", step
+
+
+def bottleneck_case(dtype, M=2048, d=1024, m=64):
+    from fastadapt.ops import bottleneck  # noqa: F401  (only when the op exists)
+    raise NotImplementedError
+
+
+CASES = {
+    "lora": lambda dtype: [lora_case(dtype, 0.0), lora_case(dtype, 0.1)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--ops", nargs="+", default=list(CASES))
+    args = parser.parse_args()
+
+    ok, why = native_status()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fastadapt._C: {why}")
+    if not ok:
+        raise SystemExit("the cpp backend is unavailable; nothing to compare")
+    print(f"{'case':<44} {'dtype':<9} {'reference ms':>18} {'cpp ms':>18} {'speedup':>8}")
+    for op in args.ops:
+        for dt in args.dtype:
+            dtype = getattr(torch, dt)
+            for name, step in CASES[op](dtype):
+                row = {}
+                for backend in ("reference", "cpp"):
+                    with dispatch.use_backend(backend):
+                        row[backend] = _time(step, args.reps)
+                ref, cpp = row["reference"], row["cpp"]
+                fmt = lambda t: f"{t[0] * 1e3:7.1f} ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
+                print(f"{name:<44} {dt:<9} {fmt(ref):>18} {fmt(cpp):>18} {ref[0] / cpp[0]:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

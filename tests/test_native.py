@@ -1,0 +1,305 @@
+"""The native extension fastadapt._C (csrc/): how it builds, loads and reports itself, and its CPU
+kernels called directly against the float64 reference (the shared LoRA matrix in test_lora.py also
+runs on the ``cpp`` backend through the public op once it is available)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from harness import BOUND, assert_close, rel_err
+
+from fastadapt import _native, dispatch
+from fastadapt.backends import device_reasons
+from fastadapt.reference import lora as reference
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE_OK, NATIVE_WHY = _native.status()
+needs_native = pytest.mark.skipif(not NATIVE_OK, reason=f"fastadapt._C unavailable: {NATIVE_WHY}")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (imports and build state start from scratch)."""
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build, load, status
+
+
+def test_status_is_a_reason_or_a_description():
+    ok, why = _native.status()
+    assert isinstance(ok, bool) and isinstance(why, str) and why
+    assert _native.status() == (ok, why)  # decided once per process
+
+
+def test_import_does_not_build(tmp_path):
+    proc = _python("""
+        import fastadapt, fastadapt.nn, fastadapt.ops
+        from fastadapt import _native
+        assert _native._result is None, _native._result
+        print("ok")
+    """, FASTADAPT_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == [], "import fastadapt wrote to the build cache"
+
+
+def test_disabled_by_env_falls_back_to_reference():
+    proc = _python("""
+        import torch, fastadapt
+        from fastadapt import dispatch
+        from fastadapt.backends import native_status
+        ok, why = native_status()
+        assert not ok and "FASTADAPT_NO_NATIVE" in why, why
+        x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        impl = dispatch.select("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
+        reasons = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
+        assert impl.backend == "reference", impl.backend
+        assert any("FASTADAPT_NO_NATIVE" in r for r in reasons["cpp"]), reasons
+        fastadapt.lora_linear(x, w, a, b, 1.0)
+        print("ok")
+    """, FASTADAPT_NO_NATIVE="1", TRITON_INTERPRET="0")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_compiler_gives_a_clear_reason(tmp_path):
+    # An empty cache and no compiler: the backend says why, import and the reference still work.
+    proc = _python("""
+        import torch, fastadapt
+        from fastadapt import dispatch, _native
+        from fastadapt.backends import native_status
+        _native._prebuilt = lambda: None  # ignore a setup.py build in the checkout, if any
+        ok, why = native_status()
+        assert not ok and "no C++ compiler" in why, why
+        x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        reasons = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
+        assert any("no C++ compiler" in r for r in reasons["cpp"]), reasons
+        assert dispatch.select("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None).backend == "reference"
+        print("ok")
+    """, FASTADAPT_CACHE=str(tmp_path), CXX="/nonexistent/c++", TRITON_INTERPRET="0")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_device_mismatch_is_reported_without_building():
+    # The device check comes before the build: no status call needed to refuse a device.
+    assert device_reasons("cuda", "cpu") == ["the cuda backend runs on cuda tensors, got cpu"]
+    assert device_reasons("cpp", "meta") == ["the cpp backend runs on cpu tensors, got meta"]
+
+
+@needs_native
+def test_why_not_of_the_native_backends():
+    x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    reasons = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
+    assert reasons["cpp"] == []
+    assert any("cuda tensors" in r for r in reasons["cuda"])
+    x64 = [t.double() for t in (x, w, a, b)]
+    reasons = dispatch.explain("lora_linear", x=x64[0], weight=x64[1], lora_A=x64[2], lora_B=x64[3], bias=None)
+    assert any("float64" in r for r in reasons["cpp"])
+    mixed = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a.half(), lora_B=b, bias=None)
+    assert any("share one dtype" in r for r in mixed["cpp"])
+
+
+@needs_native
+def test_cuda_backend_says_why_it_has_no_kernels():
+    if torch.version.cuda is None:
+        assert not _native.has_cuda()
+        assert "CPU-only" in _native.cuda_reason()
+    info = _native.info()
+    assert info["fastadapt._C"].startswith("available")
+
+
+@needs_native
+def test_forced_cpp_backend_runs_the_extension():
+    x, w, a, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(3, 16), torch.randn(8, 3)
+    with dispatch.use_backend("cpp"):
+        impl = dispatch.select("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
+    assert impl.backend == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels against the float64 reference
+
+
+def _lora_inputs(M, K, N, r, dtype, row_stride=None):
+    x = torch.randn(M, row_stride or K, dtype=dtype)[:, :K]  # rows with a stride > K when asked
+    weight = torch.randn(N, K, dtype=dtype) / K**0.5
+    lora_A = torch.randn(r, K, dtype=dtype) / K**0.5
+    lora_B = torch.randn(N, r, dtype=dtype) / r**0.5
+    bias = torch.randn(N, dtype=dtype)
+    return x, weight, lora_A, lora_B, bias
+
+
+SHAPES = [  # M, K, N, r: tails of the 8-row blocks and 16-lane dots, r above one register chunk
+    (1, 80, 123, 1), (7, 123, 80, 7), (9, 15, 17, 16), (129, 256, 80, 16), (33, 80, 48, 64), (20, 1, 3, 2),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_lora_kernels_match_float64_reference(M, K, N, r, dtype, dropout_p):
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(M, K, N, r, dtype, row_stride=K + 3)
+    scaling, seed = 0.75, 4321
+    y, u = ops.lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+    gy = torch.randn(M, N, dtype=dtype)
+    grads = ops.lora_backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, [True] * 5)
+
+    keep = ops.dropout_keep(x, dropout_p, seed) if dropout_p > 0 else None
+
+    def run(cast):
+        ts = [t.detach().to(cast).requires_grad_() for t in (x, weight, lora_A, lora_B, bias)]
+        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, dropout_p)
+        out.backward(gy.to(cast))
+        return out, ts
+
+    y64, r64 = run(torch.float64)
+    ypt, rpt = run(dtype)
+    assert_close("y", y, y64, dtype, "cpu", ypt)
+    u64 = reference._dropped(x.double(), keep, dropout_p) @ lora_A.double().t() * scaling
+    assert rel_err(u, u64) <= BOUND[dtype]
+    # backward order: x, lora_A, lora_B, bias, weight
+    for name, g, idx in zip(["x", "lora_A", "lora_B", "bias", "weight"], grads, [0, 2, 3, 4, 1]):
+        assert g.dtype == dtype and g.shape == r64[idx].shape, name
+        assert_close(f"grad {name}", g, r64[idx].grad, dtype, "cpu", rpt[idx].grad)
+
+
+@needs_native
+@pytest.mark.parametrize("needs", [[False, False, True, False, False], [True, False, False, False, False],
+                                   [False, True, False, True, False], [False] * 5])
+def test_lora_backward_computes_only_what_is_needed(needs):
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(19, 40, 24, 5, torch.float32)
+    y, u = ops.lora_forward(x, weight, lora_A, lora_B, 0.5, bias, 0.2, 9)
+    gy = torch.randn(19, 24)
+    full = ops.lora_backward(gy, x, weight, lora_A, lora_B, u, 0.5, 0.2, 9, [True] * 5)
+    part = ops.lora_backward(gy, x, weight, lora_A, lora_B, u, 0.5, 0.2, 9, needs)
+    for need, f, p in zip(needs, full, part):
+        if need:
+            assert torch.equal(f, p)
+        else:
+            assert p.numel() == 0
+
+
+@needs_native
+def test_lora_kernels_are_deterministic_and_write_fresh_outputs():
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(300, 64, 40, 8, torch.float32)
+    y1, u1 = ops.lora_forward(x, weight, lora_A, lora_B, 2.0, bias, 0.1, 3)
+    y2, u2 = ops.lora_forward(x, weight, lora_A, lora_B, 2.0, bias, 0.1, 3)
+    assert torch.equal(y1, y2) and torch.equal(u1, u2)
+    gy = torch.randn(300, 40)
+    g1 = ops.lora_backward(gy, x, weight, lora_A, lora_B, u1, 2.0, 0.1, 3, [True] * 5)
+    g2 = ops.lora_backward(gy, x, weight, lora_A, lora_B, u1, 2.0, 0.1, 3, [True] * 5)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    storages = {g.untyped_storage().data_ptr() for g in g1}
+    assert len(storages) == 5, "gradients share storage"
+    assert all(torch.isfinite(g).all() for g in g1)
+
+
+@needs_native
+def test_lora_empty_batch():
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(0, 16, 8, 2, torch.float32)
+    y, u = ops.lora_forward(x, weight, lora_A, lora_B, 1.0, bias, 0.0, 0)
+    assert y.shape == (0, 8) and u.shape == (0, 2)
+    grads = ops.lora_backward(torch.empty(0, 8), x, weight, lora_A, lora_B, u, 1.0, 0.0, 0, [True] * 5)
+    assert [tuple(g.shape) for g in grads] == [(0, 16), (2, 16), (8, 2), (8,), (8, 16)]
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@needs_native
+def test_lora_kernels_reject_bad_inputs():
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(4, 16, 8, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="in_features"):
+        ops.lora_forward(x[:, :15], weight, lora_A, lora_B, 1.0, bias, 0.0, 0)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.lora_forward(x, weight.double(), lora_A, lora_B, 1.0, bias, 0.0, 0)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        d = [t.double() for t in (x, weight, lora_A, lora_B, bias)]
+        ops.lora_forward(*d[:4], 1.0, d[4], 0.0, 0)
+
+
+@needs_native
+def test_dropout_mask_statistics():
+    ops = _native.ops()
+    like = torch.empty(256, 512)
+    for p in (0.05, 0.3, 0.9):
+        keep = ops.dropout_keep(like, p, 11)
+        # 131072 Bernoulli draws: 5 sigma <= 0.007
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.007
+    assert ops.dropout_keep(like, 0.0, 11).all()
+    a, b = ops.dropout_keep(like, 0.5, 1), ops.dropout_keep(like, 0.5, 2)
+    assert 0.4 < (a == b).float().mean().item() < 0.6  # different seeds: independent masks
+    # Rows and columns decorrelated: neighbouring elements agree about half of the time.
+    assert 0.45 < (a[:, 1:] == a[:, :-1]).float().mean().item() < 0.55
+    assert 0.45 < (a[1:] == a[:-1]).float().mean().item() < 0.55
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-only check of the CUDA sources (no GPU needed; skipped without nvcc or torch headers)
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+    for cand in ([str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")] if cpp_extension.CUDA_HOME else []) + ["nvcc"]:
+        if shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+@pytest.mark.parametrize("source", _native.CUDA_SOURCES)
+def test_cuda_sources_compile_for_sm80_and_sm90(source, tmp_path):
+    """nvcc -c of each .cu file against this torch's headers, for sm_80 and sm_90.
+
+    A CPU-only torch wheel ships the ATen/c10 CUDA headers but not the generated
+    c10/cuda/impl/cuda_cmake_macros.h (C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for it) and a
+    minimal toolkit has no cuBLAS headers (the kernels include none). The result is cached per
+    source, header and nvcc version, since the compile takes about a minute on two cores.
+    """
+    from torch.utils import cpp_extension
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    include = Path(torch.__file__).parent / "include"
+    if not (include / "c10" / "cuda" / "CUDAGuard.h").exists():
+        pytest.skip(f"torch {torch.__version__} ships no c10/cuda headers")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    flags = ["-std=c++20", "-O3", "-DFASTADAPT_WITH_CUDA", "--expt-relaxed-constexpr",
+             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             *cpp_extension.COMMON_NVCC_FLAGS]
+    if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    import sysconfig
+    flags.append(f"-I{sysconfig.get_paths()['include']}")
+
+    key = hashlib.sha256()
+    for path in sorted(_native.CSRC.glob("*")):
+        key.update(path.read_bytes())
+    key.update((version + torch.__version__ + " ".join(flags)).encode())
+    stamp = _native.cache_dir() / "nvcc-check" / f"{source}-{key.hexdigest()[:16]}.ok"
+    if stamp.exists():
+        return
+    proc = subprocess.run([nvcc, "-c", str(_native.CSRC / source), "-o", str(tmp_path / "out.o"), *flags],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ("No such file or directory" in proc.stderr and "fatal error" in proc.stderr):
+        missing = [line for line in proc.stderr.splitlines() if "fatal error" in line]
+        pytest.skip(f"headers missing for a CUDA compile here: {missing[0].strip()}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{nvcc}: {version}\n")

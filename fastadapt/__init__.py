@@ -2,8 +2,9 @@
 
 from fastadapt.dispatch import BackendUnavailableError, use_backend
 from fastadapt.integrations import PatchReport, patch, unpatch
+from fastadapt.llama_adapter import add_adaption_prompt
 from fastadapt.ops import lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "PatchReport", "lora_linear", "patch", "prefix_attention", "unpatch", "use_backend"]
+__all__ = ["BackendUnavailableError", "add_adaption_prompt", "PatchReport", "lora_linear", "patch", "prefix_attention", "unpatch", "use_backend"]

@@ -25,8 +25,12 @@ def assert_close(name: str, out, ref64, dtype, device, ref_same_dtype=None) -> N
     assert err <= limit, f"{name}: relative error {err:.3e} > bound {limit:.1e} ({dtype})"
     if ref_same_dtype is not None:
         torch_err = rel_err(ref_same_dtype, ref64)
-        # The floor covers results that PyTorch happens to get (near) exact in this dtype.
-        floor = torch.finfo(dtype).eps
+        # The 2x rule compares two rounding samples; it is a fair test only when the output sums
+        # many independent accumulations. An output like gA at M=1, r=1 is one dot product times
+        # x: a single, possibly ill-conditioned (cancelling) sample, where PyTorch's summation
+        # order may be luckier by any factor (seen: the reference backend itself at 2.5x). The rule
+        # therefore allows an additive quarter of the dtype's bound on top of 2x PyTorch's error.
+        floor = limit / 4
         assert err <= 2 * torch_err + floor, (
             f"{name}: relative error {err:.3e} > 2x PyTorch's own {dtype} error {torch_err:.3e}")
 

@@ -179,6 +179,13 @@ def _key_padding(mask, q_len: int, k_len: int, causal: bool):
     return True, (None if bool(kpm.all()) else kpm.contiguous())
 
 
+def _adapter(module) -> GatedPrefixAttention:
+    """The adapter of an attention module: its ``adaption`` submodule, or the unregistered view that
+    the PEFT patcher attaches (it shares PEFT's parameters and must stay out of the state dict)."""
+    view = module.__dict__.get("_fastadapt_adaption")
+    return view if view is not None else module.adaption
+
+
 def _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     """The model's own attention for the tokens plus PEFT's eager pass over the prefix."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -186,7 +193,7 @@ def _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwa
     name = module._fastadapt_base_attn
     base = eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
     out, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    adapter = module.adaption
+    adapter = _adapter(module)
     kp, vp = adapter.prefix_kv(module.k_proj, module.v_proj)
     group = query.shape[1] // kp.shape[1]
     kp = kp.to(query.dtype).repeat_interleave(group, 1)
@@ -207,10 +214,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     causal = getattr(module, "is_causal", True)
     served, kpm = (False, None)
     window = kwargs.get("sliding_window")
-    if (module._fastadapt_fused and dropout == 0.0 and (window is None or k_len <= window)
+    if (getattr(module, "_fastadapt_fused", True) and dropout == 0.0 and (window is None or k_len <= window)
             and kwargs.get("cu_seq_lens_q") is None):
         served, kpm = _key_padding(attention_mask, q_len, k_len, causal)
     if not served:
         return _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    out = module.adaption(query, key, value, module.k_proj, module.v_proj, key_padding_mask=kpm, scale=scaling)
+    out = _adapter(module)(query, key, value, module.k_proj, module.v_proj, key_padding_mask=kpm, scale=scaling)
     return out.transpose(1, 2), None

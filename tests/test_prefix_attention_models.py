@@ -133,3 +133,49 @@ def test_add_adaption_prompt_bad_input():
         fastadapt.add_adaption_prompt(model, adapter_len=3, adapter_layers=1)
     with pytest.raises(ValueError, match="supports model types"):
         fastadapt.add_adaption_prompt(torch.nn.Linear(2, 2), adapter_len=3, adapter_layers=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's AdaptionPrompt as the oracle
+
+
+def _peft_pair(kv_heads=2):
+    peft = pytest.importorskip("peft")
+    model = _model("llama", kv_heads=kv_heads)
+    config = peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(model, config)
+    _randomize_gates(theirs)
+    return theirs, copy.deepcopy(theirs)
+
+
+def _step(model, ids):
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    logits.backward(torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)))
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_peft_adaption_prompt_patched_matches_peft(kv_heads):
+    theirs, ours = _peft_pair(kv_heads)
+    report = fastadapt.patch(ours)
+    patched = [n for n, what in report.patched if "prefix_attention" in what]
+    assert len(patched) == 2, str(report)
+    keys = set(ours.state_dict())
+    ids = torch.randint(0, 64, (2, 9))
+    ref_logits, ref_grads = _step(theirs, ids)
+    _TWO_PASS_CALLS.clear()
+    logits, grads = _step(ours, ids)
+    assert not _TWO_PASS_CALLS
+    assert rel_err(logits, ref_logits) <= 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4  # prompt and gate of 2 layers
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) <= 1e-5, name
+    assert set(ours.state_dict()) == keys  # PEFT's state dict is untouched
+    with torch.no_grad():
+        a = theirs.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        b = ours.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    fastadapt.unpatch(ours)
+    logits_unpatched, _ = _step(ours, ids)
+    assert torch.equal(logits_unpatched, ref_logits)

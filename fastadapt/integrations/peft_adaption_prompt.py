@@ -1,0 +1,103 @@
+"""PEFT's adaption-prompt (LLaMA-Adapter) attention wrappers on the fused prefix-attention op.
+
+PEFT's ``AdaptedAttention`` runs the model's attention, then recomputes the queries and runs a
+second, eager attention over the prompt (recomputing the prompt's K/V at every call, also at every
+decode step). Patching replaces the wrapper instance's ``forward`` only: the wrapped attention
+module runs once, with its attention core routed through :func:`fastadapt.llama_adapter._attention`
+(transformers' ``AttentionInterface``), which adds the gated prefix in the same fused pass. PEFT
+keeps its parameters (shared, not copied), adapter switching and ``save_pretrained``; what the fused
+path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+from torch import nn
+
+from fastadapt import llama_adapter
+from fastadapt.integrations import PatchReport
+from fastadapt.nn.prefix_attention import GatedPrefixAttention
+
+_MARK = "_fastadapt_adaption_prompt_patched"
+
+
+def _static_reasons(module, layer) -> list[str]:
+    if type(module) is not layer.AdaptedAttention:
+        return [f"{type(module).__name__} (GPT-2 style attention) is not supported"]
+    if module.model_type not in ("llama", "mistral"):
+        return [f"model type {module.model_type!r} is not supported"]
+    inner = module.model
+    if not all(hasattr(inner, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "config", "head_dim")):
+        return ["the wrapped attention has no q/k/v/o projections"]
+    if inner.o_proj.bias is not None:
+        # PEFT sends its prompt output through o_proj separately, adding the bias a second time.
+        return ["o_proj has a bias (PEFT adds it twice; the fused path would not)"]
+    return []
+
+
+def _fused_forward(self, **kwargs):
+    if kwargs.get("output_attention", False) or kwargs.get("output_attentions", False):
+        return type(self).forward(self, **kwargs)
+    inner = self.model
+    view = inner.__dict__["_fastadapt_adaption"]
+    # PEFT's parameters, looked up at call time (set_adapter may have swapped them).
+    view.adaption_prompt, view.adaption_gate = self.adaption_prompt, self.adaption_gate
+    saved = inner.config
+    inner.config = inner.__dict__["_fastadapt_config"]
+    try:
+        return inner(**kwargs)
+    finally:
+        inner.config = saved
+
+
+class _PeftAdaptionPromptPatcher:
+    name = "peft-adaption-prompt"
+
+    def patch(self, model: nn.Module, report: PatchReport) -> None:
+        try:
+            from peft.tuners.adaption_prompt import layer
+        except ImportError:
+            return  # without peft there are no adaption-prompt wrappers to patch
+        for name, module in model.named_modules():
+            if not isinstance(module, layer._BaseAdaptedAttention):
+                continue
+            if getattr(module, _MARK, False):
+                report.skipped.append((name, "already patched"))
+                continue
+            reasons = _static_reasons(module, layer)
+            if reasons:
+                report.skipped.append((name, "; ".join(reasons)))
+                continue
+            llama_adapter._register()
+            inner = module.model
+            cfg = inner.config
+            heads = cfg.num_attention_heads
+            kv_heads = inner.k_proj.out_features // inner.head_dim
+            view = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, inner.head_dim, module.adapter_len,
+                                        gate="scalar", gate_tanh=False, device="meta")
+            view.adaption_prompt, view.adaption_gate = module.adaption_prompt, module.adaption_gate
+            private = copy.copy(cfg)
+            private._attn_implementation = llama_adapter.ATTN_IMPLEMENTATION
+            # Plain attributes (object.__setattr__): not submodules, so PEFT's state dict, parameter
+            # list and save_pretrained are unchanged.
+            object.__setattr__(inner, "_fastadapt_adaption", view)
+            object.__setattr__(inner, "_fastadapt_config", private)
+            inner._fastadapt_base_attn = cfg._attn_implementation or "eager"
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _MARK, True)
+            report.patched.append((name, f"peft AdaptionPrompt ({module.model_type}) -> fastadapt::prefix_attention"))
+
+    def unpatch(self, model: nn.Module, report: PatchReport) -> None:
+        for name, module in model.named_modules():
+            if getattr(module, _MARK, False):
+                del module.forward
+                delattr(module, _MARK)
+                inner = module.model
+                for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn"):
+                    inner.__dict__.pop(attr, None)
+                report.patched.append((name, "restored PEFT's forward"))
+
+
+PATCHER = _PeftAdaptionPromptPatcher()

@@ -98,7 +98,8 @@ def _layer_norm(x, weight, bias, eps):
 
 def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=None, *, scaling=1.0,
                        scale=None, ln_before=None, ln_after=None, residual_before_ln_after=False,
-                       gate=None, keep=None, dropout_p=0.0, activation_name="relu", eps=1e-5):
+                       gate=None, keep=None, dropout_p=0.0, activation_name="relu", eps=1e-5,
+                       _ln_after_fn=None):
     """The adapter core with autograd, on (..., d) tensors; returns ``(out, h)``.
 
     ``ln_before`` / ``ln_after`` are ``(weight, bias)`` pairs or None; ``scale`` is None, (1,) or (d,);
@@ -112,10 +113,11 @@ def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=N
     s = u * scaling if scale is None else u * (scale * scaling)
     q = s if keep is None else s * keep.to(s.dtype) / (1.0 - dropout_p)
     o = q if gate is None else q * gate
+    norm = _ln_after_fn or _layer_norm
     if ln_after is not None and residual_before_ln_after:
-        out = _layer_norm(o + residual if residual is not None else o, *ln_after, eps)
+        out = norm(o + residual if residual is not None else o, *ln_after, eps)
     else:
-        out = _layer_norm(o, *ln_after, eps) if ln_after is not None else o
+        out = norm(o, *ln_after, eps) if ln_after is not None else o
         if residual is not None:
             out = out + residual
     return out, h
@@ -128,7 +130,7 @@ def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=N
 def _stats(x, eps):
     x32 = x.float()
     mean = x32.mean(-1)
-    rstd = torch.rsqrt(x32.var(-1, unbiased=False) + eps)
+    rstd = torch.rsqrt((x32 - mean[..., None]).square().mean(-1) + eps)
     return mean, rstd
 
 
@@ -138,15 +140,22 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
     LN_before and of LN_after (rows left unset where that norm is off)."""
     M = z.shape[0]
     keep = dropout_keep(seed, z.shape, dropout_p, z.device)
+    stats = torch.zeros((4, M), device=z.device, dtype=torch.float32)
+    if lnb_weight is not None:
+        stats[0], stats[1] = _stats(z, eps)
+    # The same statistics as the Triton forward saves, so that either backend's backward can
+    # follow either forward (dropout masks aside: each backend draws its own).
+    ln_after = None
+    if lna_weight is not None:
+        def ln_after(t, weight, bias, eps_):
+            stats[2], stats[3] = _stats(t, eps_)
+            return _layer_norm(t, weight, bias, eps_)
     out, h = bottleneck_adapter(
         z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
         ln_before=(lnb_weight, lnb_bias) if lnb_weight is not None else None,
         ln_after=(lna_weight, lna_bias) if lna_weight is not None else None,
         residual_before_ln_after=res_before, gate=None if gate is None else gate[:, None], keep=keep,
-        dropout_p=dropout_p, activation_name=activation_name, eps=eps)
-    stats = torch.zeros((4, M), device=z.device, dtype=torch.float32)
-    if lnb_weight is not None:
-        stats[0], stats[1] = _stats(z, eps)
+        dropout_p=dropout_p, activation_name=activation_name, eps=eps, _ln_after_fn=ln_after)
     return out, h, stats
 
 
@@ -220,7 +229,9 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     g_u = g_o * fq
     if scale is not None:
         gs = scaling * (g_o * drop * u).sum(0)
-        grads[6] = gs.sum().reshape(scale.shape) if scale.numel() == 1 else gs
+        # One number summed from M*d terms of both signs: summed in float64 (cheap, and the sum
+        # is otherwise at the mercy of cancellation).
+        grads[6] = gs.double().sum().reshape(scale.shape) if scale.numel() == 1 else gs
     grads[4] = g_u.t() @ a
     grads[5] = g_u.sum(0)
     g_h = (g_u.to(dtype).to(ct) @ wu) * activation_grad(activation_name, h32)

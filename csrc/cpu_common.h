@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -52,52 +53,66 @@ struct Dropout {
   }
 };
 
+// scale[k] = keep(row, k) / (1 - p) for one row of K elements (flat index row * K + k).
+inline void dropout_row(const Dropout& d, int64_t row, int64_t K, float* __restrict__ scale) {
+  const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(K);
+  const uint64_t seed = d.seed;
+  const uint32_t threshold = d.threshold;
+  const float inv_keep = d.inv_keep;
+  for (int64_t k = 0; k < K; ++k)
+    scale[k] = dropout_keep_at(seed, base + static_cast<uint64_t>(k), threshold) ? inv_keep : 0.f;
+}
+
 // dst[i, :] = float(src row m0 + i) for i < rows, zero for the padding rows up to RB. With
 // dropout, dst is D(x) rounded to the input dtype (as eager dropout(x) would be), and `scale`
-// (if given) receives the per-element factor keep / (1 - p) for reuse by the caller.
+// (RB x K) receives the per-element factor keep / (1 - p) for reuse by the caller. The mask and
+// the conversion are separate loops so that both vectorize.
 template <typename T>
 inline void load_rows(const T* src, int64_t ld, int64_t m0, int64_t rows, int64_t K, float* dst,
                       const Dropout& d = Dropout(0.0, 0), float* scale = nullptr) {
   for (int64_t i = 0; i < RB; ++i) {
-    float* o = dst + i * K;
-    float* sc = scale ? scale + i * K : nullptr;
+    float* __restrict__ o = dst + i * K;
     if (i >= rows) {
       std::fill(o, o + K, 0.f);
-      if (sc) std::fill(sc, sc + K, 0.f);
+      if (scale) std::fill(scale + i * K, scale + (i + 1) * K, 0.f);
       continue;
     }
-    const T* s = src + (m0 + i) * ld;
+    const T* __restrict__ s = src + (m0 + i) * ld;
     if (!d.active) {
       for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(s[k]);
       continue;
     }
-    const uint64_t base = static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(K);
-    for (int64_t k = 0; k < K; ++k) {
-      const float f = dropout_keep_at(d.seed, base + k, d.threshold) ? d.inv_keep : 0.f;
-      if (sc) sc[k] = f;
-      o[k] = static_cast<float>(static_cast<T>(static_cast<float>(s[k]) * f));
+    float* __restrict__ sc = scale ? scale + i * K : o;  // without a scale buffer, stage it in dst
+    dropout_row(d, m0 + i, K, sc);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t k = 0; k < K; ++k) o[k] = s[k] * sc[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(static_cast<T>(static_cast<float>(s[k]) * sc[k]));
     }
   }
 }
 
-// out[i] = dot(rows[i, :n], v[:n]) for the RB rows (row stride ld). The partial sums are double:
-// a single dot product (u = s x A^T, gu = s gy B) decides a whole row of gA or gx, so its
-// cancellation error would show up unaveraged (float partials: up to ~20 ulp on K = 123 where
-// PyTorch's GEMM got 1); these skinny products cost little next to the frozen GEMM.
+// out[i] = dot(rows[i, :n], v[:n]) for the RB rows (row stride ld), partial sums in Acc: double
+// for float32 inputs, where one dot product (u = s D(x) A^T) decides a whole row of y and of gB
+// and float partials lost up to ~20 ulp on K = 123 against PyTorch's 1; float for 16-bit inputs.
+template <typename Acc>
 inline void dot_rows(const float* rows, int64_t ld, const float* v, int64_t n, float* out) {
-  double part[RB][LANES] = {};
+  Acc part[RB][LANES] = {};
   int64_t k = 0;
   for (; k + LANES <= n; k += LANES)
     for (int64_t i = 0; i < RB; ++i)
       for (int64_t l = 0; l < LANES; ++l)
-        part[i][l] += static_cast<double>(rows[i * ld + k + l]) * static_cast<double>(v[k + l]);
+        part[i][l] += static_cast<Acc>(rows[i * ld + k + l]) * static_cast<Acc>(v[k + l]);
   for (int64_t i = 0; i < RB; ++i) {
-    double s = 0.0;
+    Acc s = 0;
     for (int64_t l = 0; l < LANES; ++l) s += part[i][l];
-    for (int64_t kk = k; kk < n; ++kk) s += static_cast<double>(rows[i * ld + kk]) * static_cast<double>(v[kk]);
+    for (int64_t kk = k; kk < n; ++kk) s += static_cast<Acc>(rows[i * ld + kk]) * static_cast<Acc>(v[kk]);
     out[i] = static_cast<float>(s);
   }
 }
+
+template <typename T>
+using dot_acc_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
 
 // acc[:n] += sum_i c[i] * rows[i, :n]: one pass over the accumulator for RB rows.
 inline void axpy_rows(const float* c, const float* rows, int64_t ld, float* acc, int64_t n) {
@@ -109,21 +124,17 @@ inline void axpy_rows(const float* c, const float* rows, int64_t ld, float* acc,
               ((c4 * r4[k] + c5 * r5[k]) + (c6 * r6[k] + c7 * r7[k]));
 }
 
+inline void axpy1(float* __restrict__ out, const float* __restrict__ v, float c, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) out[k] += c * v[k];
+}
+
 // out[i, :n] += sum_j c[i, j] * V[j, :n] for the RB rows: c is RB x r (row stride r), V is r x n,
-// out has row stride ldo. V's rows are read once per block.
+// out has row stride ldo. Each row of V is used by the 8 rows while it is in L1. (Written with
+// 8 output pointers in one loop, gcc gave up vectorizing on the aliasing checks: 1.5x slower
+// LoRA forward at M=2048, d=1024.)
 inline void outer_rows(const float* c, int64_t r, const float* V, int64_t n, float* out, int64_t ldo) {
-  for (int64_t j = 0; j < r; ++j) {
-    const float c0 = c[j], c1 = c[r + j], c2 = c[2 * r + j], c3 = c[3 * r + j];
-    const float c4 = c[4 * r + j], c5 = c[5 * r + j], c6 = c[6 * r + j], c7 = c[7 * r + j];
-    const float* v = V + j * n;
-    float *o0 = out, *o1 = out + ldo, *o2 = out + 2 * ldo, *o3 = out + 3 * ldo;
-    float *o4 = out + 4 * ldo, *o5 = out + 5 * ldo, *o6 = out + 6 * ldo, *o7 = out + 7 * ldo;
-    for (int64_t k = 0; k < n; ++k) {
-      const float b = v[k];
-      o0[k] += c0 * b; o1[k] += c1 * b; o2[k] += c2 * b; o3[k] += c3 * b;
-      o4[k] += c4 * b; o5[k] += c5 * b; o6[k] += c6 * b; o7[k] += c7 * b;
-    }
-  }
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i = 0; i < RB; ++i) axpy1(out + i * ldo, V + j * n, c[i * r + j], n);
 }
 
 // Blocks of RB rows per at::parallel_for task: enough work per task to amortize the fork.

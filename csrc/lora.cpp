@@ -1,19 +1,24 @@
 // LoRA linear, CPU kernels (math: fastadapt/reference/lora.py).
 //
-// Forward:  one parallel pass over blocks of rows computes u = s D(x) A^T and seeds y with
-//           b + u B^T; ATen's GEMM then accumulates the frozen product into it (beta = 1), so the
-//           rank-r update costs no extra pass over y and D(x) is never materialized.
-// Backward: one parallel pass over blocks of rows reads gy and x once each and produces
-//           gu = s gy B (kept in registers/L1, never stored), gB = gy^T u, gbias = sum gy,
-//           gA = gu^T D(x) (per-thread float32 accumulators, reduced in a fixed order), and seeds
-//           gx with D(gu A); ATen's GEMM then adds gy W into gx. The dropout mask is regenerated
-//           from (seed, flat index) in both passes (csrc/common.h).
+// What is fused, and what is left to ATen's GEMMs (MKL / oneDNN), is decided by measurement on
+// this workload (M=2048, d=1024, r=16, one core, best of 6 runs): the frozen products x W^T and gy W take
+// ~46 ms fp32 / ~11 ms bf16 each, while every rank-r product (x A^T, gy B, gy^T u, gu^T x,
+// u B^T into y) takes 0.4-1.4 ms in ATen, which runs the bf16 ones on the AVX512-BF16 dot
+// instructions; our own float loops for the same products cost 1.5-3x that. So without dropout
+// the op is ATen GEMMs on in-place outputs (no temporaries, no extra passes over y or gx).
+// With dropout, fusion pays: the reference draws a mask tensor (torch.rand, single-threaded) and
+// materializes D(x) twice; here the mask is regenerated in-register from (seed, flat index)
+// (csrc/common.h) inside two row passes, and neither the mask nor D(x) is ever stored:
+//   forward:  u = s D(x) A^T                      (one pass over x)
+//   backward: gx = D(gu A) (seed of the gy W GEMM), gA = gu^T D(x)   (one pass over x)
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu_common.h"
@@ -37,122 +42,69 @@ void check_inputs(const char* name, const Tensor& x, const Tensor& weight, const
   TORCH_CHECK(x.device().is_cpu(), name, ": CPU kernel called with ", x.device(), " tensors");
 }
 
+// u = s D(x) A^T, rounded to T; the dropout mask lives only in registers.
 template <typename T>
-void forward_pass(const Tensor& x, const float* A, const float* Bt, const float* bias, Tensor& u,
-                  Tensor& y, float s, const cpu::Dropout& d) {
-  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), r = u.size(1);
+void dropout_down_pass(const Tensor& x, const float* A, Tensor& u, float s, const cpu::Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = u.size(1);
   const T* xp = x.data_ptr<T>();
   const int64_t ldx = x.stride(0);
   T* up = u.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
   const int64_t blocks = (M + RB - 1) / RB;
-  at::parallel_for(0, blocks, cpu::block_grain(RB * r * (K + N)), [&](int64_t b0, int64_t b1) {
-    std::vector<float> xd(RB * K), ys(RB * N), ur(RB * r);
+  at::parallel_for(0, blocks, cpu::block_grain(RB * r * K), [&](int64_t b0, int64_t b1) {
+    std::vector<float> xd(RB * K);
     float dots[RB];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * RB, rows = std::min(RB, M - m0);
       cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), d);
       for (int64_t j = 0; j < r; ++j) {
-        cpu::dot_rows(xd.data(), K, A + j * K, K, dots);
-        for (int64_t i = 0; i < RB; ++i) ur[i * r + j] = s * dots[i];
-      }
-      // y is seeded with the rounded u, the values the backward reads back.
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < r; ++j) {
-          const T v = static_cast<T>(ur[i * r + j]);
-          up[(m0 + i) * r + j] = v;
-          ur[i * r + j] = static_cast<float>(v);
-        }
-      for (int64_t i = 0; i < RB; ++i) {
-        float* row = ys.data() + i * N;
-        if (bias) std::copy(bias, bias + N, row);
-        else std::fill(row, row + N, 0.f);
-      }
-      cpu::outer_rows(ur.data(), r, Bt, N, ys.data(), N);
-      for (int64_t i = 0; i < rows; ++i) {
-        T* out = yp + (m0 + i) * N;
-        const float* row = ys.data() + i * N;
-        for (int64_t n = 0; n < N; ++n) out[n] = static_cast<T>(row[n]);
+        cpu::dot_rows<cpu::dot_acc_t<T>>(xd.data(), K, A + j * K, K, dots);
+        for (int64_t i = 0; i < rows; ++i) up[(m0 + i) * r + j] = static_cast<T>(s * dots[i]);
       }
     }
   });
 }
 
-struct BackwardNeeds {
-  bool x, A, B, bias;
-};
-
-// gy, x, u rows -> gx seed (M x K, T), and per-chunk float32 partials of gA (r x K), gB^T (r x N),
-// gbias (N) in `slots` (chunks x (rK + rN + N)), summed by the caller in chunk order.
+// With dropout: gx = D(gu A) (M x K, T; the caller adds gy W on top) and per-chunk float32
+// partials of gA = gu^T D(x) in `slots` (chunks x rK), summed by the caller in chunk order. One
+// pass over x, one mask draw per element shared by both.
 template <typename T>
-void backward_pass(const Tensor& gy, const Tensor& x, const Tensor& u, const float* A, const float* Bt,
-                   float s, const cpu::Dropout& d, BackwardNeeds need, Tensor& gx, Tensor& slots) {
-  const int64_t M = x.size(0), K = x.size(1), N = gy.size(1), r = u.size(1);
-  const T* gyp = gy.data_ptr<T>();
+void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cpu::Dropout& d, bool need_x,
+                     bool need_A, Tensor& gx, Tensor& slots) {
+  const int64_t M = x.size(0), K = x.size(1), r = gu.size(1);
   const T* xp = x.data_ptr<T>();
-  const T* upp = u.data_ptr<T>();
-  const int64_t ldg = gy.stride(0), ldx = x.stride(0), ldu = u.stride(0);
-  T* gxp = need.x ? gx.data_ptr<T>() : nullptr;
+  const int64_t ldx = x.stride(0);
+  const float* gup = gu.data_ptr<float>();
+  T* gxp = need_x ? gx.data_ptr<T>() : nullptr;
   const int64_t blocks = (M + RB - 1) / RB;
   const int64_t chunks = slots.size(0), width = slots.size(1);
   const int64_t blocks_per_chunk = (blocks + chunks - 1) / chunks;
   float* slot_base = slots.data_ptr<float>();
-  const bool need_gu = need.x || need.A;
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> gyf(RB * N), xd(need.A ? RB * K : 0), scale(d.active && need_gu ? RB * K : 0),
-        gxs(need.x ? RB * K : 0), gu(RB * r), uf(RB * r);
-    float dots[RB], coef[RB];
-    const float ones[RB] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+    std::vector<float> xd(RB * K), scale(RB * K), gxs(need_x ? RB * K : 0), g(RB * r);
+    float coef[RB];
     for (int64_t c = c0; c < c1; ++c) {
-      float* gA = slot_base + c * width;
-      float* gBt = gA + r * K;
-      float* gb = gBt + r * N;
+      float* gA = need_A ? slot_base + c * width : nullptr;
       const int64_t end = std::min(blocks, (c + 1) * blocks_per_chunk);
       for (int64_t blk = c * blocks_per_chunk; blk < end; ++blk) {
         const int64_t m0 = blk * RB, rows = std::min(RB, M - m0);
-        cpu::load_rows(gyp, ldg, m0, rows, N, gyf.data());
-        if (need.bias) cpu::axpy_rows(ones, gyf.data(), N, gb, N);
-        if (need.B) {
-          for (int64_t i = 0; i < RB; ++i)
-            for (int64_t j = 0; j < r; ++j)
-              uf[i * r + j] = i < rows ? static_cast<float>(upp[(m0 + i) * ldu + j]) : 0.f;
+        for (int64_t i = 0; i < RB; ++i)  // padding rows: 0, so they add nothing to gA
+          for (int64_t j = 0; j < r; ++j) g[i * r + j] = i < rows ? gup[(m0 + i) * r + j] : 0.f;
+        cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), d, scale.data());
+        if (need_A) {
           for (int64_t j = 0; j < r; ++j) {
-            for (int64_t i = 0; i < RB; ++i) coef[i] = uf[i * r + j];
-            cpu::axpy_rows(coef, gyf.data(), N, gBt + j * N, N);
-          }
-        }
-        if (!need_gu) continue;
-        for (int64_t j = 0; j < r; ++j) {
-          cpu::dot_rows(gyf.data(), N, Bt + j * N, N, dots);
-          for (int64_t i = 0; i < RB; ++i) gu[i * r + j] = s * dots[i];  // padding rows: 0
-        }
-        if (need.A) {
-          // Also fills `scale` with the mask that the gx seed below reuses.
-          cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), d, d.active ? scale.data() : nullptr);
-          for (int64_t j = 0; j < r; ++j) {
-            for (int64_t i = 0; i < RB; ++i) coef[i] = gu[i * r + j];
+            for (int64_t i = 0; i < RB; ++i) coef[i] = g[i * r + j];
             cpu::axpy_rows(coef, xd.data(), K, gA + j * K, K);
           }
-        } else if (d.active) {
-          for (int64_t i = 0; i < rows; ++i) {
-            const uint64_t base = static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(K);
-            for (int64_t k = 0; k < K; ++k)
-              scale[i * K + k] = dropout_keep_at(d.seed, base + k, d.threshold) ? d.inv_keep : 0.f;
-          }
         }
-        if (need.x) {
+        if (need_x) {
           std::fill(gxs.begin(), gxs.end(), 0.f);
-          cpu::outer_rows(gu.data(), r, A, K, gxs.data(), K);
+          cpu::outer_rows(g.data(), r, A, K, gxs.data(), K);
           for (int64_t i = 0; i < rows; ++i) {
             T* out = gxp + (m0 + i) * K;
             const float* row = gxs.data() + i * K;
-            if (d.active) {
-              const float* sc = scale.data() + i * K;
-              for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(row[k] * sc[k]);
-            } else {
-              for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(row[k]);
-            }
+            const float* sc = scale.data() + i * K;
+            for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(row[k] * sc[k]);
           }
         }
       }
@@ -167,69 +119,84 @@ std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& we
                                             const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
   check_inputs("fastadapt_C::lora_forward", x_in, weight, lora_A, lora_B);
   const int64_t M = x_in.size(0), N = weight.size(0), r = lora_A.size(0);
-  Tensor y = at::empty({M, N}, x_in.options());
-  Tensor u = at::empty({M, r}, x_in.options());
-  if (M == 0) return {y, u};
-  const Tensor x = cpu::rows_contiguous(x_in);
-  // The adapter weights are tiny: float32 copies laid out for the row passes (A: r x K, B^T: r x N).
-  const Tensor A = lora_A.to(at::kFloat).contiguous();
-  const Tensor Bt = lora_B.t().to(at::kFloat).contiguous();
-  Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "fastadapt_C::lora_forward: bias must be (out_features,)");
-    bias_f = bias->to(at::kFloat).contiguous();
+  if (M == 0) return {at::empty({0, N}, x_in.options()), at::empty({0, r}, x_in.options())};
+  const Tensor x = cpu::rows_contiguous(x_in);
+  Tensor u;
+  if (dropout_p > 0.0) {
+    u = at::empty({M, r}, x.options());
+    const Tensor A = lora_A.to(at::kFloat).contiguous();
+    const cpu::Dropout d(dropout_p, seed);
+    FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::lora_forward", [&] {
+      dropout_down_pass<scalar_t>(x, A.data_ptr<float>(), u, static_cast<float>(scaling), d);
+    });
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                "fastadapt_C::lora_forward: unsupported dtype ", x.scalar_type(),
+                " (the native kernels take float32, bfloat16, float16)");
+    u = at::mm(x, lora_A.t());
+    u.mul_(scaling);
   }
-  const cpu::Dropout d(dropout_p, seed);
-  FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::lora_forward", [&] {
-    forward_pass<scalar_t>(x, A.data_ptr<float>(), Bt.data_ptr<float>(),
-                           bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, u, y,
-                           static_cast<float>(scaling), d);
-  });
-  y.addmm_(x, weight.t());  // frozen product on top of the seed: ATen's GEMM, beta = 1
+  Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(u, lora_B.t());  // rank-r update in place: no temporary, no extra pass
   return {y, u};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& u_in, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
+    const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
   check_inputs("fastadapt_C::lora_backward", x_in, weight, lora_A, lora_B);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(gy_in.dim() == 2 && gy_in.size(0) == M && gy_in.size(1) == N, "fastadapt_C::lora_backward: gy must be (M, out_features)");
-  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == M && u_in.size(1) == r, "fastadapt_C::lora_backward: u must be (M, r)");
-  TORCH_CHECK(gy_in.scalar_type() == x_in.scalar_type() && u_in.scalar_type() == x_in.scalar_type(),
+  TORCH_CHECK(gy_in.dim() == 2 && gy_in.size(0) == M && gy_in.size(1) == N,
+              "fastadapt_C::lora_backward: gy must be (M, out_features)");
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == r, "fastadapt_C::lora_backward: u must be (M, r)");
+  TORCH_CHECK(gy_in.scalar_type() == x_in.scalar_type() && u.scalar_type() == x_in.scalar_type(),
               "fastadapt_C::lora_backward: gy and u must have x's dtype");
-  const BackwardNeeds need{needs[0], needs[1], needs[2], needs[3]};
-  const bool need_weight = needs[4];
-  const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in), u = cpu::rows_contiguous(u_in);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16 ||
+                  x_in.scalar_type() == at::kHalf,
+              "fastadapt_C::lora_backward: unsupported dtype ", x_in.scalar_type(),
+              " (the native kernels take float32, bfloat16, float16)");
+  const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
+  const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
   const auto opts = x.options();
-  Tensor gx = need.x ? at::empty({M, K}, opts) : at::empty({0}, opts);
+  Tensor gx = at::empty({0}, opts), gA = at::empty({0}, opts), gB = at::empty({0}, opts);
+  Tensor gbias = at::empty({0}, opts), gweight = at::empty({0}, opts);
+  if (need_B) gB = at::mm(gy.t(), u).to(lora_B.scalar_type());
+  if (need_bias) gbias = at::sum(gy, {0}, false, at::kFloat).to(gy.scalar_type());
+  if (need_w) gweight = at::mm(gy.t(), x);
+  if (!need_x && !need_A) return {gx, gA, gB, gbias, gweight};
 
-  // Per-chunk float32 partials of gA, gB^T, gbias; one chunk per thread (fixed split: the sum
-  // order, hence the result, does not depend on scheduling).
+  Tensor gu = at::mm(gy, lora_B);
+  gu.mul_(scaling);
+  if (dropout_p == 0.0) {
+    if (need_x) {
+      gx = at::mm(gy, weight);
+      gx.addmm_(gu, lora_A);
+    }
+    if (need_A) gA = at::mm(gu.t(), x).to(lora_A.scalar_type());
+    return {gx, gA, gB, gbias, gweight};
+  }
+  // Dropout: one fused pass over x for gx's seed and gA, then the frozen GEMM on top of the seed.
   const int64_t blocks = (M + RB - 1) / RB;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  Tensor slots = at::zeros({chunks, r * K + r * N + N}, opts.dtype(at::kFloat));
-  if (M > 0 && (need.x || need.A || need.B || need.bias)) {
+  Tensor slots = at::zeros({chunks, need_A ? r * K : 0}, opts.dtype(at::kFloat));
+  if (need_x) gx = at::empty({M, K}, opts);
+  if (M > 0) {
     const Tensor A = lora_A.to(at::kFloat).contiguous();
-    const Tensor Bt = lora_B.t().to(at::kFloat).contiguous();
+    const Tensor gu32 = gu.to(at::kFloat).contiguous();
     const cpu::Dropout d(dropout_p, seed);
     FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::lora_backward", [&] {
-      backward_pass<scalar_t>(gy, x, u, A.data_ptr<float>(), Bt.data_ptr<float>(), static_cast<float>(scaling),
-                              d, need, gx, slots);
+      dropout_up_pass<scalar_t>(x, gu32, A.data_ptr<float>(), d, need_x, need_A, gx, slots);
     });
-    if (need.x) gx.addmm_(gy, weight);  // gx = D(gu A) + gy W
+    if (need_x) gx.addmm_(gy, weight);  // gx = D(gu A) + gy W
   }
-  const Tensor total = chunks == 1 ? slots[0] : slots.sum(0);
-  // Fresh outputs (copies): returns of a custom op must not alias each other.
-  using Shape = std::vector<int64_t>;
-  const auto shape = [](bool needed, Shape s) { return needed ? s : Shape{0}; };
-  Tensor gA = at::empty(shape(need.A, {r, K}), opts.dtype(lora_A.scalar_type()));
-  Tensor gB = at::empty(shape(need.B, {N, r}), opts.dtype(lora_B.scalar_type()));
-  Tensor gbias = at::empty(shape(need.bias, {N}), opts);
-  if (need.A) gA.copy_(total.narrow(0, 0, r * K).view({r, K}));
-  if (need.B) gB.copy_(total.narrow(0, r * K, r * N).view({r, N}).t());
-  if (need.bias) gbias.copy_(total.narrow(0, r * (K + N), N));
-  Tensor gweight = need_weight ? at::mm(gy.t(), x) : at::empty({0}, opts);
+  if (need_A) {
+    // A fresh tensor even when no cast is needed: returns of a custom op must not alias.
+    gA = at::empty({r, K}, opts.dtype(lora_A.scalar_type()));
+    gA.copy_((chunks == 1 ? slots[0] : slots.sum(0)).view({r, K}));
+  }
   return {gx, gA, gB, gbias, gweight};
 }
 

@@ -59,12 +59,24 @@ TORCH_LIBRARY(fastadapt_C, m) {
         "float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
         "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
+  // GRAD_NAMES order (empty where not needed or the input is absent).
+  m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+        "Tensor? up_bias, Tensor? scale, Tensor? ln_before_weight, Tensor? ln_before_bias, Tensor? ln_after_weight, "
+        "Tensor? ln_after_bias, Tensor? gate, float scaling, str activation, float eps, bool residual_before_ln, "
+        "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("bottleneck_backward(Tensor gout, Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, "
+        "Tensor up_weight, Tensor? up_bias, Tensor h, Tensor stats, Tensor? scale, Tensor? ln_before_weight, "
+        "Tensor? ln_before_bias, Tensor? ln_after_weight, Tensor? ln_after_bias, Tensor? gate, float scaling, "
+        "str activation, float eps, bool residual_before_ln, float dropout_p, int seed, bool[12] needs) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("dropout_keep", &fastadapt::dropout_keep_cpu);
   m.impl("lora_forward", &fastadapt::lora_forward_cpu);
   m.impl("lora_backward", &fastadapt::lora_backward_cpu);
+  m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cpu);
+  m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cpu);
 }
 
 #ifdef FASTADAPT_WITH_CUDA

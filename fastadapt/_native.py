@@ -32,7 +32,7 @@ DISABLE_ENV = "FASTADAPT_NO_NATIVE"
 CACHE_ENV = "FASTADAPT_CACHE"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # One translation unit per op plus the registration file (ops.cpp).
-CPP_SOURCES = ("ops.cpp", "lora.cpp")
+CPP_SOURCES = ("ops.cpp", "lora.cpp", "bottleneck.cpp")
 CUDA_SOURCES = ("lora_cuda.cu",)
 HEADERS = ("common.h", "cpu_common.h", "ops.h", "cuda_common.cuh")
 CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees
@@ -149,7 +149,10 @@ def _jit() -> tuple[bool, str]:
         except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
             text = str(exc).strip()
             (build / "error.log").write_text(text)
-            last_error = f"{type(exc).__name__}: ...{text[-600:]}" if len(text) > 600 else f"{type(exc).__name__}: {text}"
+            # The compiler's first error lines say more than the tail of ninja's output.
+            errors = [line.strip() for line in text.splitlines() if "error" in line.lower()][:3]
+            summary = " | ".join(errors) if errors else text[-600:]
+            last_error = f"{type(exc).__name__}: {summary[:900]} (full log: {build / 'error.log'})"
             if with_cuda:
                 _details["cuda"] = f"CUDA build failed, CPU-only build used ({last_error}; log: {build / 'error.log'})"
             continue

@@ -53,3 +53,30 @@ def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
 for _backend in ("cuda", "cpp"):
     dispatch.register("lora_linear", _backend, why_not=_lora_why_not(_backend), forward=_lora_forward,
                       backward=_lora_backward)
+
+
+# --- Bottleneck adapter (csrc/bottleneck.cpp; CPU only so far) ---
+
+
+def _bottleneck_why_not(backend):
+    def why_not(z, down_weight, up_weight):
+        reasons = _native_reasons(backend, z.device) + dtype_reasons(z.dtype)
+        if len({z.dtype, down_weight.dtype, up_weight.dtype}) > 1:
+            reasons.append("z and the adapter weights must share one dtype")
+        return reasons
+    return why_not
+
+
+def _bottleneck_forward(*args):
+    out, h, stats = _native.ops().bottleneck_forward(*args)
+    return out, h, stats
+
+
+def _bottleneck_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().bottleneck_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+dispatch.register("bottleneck_adapter", "cpp", why_not=_bottleneck_why_not("cpp"), forward=_bottleneck_forward,
+                  backward=_bottleneck_backward)

@@ -265,4 +265,7 @@ def dropout_keep(backend: str, seed: int, shape, p: float, device) -> Tensor:
         return bottleneck.dropout_keep(seed, shape, p, device)
     if backend == "reference":
         return reference.dropout_keep(seed, shape, p, device)
+    if backend in ("cpp", "cuda"):
+        from fastadapt.ops import _native_backends
+        return _native_backends.dropout_keep(seed, shape, p, device)
     raise ValueError(f"no dropout mask for backend {backend!r}")

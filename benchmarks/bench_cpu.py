@@ -48,13 +48,38 @@ def lora_case(dtype, dropout_p, M=2048, d=1024, r=16):
     return f"lora fwd+bwd M={M} {d}x{d} r={r} p={dropout_p}", step
 
 
-def bottleneck_case(dtype, M=2048, d=1024, m=64):
-    from fastadapt.ops import bottleneck  # noqa: F401  (only when the op exists)
-    raise NotImplementedError
+def bottleneck_case(dtype, full, M=2048, d=1024, m=64):
+    """Pfeiffer's core (relu, residual after, no adapter LayerNorms), or every stage on (LN before,
+    LN after over o + r, gelu, per-channel scale, gate, dropout 0.1)."""
+    from fastadapt.ops.bottleneck import bottleneck_adapter
+
+    def leaf(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape) * std + mean).to(dtype).requires_grad_()
+
+    z, r = leaf(M, d), leaf(M, d)
+    wd, bd, wu, bu = leaf(m, d, std=d**-0.5), leaf(m, std=0.1), leaf(d, m, std=m**-0.5), leaf(d, std=0.1)
+    kw = {}
+    if full:
+        kw = dict(activation="gelu", scale=leaf(d, mean=1.0, std=0.1), ln_before=(leaf(d, mean=1.0), leaf(d)),
+                  ln_after=(leaf(d, mean=1.0), leaf(d)), adapter_residual_before_ln=True,
+                  gate=torch.rand(M).to(dtype).requires_grad_(), dropout_p=0.1)
+    gout = torch.randn(M, d).to(dtype)
+    params = [z, r, wd, bd, wu, bu] + [t for v in kw.values() for t in (v if isinstance(v, tuple) else (v,))
+                                       if isinstance(t, torch.Tensor)]
+
+    def step():
+        out = bottleneck_adapter(z, wd, bd, wu, bu, r, **kw)
+        out.backward(gout)
+        for t in params:
+            t.grad = None
+
+    label = "all stages (LN/gelu/scale/gate/p=0.1)" if full else "Pfeiffer core (relu, +r)"
+    return f"bottleneck fwd+bwd M={M} d={d} m={m} {label}", step
 
 
 CASES = {
     "lora": lambda dtype: [lora_case(dtype, 0.0), lora_case(dtype, 0.1)],
+    "bottleneck": lambda dtype: [bottleneck_case(dtype, False), bottleneck_case(dtype, True)],
 }
 
 
@@ -69,7 +94,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fastadapt._C: {why}")
     if not ok:
         raise SystemExit("the cpp backend is unavailable; nothing to compare")
-    print(f"{'case':<44} {'dtype':<9} {'reference ms':>18} {'cpp ms':>18} {'speedup':>8}")
+    print(f"{'case':<80} {'dtype':<9} {'reference ms':>18} {'cpp ms':>18} {'speedup':>8}")
     for op in args.ops:
         for dt in args.dtype:
             dtype = getattr(torch, dt)
@@ -80,7 +105,7 @@ def main() -> None:
                         row[backend] = _time(step, args.reps)
                 ref, cpp = row["reference"], row["cpp"]
                 fmt = lambda t: f"{t[0] * 1e3:7.1f} ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
-                print(f"{name:<44} {dt:<9} {fmt(ref):>18} {fmt(cpp):>18} {ref[0] / cpp[0]:7.2f}x", flush=True)
+                print(f"{name:<80} {dt:<9} {fmt(ref):>18} {fmt(cpp):>18} {ref[0] / cpp[0]:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 //                gate, residual, LN_after with its statistics, out written once.
 //             The eager module instead materializes s, q, o, o + r and the mask: five (M, d)
 //             temporaries and as many passes.
-//   backward: recompute a and u (GEMM), then one pass over (gout, u, r) for the LN_after backward,
+//   backward: recompute a and (if LN_after, gate or scale need it) u, then one pass over (gout, u, r) for the LN_after backward,
 //             g_gate, g_scale, g_b_u, g_u; GEMMs for g_W_u, g_a, g_W_d, g_zn; a small pass for
 //             g_h = g_a f'(h); one pass for the LN_before backward. Column sums (parameter
 //             gradients) go to per-chunk partials reduced in chunk order (deterministic).
@@ -261,10 +261,10 @@ template <typename T>
 void epilogue_backward(const Tensor& gout, const Tensor& u, const T* rp, int64_t ldr, const Epilogue& e,
                        const float* mean, const float* rstd, Tensor& g_u, T* g_r, float* g_gate, Tensor& fslots,
                        Tensor& dslots, bool need_scale) {
-  const int64_t M = u.size(0), d = u.size(1);
+  const int64_t M = gout.size(0), d = gout.size(1);
   const T* gp = gout.data_ptr<T>();
   const int64_t ldg = gout.stride(0);
-  const T* up = u.data_ptr<T>();
+  const T* up = u.defined() ? u.data_ptr<T>() : nullptr;  // only LN_after, gate and scale need u
   T* gup = g_u.data_ptr<T>();
   const int64_t chunks = fslots.size(0);
   float* fbase = fslots.data_ptr<float>();
@@ -281,7 +281,7 @@ void epilogue_backward(const Tensor& gout, const Tensor& u, const T* rp, int64_t
       for (int64_t m = begin; m < end; ++m) {
         e.factors(m, d, f.data());
         const float g = e.gate ? e.gate[m] : 1.f;
-        const T* urow = up + m * d;
+        const T* urow = up ? up + m * d : nullptr;
         const T* grow = gp + m * ldg;
         for (int64_t k = 0; k < d; ++k) go[k] = static_cast<float>(grow[k]);
         if (e.lna_w) {
@@ -504,7 +504,10 @@ std::vector<Tensor> bottleneck_backward_cpu(
     // Recompute a = f(h) and u = a W_u^T + b_u (the forward's rounded values, bitwise).
     Tensor a = at::empty_like(hc);
     activation_pass<T>(hc, act, a);
-    const Tensor u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
+    // Without LN_after, gate or a scale gradient, g_u does not depend on u: no recompute (a GEMM).
+    const bool need_u = lna_w.defined() || gate32.defined() || wanted(6);
+    Tensor u;
+    if (need_u) u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
     const Epilogue e = make_epilogue(scale32, gate32, lna_w, lna_b, residual_before_ln && r.defined(), scaling, eps,
                                      dropout_p, seed);
     Tensor g_u = at::empty({M, d}, opts);

@@ -128,7 +128,7 @@ def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=N
 
 
 def _stats(x, eps):
-    x32 = x.float()
+    x32 = x if x.dtype == torch.float64 else x.float()
     mean = x32.mean(-1)
     rstd = torch.rsqrt((x32 - mean[..., None]).square().mean(-1) + eps)
     return mean, rstd
@@ -148,7 +148,7 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
     ln_after = None
     if lna_weight is not None:
         def ln_after(t, weight, bias, eps_):
-            stats[2], stats[3] = _stats(t, eps_)
+            stats[2], stats[3] = _stats(t, eps_)  # (float32 storage, as the kernels save)
             return _layer_norm(t, weight, bias, eps_)
     out, h = bottleneck_adapter(
         z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,

@@ -1,10 +1,13 @@
 """fastadapt: fused kernels for parameter-efficient fine-tuning (LoRA, bottleneck adapters, gated prefix attention)."""
 
+from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove_adapter, save_adapter,
+                                set_active, set_active_adapter)
 from fastadapt.dispatch import BackendUnavailableError, use_backend
 from fastadapt.integrations import PatchReport, patch, unpatch
 from fastadapt.llama_adapter import add_adaption_prompt
-from fastadapt.ops import lora_linear, prefix_attention
+from fastadapt.ops import bottleneck_adapter, lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "add_adaption_prompt", "PatchReport", "lora_linear", "patch", "prefix_attention", "unpatch", "use_backend"]
+__all__ = ["BackendUnavailableError", "add_adapter", "add_adaption_prompt", "bottleneck_adapter", "list_adapters",
+           "load_adapter", "remove_adapter", "save_adapter", "set_active", "set_active_adapter", "PatchReport", "lora_linear", "patch", "prefix_attention", "unpatch", "use_backend"]

@@ -1,6 +1,8 @@
 """Drop-in ``nn.Module`` replacements built on the fused ops."""
 
+from fastadapt.nn.bottleneck import BnConfig, BottleneckAdapter, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from fastadapt.nn.lora import LoRALinear
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
-__all__ = ["GatedPrefixAttention", "LoRALinear"]
+__all__ = ["BnConfig", "BottleneckAdapter", "DoubleSeqBnConfig", "GatedPrefixAttention", "LoRALinear", "ParBnConfig",
+           "SeqBnConfig"]

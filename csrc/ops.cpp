@@ -69,6 +69,13 @@ TORCH_LIBRARY(fastadapt_C, m) {
         "Tensor up_weight, Tensor? up_bias, Tensor h, Tensor stats, Tensor? scale, Tensor? ln_before_weight, "
         "Tensor? ln_before_bias, Tensor? ln_after_weight, Tensor? ln_after_bias, Tensor? gate, float scaling, "
         "str activation, float eps, bool residual_before_ln, float dropout_p, int seed, bool[12] needs) -> Tensor[]");
+  // Backend signatures of fastadapt/ops/prefix_attention.py: (out, stats, stats_p), and
+  // (dq, dk, dv, dk_p, dv_p, dgate).
+  m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor k_p, Tensor v_p, Tensor? gate, "
+        "Tensor? key_padding_mask, float scale, bool causal, bool joint) -> (Tensor, Tensor, Tensor)");
+  m.def("prefix_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor k_p, Tensor v_p, Tensor? gate, "
+        "Tensor? key_padding_mask, Tensor out, Tensor stats, Tensor stats_p, float scale, bool causal, bool joint, "
+        "bool[6] needs) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
@@ -77,6 +84,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("lora_backward", &fastadapt::lora_backward_cpu);
   m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cpu);
   m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cpu);
+  m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);
+  m.impl("prefix_attention_backward", &fastadapt::prefix_attention_backward_cpu);
 }
 
 #ifdef FASTADAPT_WITH_CUDA

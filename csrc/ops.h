@@ -39,6 +39,17 @@ std::vector<Tensor> bottleneck_backward_cpu(
     const std::optional<Tensor>& gate, double scaling, std::string activation, double eps,
     bool residual_before_ln, double dropout_p, int64_t seed, std::array<bool, 12> needs);
 
+// Gated prefix attention / prefix tuning (csrc/prefix_attention.cpp); math in
+// fastadapt/reference/prefix_attention.py.
+std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p, const Tensor& v_p,
+    const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
+    bool joint);
+std::vector<Tensor> prefix_attention_backward_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p, const Tensor& v_p,
+    const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, const Tensor& out,
+    const Tensor& stats, const Tensor& stats_p, double scale, bool causal, bool joint, std::array<bool, 6> needs);
+
 #ifdef FASTADAPT_WITH_CUDA
 std::tuple<Tensor, Tensor> lora_forward_cuda(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                                              const Tensor& lora_B, double scaling,

@@ -80,3 +80,30 @@ def _bottleneck_backward(*args):
 
 dispatch.register("bottleneck_adapter", "cpp", why_not=_bottleneck_why_not("cpp"), forward=_bottleneck_forward,
                   backward=_bottleneck_backward)
+
+
+# --- Gated prefix attention / prefix tuning (csrc/prefix_attention.cpp; CPU only so far) ---
+
+
+def _prefix_why_not(backend):
+    def why_not(q, k, v, k_p, v_p, key_padding_mask):
+        reasons = _native_reasons(backend, q.device) + dtype_reasons(q.dtype)
+        if len({t.dtype for t in (q, k, v, k_p, v_p)}) > 1:
+            reasons.append("q, k, v, prefix_k and prefix_v must share one dtype")
+        return reasons
+    return why_not
+
+
+def _prefix_forward(*args):
+    out, stats, stats_p = _native.ops().prefix_attention_forward(*args)
+    return out, stats, stats_p
+
+
+def _prefix_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().prefix_attention_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+dispatch.register("prefix_attention", "cpp", why_not=_prefix_why_not("cpp"), forward=_prefix_forward,
+                  backward=_prefix_backward)

@@ -37,8 +37,8 @@ class Patcher(Protocol):
 
 def _patchers() -> list[Patcher]:
     # Imported here: each integration imports its library (peft, adapters) only when asked to patch.
-    from fastadapt.integrations import peft_adaption_prompt, peft_lora
-    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER]
+    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora
+    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, adapterhub.PATCHER]
 
 
 def patch(model: torch.nn.Module) -> PatchReport:

@@ -93,6 +93,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CUDA, m) {
   m.impl("dropout_keep", &fastadapt::dropout_keep_cuda);
   m.impl("lora_forward", &fastadapt::lora_forward_cuda);
   m.impl("lora_backward", &fastadapt::lora_backward_cuda);
+  m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cuda);
+  m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cuda);
 }
 #endif
 

@@ -58,6 +58,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cuda(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs);
 Tensor dropout_keep_cuda(const Tensor& like, double p, int64_t seed);
+std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cuda(
+    const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,
+    const std::optional<Tensor>& down_bias, const Tensor& up_weight, const std::optional<Tensor>& up_bias,
+    const std::optional<Tensor>& scale, const std::optional<Tensor>& ln_before_weight,
+    const std::optional<Tensor>& ln_before_bias, const std::optional<Tensor>& ln_after_weight,
+    const std::optional<Tensor>& ln_after_bias, const std::optional<Tensor>& gate, double scaling,
+    std::string activation, double eps, bool residual_before_ln, double dropout_p, int64_t seed);
+std::vector<Tensor> bottleneck_backward_cuda(
+    const Tensor& gout, const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,
+    const std::optional<Tensor>& down_bias, const Tensor& up_weight, const std::optional<Tensor>& up_bias,
+    const Tensor& h, const Tensor& stats, const std::optional<Tensor>& scale,
+    const std::optional<Tensor>& ln_before_weight, const std::optional<Tensor>& ln_before_bias,
+    const std::optional<Tensor>& ln_after_weight, const std::optional<Tensor>& ln_after_bias,
+    const std::optional<Tensor>& gate, double scaling, std::string activation, double eps,
+    bool residual_before_ln, double dropout_p, int64_t seed, std::array<bool, 12> needs);
 #endif
 
 }  // namespace fastadapt

@@ -288,8 +288,8 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, tmp_path):
     import sysconfig
     flags.append(f"-I{sysconfig.get_paths()['include']}")
 
-    key = hashlib.sha256()
-    for path in sorted(_native.CSRC.glob("*")):
+    key = hashlib.sha256()  # the source and the headers it may include
+    for path in [_native.CSRC / source] + sorted(_native.CSRC.glob("*.h")) + sorted(_native.CSRC.glob("*.cuh")):
         key.update(path.read_bytes())
     key.update((version + torch.__version__ + " ".join(flags)).encode())
     stamp = _native.cache_dir() / "nvcc-check" / f"{source}-{key.hexdigest()[:16]}.ok"

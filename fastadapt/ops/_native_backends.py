@@ -55,7 +55,7 @@ for _backend in ("cuda", "cpp"):
                       backward=_lora_backward)
 
 
-# --- Bottleneck adapter (csrc/bottleneck.cpp; CPU only so far) ---
+# --- Bottleneck adapter (csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu) ---
 
 
 def _bottleneck_why_not(backend):
@@ -78,8 +78,9 @@ def _bottleneck_backward(*args):
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-dispatch.register("bottleneck_adapter", "cpp", why_not=_bottleneck_why_not("cpp"), forward=_bottleneck_forward,
-                  backward=_bottleneck_backward)
+for _backend in ("cuda", "cpp"):
+    dispatch.register("bottleneck_adapter", _backend, why_not=_bottleneck_why_not(_backend),
+                      forward=_bottleneck_forward, backward=_bottleneck_backward)
 
 
 # --- Gated prefix attention / prefix tuning (csrc/prefix_attention.cpp; CPU only so far) ---

@@ -95,6 +95,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CUDA, m) {
   m.impl("lora_backward", &fastadapt::lora_backward_cuda);
   m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cuda);
   m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cuda);
+  m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cuda);
+  m.impl("prefix_attention_backward", &fastadapt::prefix_attention_backward_cuda);
 }
 #endif
 

@@ -73,6 +73,14 @@ std::vector<Tensor> bottleneck_backward_cuda(
     const std::optional<Tensor>& ln_after_weight, const std::optional<Tensor>& ln_after_bias,
     const std::optional<Tensor>& gate, double scaling, std::string activation, double eps,
     bool residual_before_ln, double dropout_p, int64_t seed, std::array<bool, 12> needs);
+std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p, const Tensor& v_p,
+    const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
+    bool joint);
+std::vector<Tensor> prefix_attention_backward_cuda(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p, const Tensor& v_p,
+    const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, const Tensor& out,
+    const Tensor& stats, const Tensor& stats_p, double scale, bool causal, bool joint, std::array<bool, 6> needs);
 #endif
 
 }  // namespace fastadapt

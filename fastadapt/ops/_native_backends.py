@@ -83,12 +83,16 @@ for _backend in ("cuda", "cpp"):
                       forward=_bottleneck_forward, backward=_bottleneck_backward)
 
 
-# --- Gated prefix attention / prefix tuning (csrc/prefix_attention.cpp; CPU only so far) ---
+# --- Gated prefix attention / prefix tuning (csrc/prefix_attention.cpp, csrc/prefix_attention_cuda.cu) ---
+
+MAX_CUDA_HEAD_DIM = 256  # the CUDA kernel spreads a head over one warp's registers, 8 per lane
 
 
 def _prefix_why_not(backend):
     def why_not(q, k, v, k_p, v_p, key_padding_mask):
         reasons = _native_reasons(backend, q.device) + dtype_reasons(q.dtype)
+        if backend == "cuda" and q.shape[-1] > MAX_CUDA_HEAD_DIM:
+            reasons.append(f"head dim {q.shape[-1]} > {MAX_CUDA_HEAD_DIM}")
         if len({t.dtype for t in (q, k, v, k_p, v_p)}) > 1:
             reasons.append("q, k, v, prefix_k and prefix_v must share one dtype")
         return reasons
@@ -106,5 +110,6 @@ def _prefix_backward(*args):
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-dispatch.register("prefix_attention", "cpp", why_not=_prefix_why_not("cpp"), forward=_prefix_forward,
-                  backward=_prefix_backward)
+for _backend in ("cuda", "cpp"):
+    dispatch.register("prefix_attention", _backend, why_not=_prefix_why_not(_backend), forward=_prefix_forward,
+                      backward=_prefix_backward)

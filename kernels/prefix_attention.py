@@ -90,11 +90,11 @@ def _visible(rows, cols, col_ok, kpm_base, stride_pn, diag_off, CAUSAL: tl.const
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-             hi, n_keys, rows, offs_d, d_ok, kpm_base, stride_pn, diag_off, qk_scale, qk_lo,
+             lo, hi, n_keys, rows, offs_d, d_ok, kpm_base, stride_pn, diag_off, qk_scale, qk_lo,
              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
              PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax over keys [0, hi) of one run (prefix or tokens); statistics in base 2."""
-    for start_n in range(0, hi, BLOCK_N):
+    """Online softmax over keys [lo, hi) of one run (prefix or tokens); statistics in base 2."""
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_keys
         cols64 = cols.to(tl.int64)
@@ -145,15 +145,18 @@ def _fwd_kernel(
     kpm_base = kpm_ptr + b * stride_mb
     diag_off = Sk - Sq
     hi = Sk
+    full = Sk
     if CAUSAL:
+        # Key blocks below `full` are visible to every query of this block: no causal mask there.
         hi = tl.maximum(tl.minimum(Sk, (pid_m + 1) * BLOCK_M + diag_off), 0)
+        full = tl.minimum(tl.maximum(((pid_m * BLOCK_M + diag_off + 1) // BLOCK_N) * BLOCK_N, 0), hi)
 
     acc_p = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_p = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_p, m_p, l_p = _fwd_run(
         acc_p, m_p, l_p, q, kp_ptr + b * stride_pkb + hk * stride_pkh, vp_ptr + b * stride_pvb + hk * stride_pvh,
-        stride_pks, stride_pkd, stride_pvs, stride_pvd, L, L, rows, offs_d, d_ok, kpm_base, stride_mn,
+        stride_pks, stride_pkd, stride_pvs, stride_pvd, 0, L, L, rows, offs_d, d_ok, kpm_base, stride_mn,
         0, qk_scale, qk_lo, False, False, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
@@ -162,9 +165,14 @@ def _fwd_kernel(
     if JOINT:
         # Prefix tuning: the token run continues the prefix's statistics (one softmax over both).
         acc, m_i, l_i = _fwd_run(
-            acc_p, m_p, l_p, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, hi, Sk, rows,
-            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, CAUSAL, HAS_KPM, UPCAST, PRECISION, RNE,
+            acc_p, m_p, l_p, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows,
+            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION, RNE,
             BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            acc, m_i, l_i = _fwd_run(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
+                offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, True, HAS_KPM, UPCAST, PRECISION,
+                RNE, BLOCK_M, BLOCK_N)
         out = acc / l_i[:, None]  # l_i >= 1: the prefix (L >= 1) is always visible
         _store_stats(lse_ptr, st_off, row_ok, m_i, l_i)
     else:
@@ -172,9 +180,14 @@ def _fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc, m_i, l_i = _fwd_run(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, hi, Sk, rows,
-            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, CAUSAL, HAS_KPM, UPCAST, PRECISION, RNE,
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows,
+            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION, RNE,
             BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            acc, m_i, l_i = _fwd_run(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
+                offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, True, HAS_KPM, UPCAST, PRECISION,
+                RNE, BLOCK_M, BLOCK_N)
         g = tl.load(gate_ptr + h).to(tl.float32)
         empty = l_i == 0.0
         out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None]) + g * (acc_p / l_p[:, None])
@@ -241,12 +254,12 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_run(dq, q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, hi, n_keys, rows,
+def _dq_run(dq, q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, lo, hi, n_keys, rows,
             offs_d, d_ok, kpm_base, stride_pn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, g,
             CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq += dS K over keys [0, hi) of one run, dS = P * (g dO V^T - delta)."""
-    for start_n in range(0, hi, BLOCK_N):
+    """dq += dS K over keys [lo, hi) of one run, dS = P * (g dO V^T - delta)."""
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_keys
         cols64 = cols.to(tl.int64)
@@ -303,19 +316,59 @@ def _bwd_dq_kernel(
         delta_p = g * tl.load(rp_ptr + lse_off, mask=row_ok, other=0.0)
     diag_off = Sk - Sq
     hi = Sk
+    full = Sk
     if CAUSAL:
+        # As in the forward: no causal mask on the key blocks below `full`.
         hi = tl.maximum(tl.minimum(Sk, (pid_m + 1) * BLOCK_M + diag_off), 0)
+        full = tl.minimum(tl.maximum(((pid_m * BLOCK_M + diag_off + 1) // BLOCK_N) * BLOCK_N, 0), hi)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    kpm_base = kpm_ptr + b * stride_mb
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_run(dq, q, do, k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_vb + hk * stride_vh,
-                 stride_ks, stride_kd, stride_vs, stride_vd, hi, Sk, rows, offs_d, d_ok,
-                 kpm_ptr + b * stride_mb, stride_mn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, 1.0,
-                 CAUSAL, HAS_KPM, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+    dq = _dq_run(dq, q, do, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows, offs_d,
+                 d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, 1.0,
+                 False, HAS_KPM, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+    if CAUSAL:
+        dq = _dq_run(dq, q, do, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
+                     offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, 1.0,
+                     True, HAS_KPM, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
     dq = _dq_run(dq, q, do, kp_ptr + b * stride_pkb + hk * stride_pkh, vp_ptr + b * stride_pvb + hk * stride_pvh,
-                 stride_pks, stride_pkd, stride_pvs, stride_pvd, L, L, rows, offs_d, d_ok,
+                 stride_pks, stride_pkd, stride_pvs, stride_pvd, 0, L, L, rows, offs_d, d_ok,
                  kpm_ptr, stride_mn, 0, qk_scale, qk_lo, m_p, l_p, delta_p, g,
                  False, False, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              _round(dq * scale, dq_ptr.dtype.element_ty, RNE), mask=tile_ok)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g, Sq, offs_d, d_ok,
+               stride_qs, stride_qd, stride_gs, stride_gd, diag_off, qk_scale, qk_lo,
+               CAUSAL: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV += the contribution of the query block at start_m (one query head)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq
+    rows64 = rows.to(tl.int64)
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+    do = tl.load(do_base + rows64[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=tile_ok, other=0.0)
+    m_i, l_i = _load_stats(lse_ptr, bh * Sq + rows, row_ok)
+    delta = tl.load(delta_ptr + bh * Sq + rows, mask=row_ok, other=0.0)
+    if GATED:
+        delta = g * delta
+    s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+    s = _scaled(s, qk_scale, qk_lo)
+    ok = _visible(rows, cols, col_ok, q_base, 0, diag_off, CAUSAL, False) & row_ok[:, None]
+    p = tl.where(ok, tl.exp2(s - m_i[:, None]) / l_i[:, None], 0.0)
+    pt = tl.trans(_round(p, q_base.dtype.element_ty, RNE))
+    if GATED:
+        dv += g * mma(pt, do, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
+    else:
+        dv = mma(pt, do, dv, UPCAST, PRECISION)
+    dp = mma(do, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * g
+    ds = p * (dp - delta[:, None])
+    dk = mma(tl.trans(_round(ds, q_base.dtype.element_ty, RNE)), q, dk, UPCAST, PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -344,9 +397,15 @@ def _dkdv_run(start_n, n_keys, k_base, v_base, stride_kn, stride_kd, stride_vn, 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # Under the causal mask the first query that sees key start_n is start_n - diag_off.
+    # and query blocks from q_mid on see every key of this block: no causal mask there.
     q_lo = 0
+    q_mid = 0
     if CAUSAL:
         q_lo = (tl.maximum(start_n - diag_off, 0) // BLOCK_M) * BLOCK_M
+        q_mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_off, 0), BLOCK_M) * BLOCK_M
+    if HAS_KPM:
+        # The padding of this key block, loaded once (it does not depend on the query).
+        col_ok = col_ok & (tl.load(kpm_base + cols64 * stride_pn, mask=col_ok, other=0) != 0)
     for gh in range(0, GROUP):
         h = hk * GROUP + gh
         bh = b * H + h
@@ -355,29 +414,16 @@ def _dkdv_run(start_n, n_keys, k_base, v_base, stride_kn, stride_kd, stride_vn, 
             g = tl.load(gate_ptr + h).to(tl.float32)
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_gb + h * stride_gh
-        for start_m in range(q_lo, Sq, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < Sq
-            rows64 = rows.to(tl.int64)
-            tile_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-            do = tl.load(do_base + rows64[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=tile_ok, other=0.0)
-            m_i, l_i = _load_stats(lse_ptr, bh * Sq + rows, row_ok)
-            delta = tl.load(delta_ptr + bh * Sq + rows, mask=row_ok, other=0.0)
-            if GATED:
-                delta = g * delta
-            s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-            s = _scaled(s, qk_scale, qk_lo)
-            ok = _visible(rows, cols, col_ok, kpm_base, stride_pn, diag_off, CAUSAL, HAS_KPM) & row_ok[:, None]
-            p = tl.where(ok, tl.exp2(s - m_i[:, None]) / l_i[:, None], 0.0)
-            pt = tl.trans(_round(p, q_ptr.dtype.element_ty, RNE))
-            if GATED:
-                dv += g * mma(pt, do, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
-            else:
-                dv = mma(pt, do, dv, UPCAST, PRECISION)
-            dp = mma(do, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * g
-            ds = p * (dp - delta[:, None])
-            dk = mma(tl.trans(_round(ds, q_ptr.dtype.element_ty, RNE)), q, dk, UPCAST, PRECISION)
+        if CAUSAL:
+            for start_m in range(q_lo, tl.minimum(q_mid, Sq), BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g,
+                                    Sq, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, diag_off,
+                                    qk_scale, qk_lo, True, GATED, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N,
+                                    BLOCK_D)
+        for start_m in range(q_mid, Sq, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g,
+                                Sq, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, diag_off,
+                                qk_scale, qk_lo, False, GATED, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(dk_base + cols64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _round(dk * scale, dk_base.dtype.element_ty, RNE), mask=kv_ok)
     tl.store(dv_base + cols64[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,

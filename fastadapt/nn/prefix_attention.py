@@ -31,6 +31,12 @@ class GatedPrefixAttention(nn.Module):
         adapter_len: prompt length L (1 .. 512 tested).
         gate, gate_tanh: see above. mode: ``"gated"``; ``"joint"`` makes it prefix tuning on the
             same prompt (one softmax over [K_p; K], no gate: ``adaption_gate`` is then unused).
+
+    Equivalent PyTorch (PEFT's ``AdaptedAttention``, GQA heads repeated, Sq == Sk)::
+
+        k_p = k_proj(adaption_prompt).view(1, L, Hkv, D).transpose(1, 2)   # likewise v_p
+        g = tanh(adaption_gate) if gate_tanh else adaption_gate
+        out = sdpa(q, k, v, is_causal=True) + g.view(1, -1, 1, 1) * softmax(q @ k_p.mT / sqrt(D)) @ v_p
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, adapter_len: int,

@@ -4,7 +4,7 @@ Forward + backward through the public op (autograd included) under a forced back
 shapes of issue 5 (M=2048, d=1024; LoRA r=16). Medians of repeated steps (p20/p80 shown) with
 torch's intra-op threads as configured (all cores by default).
 
-    python benchmarks/bench_cpu.py [--reps 15] [--dtype float32 bfloat16] [--ops lora bottleneck]
+    python benchmarks/bench_cpu.py [--reps 15] [--dtype float32 bfloat16] [--ops lora bottleneck] [--threads N]
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--ops", nargs="+", default=list(CASES))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's, all cores); 1 is steadier on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ok, why = native_status()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fastadapt._C: {why}")

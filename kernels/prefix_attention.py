@@ -485,7 +485,7 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-_KEY = ["SQ_BUCKET", "SK_BUCKET", "L", "D", "GROUP"]
+_KEY = ["SQ_BUCKET", "SK_BUCKET", "L", "D", "GROUP", "CAUSAL", "JOINT"]
 _fwd_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
                       (16, 64, 4, 2)]), key=_KEY)(_fwd_kernel)

@@ -16,14 +16,14 @@ from fastadapt import llama_adapter
 transformers = pytest.importorskip("transformers")
 
 
-def _model(kind="llama", kv_heads=2):
+def _model(kind="llama", kv_heads=2, attn_implementation="sdpa"):
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=kv_heads, vocab_size=64, max_position_embeddings=64)
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
     torch.manual_seed(0)
-    model = cls[1](cls[0](**common, attn_implementation="sdpa"))
+    model = cls[1](cls[0](**common, attn_implementation=attn_implementation))
     return model.eval()
 
 
@@ -84,8 +84,9 @@ def test_fused_matches_two_pass(kind):
         assert rel_err(g_fused[name], g_ref[name]) <= 1e-5, name
 
 
-def test_padded_batch_and_greedy_generation():
-    model = _model("llama")
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])  # bool masks / additive float masks
+def test_padded_batch_and_greedy_generation(attn_implementation):
+    model = _model("llama", attn_implementation=attn_implementation)
     fastadapt.add_adaption_prompt(model, adapter_len=4, adapter_layers=1, gate="scalar")
     _randomize_gates(model)
     ids = torch.randint(1, 64, (2, 9))

@@ -61,8 +61,10 @@ def _scaled(s, qk_scale, qk_lo):
 def _store_stats(st_ptr, off, row_ok, m, l):
     """Saved softmax statistics, (B, H, Sq, 2) fp32: the row max m of the base-2 scores
     ``s * scale * log2(e)`` and the row sum l of ``exp2(. - m)``. The backward recomputes
-    ``P = exp2(s - m) / l`` as the forward formed it; a single logsumexp would cost ~2-4x
-    PyTorch's own fp32 error in dq and dk_p (its rounding scales every P of the row)."""
+    ``P = exp2(s - m) / l`` as the forward formed it. A single natural-log logsumexp, rounded
+    once when stored and again when scaled back to base 2, multiplies every P of a row by the same
+    relative error (~5e-7 at |lse| ~ 3 in fp32); measured at D=80, L=3: dk_p up to 2.2x PyTorch's
+    own fp32 error with it, within 1.4x with (m, l)."""
     tl.store(st_ptr + 2 * off, m, mask=row_ok)
     tl.store(st_ptr + 2 * off + 1, l, mask=row_ok)
 

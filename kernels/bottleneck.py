@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, sm_count
 
 # Activation codes (constexpr ACT); names as in fastadapt.reference.bottleneck.canonical_activation.
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "leakyrelu": 6}
@@ -51,19 +51,6 @@ def _tanh(x):
     poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * 0.021869488536155203))))
     return tl.where(ax < 0.3, poly, t)
-
-
-@triton.jit
-def _cast(x, like_ptr, UPCAST: tl.constexpr):
-    """fp32 x -> the element type of like_ptr, rounding to nearest even. The Triton 3.9 CPU
-    interpreter (UPCAST) truncates fp32 -> bfloat16 (measured: twice the mean error of rounding,
-    which doubled every bf16 error in the tests); the GPU rounds, and this branch compiles away."""
-    if UPCAST:
-        if like_ptr.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -212,7 +199,7 @@ def _bn_fwd_kernel(
         if LN_BEFORE:
             zn = (zt.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None]
             zn = zn * _vec(lnb_w_ptr, cols, col_ok)[None, :] + _vec(lnb_b_ptr, cols, col_ok)[None, :]
-            zt = _cast(tl.where(mask, zn, 0.0), z_ptr, UPCAST)
+            zt = cast(tl.where(mask, zn, 0.0), z_ptr.dtype.element_ty, UPCAST)
         wdt = tl.load(wd_ptr + cols[:, None].to(tl.int64) * stride_wdd + bcols[None, :] * stride_wdb,
                       mask=col_ok[:, None] & b_ok[None, :], other=0.0)
         acc = mma(zt, wdt, acc, UPCAST, PRECISION)
@@ -220,9 +207,9 @@ def _bn_fwd_kernel(
         acc += _vec(bd_ptr, bcols, b_ok)[None, :]
     # Rounded to the input dtype, as eager's nn.Linear output is: the backward recomputes a from
     # this stored h and so sees exactly the forward's activation.
-    h = _cast(acc, z_ptr, UPCAST)
+    h = cast(acc, z_ptr.dtype.element_ty, UPCAST)
     tl.store(h_ptr + rows64[:, None] * B + bcols[None, :], h, mask=row_ok[:, None] & b_ok[None, :])
-    a = _cast(_act(h.to(tl.float32), ACT), z_ptr, UPCAST)
+    a = cast(_act(h.to(tl.float32), ACT), z_ptr.dtype.element_ty, UPCAST)
 
     if GATING:
         gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -275,7 +262,7 @@ def _bn_fwd_kernel(
             if HAS_RES:
                 y += rt
         tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :].to(tl.int64) * stride_od,
-                 _cast(y, out_ptr, UPCAST), mask=mask)
+                 cast(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -300,7 +287,7 @@ def _bn_bwd_rows_kernel(
     bmask = row_ok[:, None] & b_ok[None, :]
 
     h = tl.load(h_ptr + rows64[:, None] * B + bcols[None, :], mask=bmask, other=0.0).to(tl.float32)
-    a = _cast(_act(h, ACT), z_ptr, UPCAST)
+    a = cast(_act(h, ACT), z_ptr.dtype.element_ty, UPCAST)
     if GATING:
         gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
 
@@ -356,17 +343,17 @@ def _bn_bwd_rows_kernel(
             go = rstd_a[:, None] * (go - c1[:, None] - that * c2[:, None])
             if RES_IN_LN and NEED_R:
                 tl.store(gr_ptr + rows64[:, None] * stride_grm + cols[None, :].to(tl.int64) * stride_grd,
-                         _cast(go, gr_ptr, UPCAST), mask=mask)
+                         cast(go, gr_ptr.dtype.element_ty, UPCAST), mask=mask)
         if GATING:
             ggate += tl.sum(tl.where(mask, go * q, 0.0), 1)
             go = go * gate[:, None]
-        gu = _cast(tl.where(mask, go * f, 0.0), z_ptr, UPCAST)
+        gu = cast(tl.where(mask, go * f, 0.0), z_ptr.dtype.element_ty, UPCAST)
         wut = tl.load(wu_ptr + cols[:, None].to(tl.int64) * stride_wud + bcols[None, :] * stride_wub,
                       mask=col_ok[:, None] & b_ok[None, :], other=0.0)
         ga = mma(gu, wut, ga, UPCAST, PRECISION)
     if GATING:
         tl.store(ggate_ptr + rows, ggate, mask=row_ok)
-    gh = _cast(ga * _act_grad(h, ACT), z_ptr, UPCAST)
+    gh = cast(ga * _act_grad(h, ACT), z_ptr.dtype.element_ty, UPCAST)
     tl.store(gh_ptr + rows64[:, None] * B + bcols[None, :], gh, mask=bmask)
 
     # g_z = LN_before_bwd(g_h W_d), in the same program: g_h never goes back through HBM for it.
@@ -401,7 +388,7 @@ def _bn_bwd_rows_kernel(
                 gz = gz * _vec(lnb_w_ptr, cols, col_ok)[None, :]
                 gz = rstd_b[:, None] * (gz - c1[:, None] - zhat * c2[:, None])
             tl.store(gz_ptr + rows64[:, None] * stride_gzm + cols[None, :].to(tl.int64) * stride_gzd,
-                     _cast(gz, gz_ptr, UPCAST), mask=mask)
+                     cast(gz, gz_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -438,7 +425,7 @@ def _bn_bwd_up_reduce_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         h = tl.load(h_ptr + rows64[:, None] * B + bcols[None, :], mask=row_ok[:, None] & b_ok[None, :],
                     other=0.0).to(tl.float32)
-        a = _cast(_act(h, ACT), h_ptr, UPCAST)
+        a = cast(_act(h, ACT), h_ptr.dtype.element_ty, UPCAST)
         go = _load_tile(go_ptr, rows64, cols, stride_gm, stride_gd, mask)
         f = _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
                         HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
@@ -472,7 +459,7 @@ def _bn_bwd_up_reduce_kernel(
             gsc += tl.sum(gq, 0)
         gu = go * f
         gbu += tl.sum(gu, 0)
-        acc = mma(tl.trans(_cast(gu, h_ptr, UPCAST)), a, acc, UPCAST, PRECISION)
+        acc = mma(tl.trans(cast(gu, h_ptr.dtype.element_ty, UPCAST)), a, acc, UPCAST, PRECISION)
 
     wmask = col_ok[:, None] & b_ok[None, :]
     wptrs = gwu_ptr + cols64[:, None] * B + bcols[None, :]
@@ -534,7 +521,7 @@ def _bn_bwd_down_reduce_kernel(
             mean_b = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
             rstd_b = tl.load(stats_ptr + M + rows, mask=row_ok, other=0.0)
             zhat = tl.where(mask, (zt.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None], 0.0)
-            zt = _cast(tl.where(mask, zhat * lw[None, :] + lb[None, :], 0.0), z_ptr, UPCAST)
+            zt = cast(tl.where(mask, zhat * lw[None, :] + lb[None, :], 0.0), z_ptr.dtype.element_ty, UPCAST)
             if NEED_LN:
                 gzn = mma(gh, wdt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
                 gw += tl.sum(gzn * zhat, 0)

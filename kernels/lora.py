@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, sm_count
 
 
 @triton.jit
@@ -52,13 +52,13 @@ def _lora_down_kernel(
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
             # Rounded back to the input dtype before the product, as eager dropout(x) would be.
-            xt = (xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p)).to(x_ptr.dtype.element_ty)
+            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
         vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
                      mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         acc = mma(xt, vt, acc, UPCAST, PRECISION)
     acc = acc * scale
     tl.store(out_ptr + rows64[:, None] * stride_om + rcols[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+             cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _lora_matmul_kernel(
     out_mask = row_ok[:, None] & col_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _lora_reduce_kernel(
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols64[None, :] * stride_xc,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
-            xt = (xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p)).to(x_ptr.dtype.element_ty)
+            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
         acc = mma(pt, xt, acc, UPCAST, PRECISION)
     acc = acc * scale
     out = out_ptr + rr[:, None] * stride_or + cols64[None, :] * stride_oc

@@ -30,23 +30,9 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import dot_constexprs, mma
+from fastadapt.kernels.common import cast, dot_constexprs, mma
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, RNE: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even. The CPU interpreter (Triton 3.9) truncates
-    fp32 -> bf16 and ignores ``fp_downcast_rounding``: the truncation's bias doubled the bf16 error
-    of P, dS and the outputs (dV: 6.6e-3 vs PyTorch's 3e-3). RNE (set only under the interpreter,
-    for bf16) rounds the fp32 bits first so that the truncation is exact; compiled kernels
-    already round to nearest even."""
-    if RNE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -95,7 +81,7 @@ def _visible(rows, cols, col_ok, kpm_base, stride_pn, diag_off, CAUSAL: tl.const
 def _fwd_run(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
              lo, hi, n_keys, rows, offs_d, d_ok, kpm_base, stride_pn, diag_off, qk_scale, qk_lo,
              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over keys [lo, hi) of one run (prefix or tokens); statistics in base 2."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -117,7 +103,7 @@ def _fwd_run(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, 
         vt = tl.load(v_base + cols64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         # P is rounded to the input dtype for the PV product, as in flash-attention.
-        acc = mma(_round(p, v_base.dtype.element_ty, RNE), vt, acc * alpha[:, None], UPCAST, PRECISION)
+        acc = mma(cast(p, v_base.dtype.element_ty, UPCAST), vt, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -131,7 +117,7 @@ def _fwd_kernel(
     stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_mn,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, JOINT: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -160,7 +146,7 @@ def _fwd_kernel(
     acc_p, m_p, l_p = _fwd_run(
         acc_p, m_p, l_p, q, kp_ptr + b * stride_pkb + hk * stride_pkh, vp_ptr + b * stride_pvb + hk * stride_pvh,
         stride_pks, stride_pkd, stride_pvs, stride_pvd, 0, L, L, rows, offs_d, d_ok, kpm_base, stride_mn,
-        0, qk_scale, qk_lo, False, False, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+        0, qk_scale, qk_lo, False, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     out_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows64[:, None] * stride_os + offs_d[None, :] * stride_od
@@ -169,13 +155,13 @@ def _fwd_kernel(
         # Prefix tuning: the token run continues the prefix's statistics (one softmax over both).
         acc, m_i, l_i = _fwd_run(
             acc_p, m_p, l_p, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows,
-            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION, RNE,
+            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION,
             BLOCK_M, BLOCK_N)
         if CAUSAL:
             acc, m_i, l_i = _fwd_run(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
                 offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, True, HAS_KPM, UPCAST, PRECISION,
-                RNE, BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N)
         out = acc / l_i[:, None]  # l_i >= 1: the prefix (L >= 1) is always visible
         _store_stats(lse_ptr, st_off, row_ok, m_i, l_i)
     else:
@@ -184,20 +170,20 @@ def _fwd_kernel(
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc, m_i, l_i = _fwd_run(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows,
-            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION, RNE,
+            offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, False, HAS_KPM, UPCAST, PRECISION,
             BLOCK_M, BLOCK_N)
         if CAUSAL:
             acc, m_i, l_i = _fwd_run(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
                 offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, True, HAS_KPM, UPCAST, PRECISION,
-                RNE, BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N)
         g = tl.load(gate_ptr + h).to(tl.float32)
         empty = l_i == 0.0
         out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None]) + g * (acc_p / l_p[:, None])
         # A row that sees no token key saves (m, l) = (+inf, 1): its recomputed P is 0.
         _store_stats(lse_ptr, st_off, row_ok, tl.where(empty, float("inf"), m_i), tl.where(empty, 1.0, l_i))
         _store_stats(lsep_ptr, st_off, row_ok, m_p, l_p)
-    tl.store(out_ptrs, _round(out, out_ptr.dtype.element_ty, RNE), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptrs, cast(out, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -207,7 +193,7 @@ def _bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_os, stride_od, stride_gb, stride_gh, stride_gs, stride_gd,
     stride_qb, stride_qh, stride_qs, stride_qd, stride_pkb, stride_pkh, stride_pks, stride_pkd,
     stride_pvb, stride_pvh, stride_pvs, stride_pvd,
-    JOINT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
+    JOINT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -259,7 +245,7 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dq_run(dq, q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, lo, hi, n_keys, rows,
             offs_d, d_ok, kpm_base, stride_pn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, g,
-            CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq += dS K over keys [lo, hi) of one run, dS = P * (g dO V^T - delta)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -275,7 +261,7 @@ def _dq_run(dq, q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_v
         p = tl.where(ok, tl.exp2(s - m_i[:, None]) / l_i[:, None], 0.0)
         dp = mma(do, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * g
         ds = p * (dp - delta[:, None])
-        dq = mma(_round(ds, k_base.dtype.element_ty, RNE), tl.trans(kt), dq, UPCAST, PRECISION)
+        dq = mma(cast(ds, k_base.dtype.element_ty, UPCAST), tl.trans(kt), dq, UPCAST, PRECISION)
     return dq
 
 
@@ -289,7 +275,7 @@ def _bwd_dq_kernel(
     stride_pvb, stride_pvh, stride_pvs, stride_pvd, stride_gb, stride_gh, stride_gs, stride_gd,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_mb, stride_mn,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, JOINT: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -330,24 +316,24 @@ def _bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_run(dq, q, do, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, 0, full, Sk, rows, offs_d,
                  d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, 1.0,
-                 False, HAS_KPM, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+                 False, HAS_KPM, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     if CAUSAL:
         dq = _dq_run(dq, q, do, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, full, hi, Sk, rows,
                      offs_d, d_ok, kpm_base, stride_mn, diag_off, qk_scale, qk_lo, m_i, l_i, delta, 1.0,
-                     True, HAS_KPM, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+                     True, HAS_KPM, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     dq = _dq_run(dq, q, do, kp_ptr + b * stride_pkb + hk * stride_pkh, vp_ptr + b * stride_pvb + hk * stride_pvh,
                  stride_pks, stride_pkd, stride_pvs, stride_pvd, 0, L, L, rows, offs_d, d_ok,
                  kpm_ptr, stride_mn, 0, qk_scale, qk_lo, m_p, l_p, delta_p, g,
-                 False, False, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N)
+                 False, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             _round(dq * scale, dq_ptr.dtype.element_ty, RNE), mask=tile_ok)
+             cast(dq * scale, dq_ptr.dtype.element_ty, UPCAST), mask=tile_ok)
 
 
 @triton.jit
 def _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g, Sq, offs_d, d_ok,
                stride_qs, stride_qd, stride_gs, stride_gd, diag_off, qk_scale, qk_lo,
                CAUSAL: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-               RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV += the contribution of the query block at start_m (one query head)."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < Sq
@@ -363,14 +349,14 @@ def _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, 
     s = _scaled(s, qk_scale, qk_lo)
     ok = _visible(rows, cols, col_ok, q_base, 0, diag_off, CAUSAL, False) & row_ok[:, None]
     p = tl.where(ok, tl.exp2(s - m_i[:, None]) / l_i[:, None], 0.0)
-    pt = tl.trans(_round(p, q_base.dtype.element_ty, RNE))
+    pt = tl.trans(cast(p, q_base.dtype.element_ty, UPCAST))
     if GATED:
         dv += g * mma(pt, do, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
     else:
         dv = mma(pt, do, dv, UPCAST, PRECISION)
     dp = mma(do, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * g
     ds = p * (dp - delta[:, None])
-    dk = mma(tl.trans(_round(ds, q_base.dtype.element_ty, RNE)), q, dk, UPCAST, PRECISION)
+    dk = mma(tl.trans(cast(ds, q_base.dtype.element_ty, UPCAST)), q, dk, UPCAST, PRECISION)
     return dk, dv
 
 
@@ -381,7 +367,7 @@ def _dkdv_run(start_n, n_keys, k_base, v_base, stride_kn, stride_kd, stride_vn, 
               stride_qb, stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
               kpm_base, stride_pn, diag_off,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one block of keys (prefix or tokens), summed over the query heads of the GQA group.
 
     GATED (prefix block, gated mode): ``lse_ptr`` holds the prefix statistics, ``delta_ptr`` holds r_p, and
@@ -421,16 +407,16 @@ def _dkdv_run(start_n, n_keys, k_base, v_base, stride_kn, stride_kd, stride_vn, 
             for start_m in range(q_lo, tl.minimum(q_mid, Sq), BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g,
                                     Sq, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, diag_off,
-                                    qk_scale, qk_lo, True, GATED, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N,
+                                    qk_scale, qk_lo, True, GATED, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                                     BLOCK_D)
         for start_m in range(q_mid, Sq, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, start_m, cols, col_ok, kt, vt, q_base, do_base, lse_ptr, delta_ptr, bh, g,
                                 Sq, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, diag_off,
-                                qk_scale, qk_lo, False, GATED, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N, BLOCK_D)
+                                qk_scale, qk_lo, False, GATED, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(dk_base + cols64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             _round(dk * scale, dk_base.dtype.element_ty, RNE), mask=kv_ok)
+             cast(dk * scale, dk_base.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(dv_base + cols64[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             _round(dv, dv_base.dtype.element_ty, RNE), mask=kv_ok)
+             cast(dv, dv_base.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
 @triton.jit
@@ -444,7 +430,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dpb, stride_dph, stride_dps, stride_dpd,
     stride_mb, stride_mn,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, JOINT: tl.constexpr, DO_PREFIX: tl.constexpr,
-    DO_TOKENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
+    DO_TOKENS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Grid axis 0: the prefix key blocks first (each walks every query: the longest programs),
@@ -466,7 +452,7 @@ def _bwd_dkdv_kernel(
                   b, hk, GROUP, H, Sq, D, scale, qk_scale, qk_lo,
                   stride_qb, stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
                   kpm_ptr, stride_mn, 0,
-                  False, False, not JOINT, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N, BLOCK_D)
+                  False, False, not JOINT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         _dkdv_run((pid_n - n_prefix_blocks) * BLOCK_N, Sk, k_ptr + b * stride_kb + hk * stride_kh,
                   v_ptr + b * stride_vb + hk * stride_vh, stride_ks, stride_kd, stride_vs, stride_vd,
@@ -476,7 +462,7 @@ def _bwd_dkdv_kernel(
                   b, hk, GROUP, H, Sq, D, scale, qk_scale, qk_lo,
                   stride_qb, stride_qh, stride_qs, stride_qd, stride_gb, stride_gh, stride_gs, stride_gd,
                   kpm_ptr + b * stride_mb, stride_mn, Sk - Sq,
-                  CAUSAL, HAS_KPM, False, UPCAST, PRECISION, RNE, BLOCK_M, BLOCK_N, BLOCK_D)
+                  CAUSAL, HAS_KPM, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,11 +494,6 @@ def _launch(kernel, tuned, grid, args, meta):
         kernel[grid(_INTERPRET)](*args, **meta, **_INTERPRET)
     else:
         tuned[grid](*args, **meta)
-
-
-def _dots(dtype: torch.dtype) -> dict:
-    """UPCAST / PRECISION for :func:`mma`, and RNE for :func:`_round` (interpreter, bf16 only)."""
-    return {**dot_constexprs(dtype), "RNE": triton_interpret() and dtype == torch.bfloat16}
 
 
 def _qk_scale(scale: float) -> tuple[float, float]:
@@ -560,7 +541,7 @@ def forward(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint):
             *_strides(q), *_strides(k), *_strides(v), *_strides(k_p), *_strides(v_p), *_strides(out),
             *kpm_strides)
     meta = dict(CAUSAL=causal, HAS_KPM=key_padding_mask is not None, JOINT=joint,
-                BLOCK_D=max(16, triton.next_power_of_2(D)), **_dots(q.dtype))
+                BLOCK_D=max(16, triton.next_power_of_2(D)), **dot_constexprs(q.dtype))
     _launch(_fwd_kernel, _fwd_tuned, lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H), args, meta)
     return out, lse, lse_p
 
@@ -571,7 +552,7 @@ def backward(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, lse, lse_p, s
     B, H, Hkv, Sq, Sk, L, D, kpm, kpm_strides = _common(q, k, k_p, key_padding_mask)
     group = H // Hkv
     block_d = max(16, triton.next_power_of_2(D))
-    dots = _dots(q.dtype)
+    dots = dot_constexprs(q.dtype)
     delta = _empty((B, H, Sq), q.device, torch.float32)
     r_p = delta if joint else _empty((B, H, Sq), q.device, torch.float32)
     gate_arg = lse if gate is None else gate.contiguous()  # read as gate_ptr + h

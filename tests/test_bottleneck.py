@@ -31,16 +31,6 @@ STRUCTURE = [
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "swish", "tanh", "leakyrelu", "linear"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: intra-op threads only contend for the shared CI cores (the reference
-    # half of this file ran 3x faster on one thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(lead, d, m, dtype, device, *, ln_before=False, ln_after=None, residual=True, scale=None,
             gate=False, bias=True):
     """Fresh random tensors (fp32 draws cast to dtype), O(1) at every stage of the adapter."""

@@ -18,14 +18,6 @@ from fastadapt.nn.bottleneck import (BnConfig, BottleneckAdapter, DoubleSeqBnCon
 from fastadapt.reference.bottleneck import activation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend for the shared CI cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def _adapterhub_forward(m: BottleneckAdapter, hidden_states, input_tensor, layer_norm, keep=None):
     """``adapters``' BottleneckLayer with one adapter: Adapter/ParallelAdapter .pre_forward,
     .forward and .post_forward, transcribed from adapters/methods/modeling.py with m's modules."""

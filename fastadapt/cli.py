@@ -38,7 +38,7 @@ def cmd_info(args) -> int:
     from fastadapt import dispatch
     from fastadapt.backends import device_reasons, native_status, triton_status
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
     console.print("  ".join(f"{k} {v}" for k, v in _versions().items()))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     console.print(f"CUDA device: {gpu}")
@@ -113,35 +113,100 @@ def _time_steps(model, ids, steps, backend, progress, task):
     return times[len(times) // 2]
 
 
-def _check_lora(device, dtype, backend):
-    """Fused LoRA (fwd + every grad) against the float64 reference: (output error, worst grad error)."""
+def _verify(device, dtype, backend, reps, make, fused, exact, frozen=()):
+    """Run ``fused`` (under ``backend``, in ``dtype``) and ``exact`` (float64) on the same random
+    tensors from ``make()``, forward and backward; return (output error, worst gradient error,
+    median seconds of ``reps`` more fused forward + backward passes).
+    Tensors whose index is in ``frozen`` get no gradient (a frozen base weight)."""
+    import torch
+
+    import fastadapt
+    from fastadapt.testing import rel_err
+
+    torch.manual_seed(0)
+    base = make()
+
+    def leaves(cast):
+        return [t.to(device, cast, copy=True).requires_grad_(i not in frozen) for i, t in enumerate(base)]
+
+    ours, ref = leaves(dtype), leaves(torch.float64)
+    with fastadapt.use_backend(backend):
+        out = fused(*ours)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    out64 = exact(*ref)
+    out64.backward(grad_out.double())
+    errors = rel_err(out, out64), max(rel_err(a.grad, b.grad) for a, b in zip(ours, ref) if a.requires_grad)
+    with fastadapt.use_backend(backend):  # timed after the check: these passes accumulate into .grad
+        seconds = _median_seconds(lambda: fused(*ours).backward(grad_out), reps, out.is_cuda)
+    return *errors, seconds
+
+
+def _median_seconds(fn, reps, cuda):
+    sync = __import__("torch").cuda.synchronize if cuda else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _lora_case():
     import torch
 
     import fastadapt
     from fastadapt.reference import lora as reference
-    from fastadapt.testing import rel_err
 
-    def leaves(cast):
-        g = torch.Generator().manual_seed(0)
-        make = [(4, 33, 96), (80, 96), (8, 96), (80, 8), (80,)]
-        return [(torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) == 2 else 1)).to(device, cast)
-                .requires_grad_() for s in make]
+    def make():
+        return [torch.randn(4, 33, 96), torch.randn(80, 96) / 96**0.5, torch.randn(8, 96) / 96**0.5,
+                torch.randn(80, 8) / 8**0.5, torch.randn(80)]
 
-    ours, exact = leaves(dtype), leaves(torch.float64)
-    ours[1].requires_grad_(False)
-    exact[1].requires_grad_(False)
-    with fastadapt.use_backend(backend):
-        y = fastadapt.lora_linear(*ours[:4], 0.5, ours[4])
-        gy = torch.randn_like(y)
-        y.backward(gy)
-    y64 = reference.lora_linear(*exact[:4], 0.5, exact[4])
-    y64.backward(gy.double())
-    grads = [rel_err(a.grad, b.grad) for a, b in zip(ours, exact) if a.requires_grad]
-    return rel_err(y, y64), max(grads)
+    return make, (lambda *t: fastadapt.lora_linear(*t[:4], 0.5, t[4])), \
+        (lambda *t: reference.lora_linear(*t[:4], 0.5, t[4])), (1,)
 
 
-# (op, its checker): the ops ``fastadapt demo`` verifies on every backend that can serve them.
-OP_CHECKS = [("lora_linear", _check_lora)]
+def _bottleneck_case():
+    import torch
+
+    import fastadapt
+    from fastadapt.reference import bottleneck as reference
+
+    def make():  # z, residual, down (16 x 96), up (96 x 16): a Pfeiffer adapter with gelu
+        return [torch.randn(4, 33, 96), torch.randn(4, 33, 96), torch.randn(16, 96) / 96**0.5, torch.randn(16),
+                torch.randn(96, 16) / 4, torch.randn(96)]
+
+    def fused(z, r, dw, db, uw, ub):
+        return fastadapt.bottleneck_adapter(z, dw, db, uw, ub, r, activation="gelu", scaling=0.5)
+
+    def exact(z, r, dw, db, uw, ub):
+        return reference.bottleneck_adapter(z, dw, db, uw, ub, r, scaling=0.5, activation_name="gelu")[0]
+
+    return make, fused, exact, ()
+
+
+def _prefix_attention_case():
+    import torch
+
+    import fastadapt
+    from fastadapt.reference import prefix_attention as reference
+
+    def make():  # q (B2, H4, S37, D32), GQA k/v with 2 heads, a 10-token prefix, per-head gate
+        return [torch.randn(2, 4, 37, 32), torch.randn(2, 2, 37, 32), torch.randn(2, 2, 37, 32),
+                torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32), torch.randn(4) / 2]
+
+    def exact(q, k, v, kp, vp, g):
+        return reference.prefix_attention(q, k, v, kp.expand(2, -1, -1, -1), vp.expand(2, -1, -1, -1), g)
+
+    return make, (lambda *t: fastadapt.prefix_attention(*t)), exact, ()
+
+
+# The ops ``fastadapt demo`` verifies on every backend that can serve them: (op, case) where a
+# case returns (make inputs, fused call, float64 reference call, indices of frozen inputs).
+OP_CASES = [("lora_linear", _lora_case), ("bottleneck_adapter", _bottleneck_case),
+            ("prefix_attention", _prefix_attention_case)]
 
 # The demo model per device: tiny on the CPU (Triton runs in its interpreter there), a few
 # hundred MB on a GPU so that the timings mean something.
@@ -164,7 +229,7 @@ def cmd_demo(args) -> int:
 
     # transformers' own deprecation notices say nothing about fastadapt.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = DEMO_SIZES[device]
@@ -175,18 +240,18 @@ def cmd_demo(args) -> int:
 
     # 1. Each fused op against its float64 reference, on every backend that can serve it here.
     table = Table(title="fused ops vs float64 reference (relative error)")
-    for col in ("op", "backend", "output", "worst grad", "bound", "verdict"):
-        table.add_column(col)
+    for col in ("op", "backend", "output", "worst grad", "bound", "verdict", "fwd+bwd ms"):
+        table.add_column(col, no_wrap=True)
     limit = bound(dtype, device)
-    for op, check in OP_CHECKS:
+    for op, case in OP_CASES:
         for backend in backends:
             if backend not in dispatch._REGISTRY.get(op, {}):
                 continue
-            out_err, grad_err = check(device, dtype, backend)
+            out_err, grad_err, seconds = _verify(device, dtype, backend, args.steps, *case())
             passed = out_err <= limit and grad_err <= limit
             ok &= passed
             table.add_row(op, backend, f"{out_err:.1e}", f"{grad_err:.1e}", f"{limit:.0e}",
-                          "[green]ok[/]" if passed else "[red]FAIL[/]")
+                          "[green]ok[/]" if passed else "[red]FAIL[/]", f"{seconds * 1e3:.2f}")
     console.print(table)
 
     # 2. A PEFT LoRA Llama, patched, against the same model unpatched.

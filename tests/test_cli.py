@@ -20,5 +20,7 @@ def test_demo_verifies_and_times(capsys):
     assert cli.main(["demo", "--device", "cpu", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out
+    for op in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
+        assert op in out
     assert "each within 2x PEFT's own error" in out
     assert "peft (unpatched)" in out and "fastadapt reference" in out

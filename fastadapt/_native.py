@@ -136,6 +136,11 @@ def _jit() -> tuple[bool, str]:
         build = cache_dir() / (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-"
                                f"{_cpu_tag()}-{source_hash(with_cuda)}").replace("+", "_")
         build.mkdir(parents=True, exist_ok=True)
+        lock = build / "lock"
+        # cpp_extension waits forever on the lock a killed build (Ctrl-C on first use) leaves
+        # behind; no real build of these sources takes 15 minutes.
+        if lock.exists() and time.time() - lock.stat().st_mtime > 900:
+            lock.unlink(missing_ok=True)
         cached = (build / f"{name}.so").exists()
         if not cached:
             print(f"fastadapt: building the native extension ({tag}) in {build} (first use; about a minute)",

@@ -35,14 +35,16 @@ def cmd_info(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fastadapt import dispatch
+    from fastadapt import _native, dispatch
     from fastadapt.backends import device_reasons, native_status, triton_status
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
     console.print("  ".join(f"{k} {v}" for k, v in _versions().items()))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     console.print(f"CUDA device: {gpu}")
-    status = {"triton": triton_status(), "cuda": native_status(), "cpp": native_status(),
+    native = native_status()
+    cuda_why = _native.cuda_reason()
+    status = {"triton": triton_status(), "cuda": (not cuda_why, cuda_why or native[1]), "cpp": native,
               "reference": (True, "plain PyTorch, always available")}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table = Table(title="backends, in dispatch order")

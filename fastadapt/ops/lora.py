@@ -158,10 +158,6 @@ dispatch.register(OP, "triton", why_not=_triton_why_not, forward=_triton_forward
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)
 
-# Native backends "cpp" and "cuda" (csrc/lora.cpp, csrc/lora_cuda.cu): registered by this import;
-# the extension itself is built only when dispatch first asks them (fastadapt/_native.py).
-from fastadapt.ops import _native_backends  # noqa: E402
-
 
 def dropout_keep(backend: str, seed: int, shape, p: float, device) -> Tensor:
     """The dropout mask (True = kept) that ``backend`` draws from ``seed`` for an input of ``shape``."""
@@ -171,5 +167,6 @@ def dropout_keep(backend: str, seed: int, shape, p: float, device) -> Tensor:
     if backend == "reference":
         return reference.dropout_keep(seed, shape, p, device)
     if backend in ("cpp", "cuda"):
+        from fastadapt.ops import _native_backends
         return _native_backends.dropout_keep(seed, shape, p, device)
     raise ValueError(f"no dropout mask for backend {backend!r}")

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "ops.h"
 
 namespace fastadapt {
@@ -37,32 +38,10 @@ constexpr int RCHUNK = 16;       // rank columns per pass held in registers
 constexpr int SEED_ROWS = 8;     // rows per thread in seed_kernel: each V element is loaded once per 8 rows
 constexpr int THREADS = 256;
 
-#define FA_DISPATCH_CUDA(DTYPE, NAME, ...)                                                        \
-  [&] {                                                                                           \
-    switch (DTYPE) {                                                                              \
-      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                        \
-      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }             \
-      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }                     \
-      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                          \
-                           " (the native kernels take float32, bfloat16, float16)");             \
-    }                                                                                             \
-  }()
-
-struct DropoutArgs {
-  bool active;
-  uint64_t seed;
-  uint32_t threshold;
-  float inv_keep;
-};
-
-DropoutArgs make_dropout(double p, int64_t seed) {
-  return {p > 0.0, static_cast<uint64_t>(seed), dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p))};
-}
-
-__device__ __forceinline__ float keep_scale(const DropoutArgs& d, int64_t row, int64_t col, int64_t ncols) {
-  return dropout_keep_at(d.seed, static_cast<uint64_t>(row) * static_cast<uint64_t>(ncols) + col, d.threshold)
-             ? d.inv_keep : 0.f;
-}
+using cuda::cdiv;
+using cuda::DropoutArgs;
+using cuda::keep_scale;
+using cuda::make_dropout;
 
 template <typename T, typename TO>
 __global__ void down_kernel(const T* __restrict__ x, int64_t ldx, const float* __restrict__ V,
@@ -156,7 +135,6 @@ Tensor rows_contiguous(const Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, typename TO>
 void launch_down(const Tensor& x, const Tensor& V, Tensor& out, float scale, DropoutArgs d) {
@@ -234,7 +212,7 @@ std::tuple<Tensor, Tensor> lora_forward_cuda(const Tensor& x_in, const Tensor& w
   Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
   const DropoutArgs d = make_dropout(dropout_p, seed);
-  FA_DISPATCH_CUDA(x.scalar_type(), "fastadapt_C::lora_forward", [&] {
+  FA_DISPATCH_CUDA_TYPES(x.scalar_type(), "fastadapt_C::lora_forward", [&] {
     launch_down<scalar_t, scalar_t>(x, A, u, static_cast<float>(scaling), d);
     // y is seeded with the rounded u, the values the backward reads back.
     launch_seed<scalar_t>(u.to(at::kFloat), Bt, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, y,
@@ -262,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cuda(
   Tensor gx = at::empty({0}, opts), gA = at::empty({0}, opts), gB = at::empty({0}, opts);
   Tensor gbias = at::empty({0}, opts), gweight = at::empty({0}, opts);
 
-  FA_DISPATCH_CUDA(x.scalar_type(), "fastadapt_C::lora_backward", [&] {
+  FA_DISPATCH_CUDA_TYPES(x.scalar_type(), "fastadapt_C::lora_backward", [&] {
     Tensor gu;
     if (need_x || need_A) {
       const Tensor Bt = lora_B.t().to(at::kFloat).contiguous();

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -45,6 +46,15 @@ def register(op: str, backend: str, *, why_not: Callable[..., list[str]], forwar
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward)
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported on first call: a backend's kernels (Triton, the native extension)
+    load only when that backend serves, so ``import fastadapt`` works where they cannot."""
+    def call(*args):
+        return getattr(importlib.import_module(module), name)(*args)
+    call.__qualname__ = f"{module}.{name}"
+    return call
 
 
 def forced_backend() -> str | None:

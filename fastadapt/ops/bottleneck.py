@@ -242,18 +242,9 @@ def _triton_why_not(z, down_weight, up_weight):
     return reasons
 
 
-def _triton_forward(*args):
-    from fastadapt.kernels import bottleneck
-    return bottleneck.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastadapt.kernels import bottleneck
-    return bottleneck.backward(*args)
-
-
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=_triton_forward,
-                  backward=_triton_backward)
+_KERNELS = "fastadapt.kernels.bottleneck"
+dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+                  backward=dispatch.lazy(_KERNELS, "backward"))
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)
 

@@ -143,18 +143,9 @@ def _triton_why_not(x, weight, lora_A, lora_B, bias):
     return reasons
 
 
-def _triton_forward(*args):
-    from fastadapt.kernels import lora
-    return lora.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastadapt.kernels import lora
-    return lora.backward(*args)
-
-
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=_triton_forward,
-                  backward=_triton_backward)
+_KERNELS = "fastadapt.kernels.lora"
+dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+                  backward=dispatch.lazy(_KERNELS, "backward"))
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)
 

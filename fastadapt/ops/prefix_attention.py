@@ -195,16 +195,8 @@ def _triton_why_not(q, k, v, k_p, v_p, key_padding_mask):
     return reasons
 
 
-def _triton_forward(*args):
-    from fastadapt.kernels import prefix_attention
-    return prefix_attention.forward(*args)
-
-
-def _triton_backward(*args):
-    from fastadapt.kernels import prefix_attention
-    return prefix_attention.backward(*args)
-
-
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=_triton_forward, backward=_triton_backward)
+_KERNELS = "fastadapt.kernels.prefix_attention"
+dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+                  backward=dispatch.lazy(_KERNELS, "backward"))
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)

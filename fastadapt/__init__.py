@@ -9,5 +9,21 @@ from fastadapt.ops import bottleneck_adapter, lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "add_adapter", "add_adaption_prompt", "bottleneck_adapter", "list_adapters",
-           "load_adapter", "remove_adapter", "save_adapter", "set_active", "set_active_adapter", "PatchReport", "lora_linear", "patch", "prefix_attention", "unpatch", "use_backend"]
+__all__ = [
+    "BackendUnavailableError",
+    "PatchReport",
+    "add_adapter",
+    "add_adaption_prompt",
+    "bottleneck_adapter",
+    "list_adapters",
+    "load_adapter",
+    "lora_linear",
+    "patch",
+    "prefix_attention",
+    "remove_adapter",
+    "save_adapter",
+    "set_active",
+    "set_active_adapter",
+    "unpatch",
+    "use_backend",
+]

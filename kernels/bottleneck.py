@@ -732,21 +732,3 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     if need_bd and down_bias is not None:
         grads[3] = gh.sum(0, dtype=torch.float32).to(down_bias.dtype)
     return tuple(grads)
-
-
-@triton.jit
-def _dropout_keep_kernel(out_ptr, M, D, p, seed, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    keep = dropout_scale(seed, rows, cols, D, p) != 0.0
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], keep.to(tl.int8),
-             mask=(rows < M)[:, None] & (cols < D)[None, :])
-
-
-def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The mask the kernels draw for an (M, d) output (True = kept), so that tests can hand the
-    reference the very mask the Triton backend used."""
-    M, D = shape
-    out = torch.empty((M, D), device=device, dtype=torch.int8)
-    _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(D, 32))](out, M, D, p, seed, BLOCK_M=32, BLOCK_D=32)
-    return out.bool()

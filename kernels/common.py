@@ -56,6 +56,24 @@ def dropout_scale(seed, rows, cols, n_cols, p):
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
 
 
+@triton.jit
+def _dropout_keep_kernel(out_ptr, M, N, p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_scale(seed, rows, cols, N, p) != 0.0
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], keep.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The mask :func:`dropout_scale` draws over an (M, N) tensor (True = kept), so that tests can
+    hand the reference the very mask the Triton kernels used."""
+    M, N = shape
+    out = torch.empty((M, N), device=device, dtype=torch.int8)
+    _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 32))](out, M, N, p, seed, BLOCK_M=32, BLOCK_N=32)
+    return out.bool()
+
+
 def dot_constexprs(dtype: torch.dtype) -> dict:
     """UPCAST / PRECISION for :func:`mma`: fp32 inputs follow torch's matmul precision setting
     (``torch.set_float32_matmul_precision``), as cuBLAS does for ``torch.mm``."""

@@ -314,21 +314,3 @@ def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
     if need_weight:
         gweight = gy.t() @ x
     return gx, gA, gB, gbias, gweight
-
-
-@triton.jit
-def _dropout_keep_kernel(out_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_scale(seed, rows, cols, K, p) != 0.0
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8),
-             mask=(rows < M)[:, None] & (cols < K)[None, :])
-
-
-def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The mask the kernels draw for an (M, K) input (True = kept), so that tests can hand the
-    reference the very mask the Triton backend used."""
-    M, K = shape
-    out = torch.empty((M, K), device=device, dtype=torch.int8)
-    _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](out, M, K, p, seed, BLOCK_M=32, BLOCK_K=32)
-    return out.bool()

@@ -12,7 +12,8 @@ from harness import DEVICES, DTYPES, assert_close, backends_for, nan_like, rel_e
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.bottleneck import GRAD_NAMES, bottleneck_adapter, dropout_keep
+from fastadapt.ops.bottleneck import GRAD_NAMES, bottleneck_adapter
+from fastadapt.ops.dropout import dropout_keep
 from fastadapt.reference import bottleneck as reference
 
 OP = "bottleneck_adapter"

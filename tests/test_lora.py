@@ -9,7 +9,7 @@ from harness import DEVICES, DTYPES, assert_close, backends_for, gpu, nan_like, 
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.lora import dropout_keep
+from fastadapt.ops.dropout import dropout_keep
 from fastadapt.reference import lora as reference
 
 CASES = [  # (leading shape of x, in, out, r)

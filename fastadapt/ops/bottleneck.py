@@ -247,16 +247,3 @@ dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_
                   backward=dispatch.lazy(_KERNELS, "backward"))
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)
-
-
-def dropout_keep(backend: str, seed: int, shape, p: float, device) -> Tensor:
-    """The dropout mask (True = kept) that ``backend`` draws from ``seed`` for an (M, d) output."""
-    if backend == "triton":
-        from fastadapt.kernels import bottleneck
-        return bottleneck.dropout_keep(seed, shape, p, device)
-    if backend == "reference":
-        return reference.dropout_keep(seed, shape, p, device)
-    if backend in ("cpp", "cuda"):
-        from fastadapt.ops import _native_backends
-        return _native_backends.dropout_keep(seed, shape, p, device)
-    raise ValueError(f"no dropout mask for backend {backend!r}")

@@ -36,6 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastadapt.reference.dropout import dropout_keep
+
 # Names as ``adapters``/transformers spell them -> the canonical name the kernels use.
 ACTIVATIONS = {
     "relu": "relu",
@@ -81,15 +83,6 @@ def activation(name: str, h: torch.Tensor) -> torch.Tensor:
     if name == "leakyrelu":
         return F.leaky_relu(h, LEAKY_SLOPE)
     return h
-
-
-def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor | None:
-    """The reference backend's dropout mask (True = kept), regenerated from ``seed`` on demand."""
-    if p == 0.0:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
 
 
 def _layer_norm(x, weight, bias, eps):

@@ -25,18 +25,13 @@ import sys
 
 import torch
 
+from harness import bench, forward_backward, forward_only
+
 SHAPES = [(8192, 4096, 64), (8192, 768, 48), (65536, 1024, 64)]  # (M, d, m)
 CONFIGS = {
     "seq_bn": dict(activation="relu"),
     "full": dict(activation="swish", ln_before=True, ln_after=True, adapter_residual_before_ln=True, scale="channel"),
 }
-
-
-def _bench(fn, quick):
-    from triton.testing import do_bench
-
-    p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=10 if quick else 25, rep=30 if quick else 100)
-    return {"p50": p50, "p20": p20, "p80": p80}
 
 
 def _copy_bandwidth(dtype) -> float:
@@ -84,21 +79,8 @@ def _cases(M, d, m, dtype, cfg, dev="cuda"):
         return compiled_ref(z, wd, bd, wu, bu, r, scale=scale, ln_before=lnb, ln_after=lna,
                             residual_before_ln_after=res_before, activation_name=cfg["activation"])[0]
 
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f()
-        return run
-
-    def fwd_bwd(f):
-        def run():
-            for t in leaves:
-                t.grad = None
-            f().backward(gout)
-        return run
-
     fns = {"fastadapt": ours, "eager": eager, "compile": compiled}
-    return {name: (fwd(f), fwd_bwd(f)) for name, f in fns.items()}
+    return {name: (forward_only(f), forward_backward(f, leaves, gout)) for name, f in fns.items()}
 
 
 def main(argv=None) -> int:
@@ -131,7 +113,7 @@ def main(argv=None) -> int:
         for cname, cfg in CONFIGS.items():
             key = f"M{M} d{d} m{m} {cname}"
             cases = _cases(M, d, m, dtype, cfg)
-            rows = {name: {"fwd": _bench(f, args.quick), "fwd_bwd": _bench(fb, args.quick)}
+            rows = {name: {"fwd": bench(f, args.quick), "fwd_bwd": bench(fb, args.quick)}
                     for name, (f, fb) in cases.items()}
             eager_fb = rows["eager"]["fwd_bwd"]["p50"]
             for name, row in rows.items():

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from harness import bench, forward_backward
+
 TRAIN_SHAPES = [  # (M, in, out, r)
     (8192, 4096, 4096, 16),
     (8192, 4096, 11008, 16),
@@ -24,13 +26,6 @@ TRAIN_SHAPES = [  # (M, in, out, r)
     (2048, 4096, 4096, 16),
 ]
 INFER_M = [1, 16, 256]
-
-
-def _bench(fn, quick):
-    from triton.testing import do_bench
-
-    p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=10 if quick else 25, rep=30 if quick else 100)
-    return {"p50": p50, "p20": p20, "p80": p80}
 
 
 def _peak_mib(fn):
@@ -57,10 +52,7 @@ def _train_cases(M, K, N, r, dtype):
     s = 2.0
 
     def step(forward):
-        def run():
-            x.grad = A.grad = B.grad = None
-            forward().backward(gy)
-        return run
+        return forward_backward(forward, (x, A, B), gy)
 
     def peft_layer(dropout):
         model = torch.nn.Sequential()
@@ -103,7 +95,7 @@ def main(argv=None) -> int:
     for M, K, N, r in shapes:
         key = f"M{M} K{K} N{N} r{r}"
         cases = _train_cases(M, K, N, r, dtype)
-        rows = {name: {**_bench(fn, args.quick), "peak_mib": _peak_mib(fn)} for name, fn in cases.items()}
+        rows = {name: {**bench(fn, args.quick), "peak_mib": _peak_mib(fn)} for name, fn in cases.items()}
         floor, peft_t = rows["frozen fwd+bwd(dx)"]["p50"], rows["peft"]["p50"]
         for name, row in rows.items():
             print(f"{key:34s} {name:20s} {row['p50']:9.3f} {row['p20']:8.3f} {row['p80']:8.3f} "
@@ -120,9 +112,9 @@ def main(argv=None) -> int:
     for M in INFER_M:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         with torch.no_grad():
-            rows = {"merged": _bench(lambda: x @ W.t(), args.quick),
-                    "fastadapt unmerged": _bench(lambda: fastadapt.lora_linear(x, W, A, B, 2.0), args.quick),
-                    "eager unmerged": _bench(lambda: x @ W.t() + (x @ A.t()) @ B.t() * 2.0, args.quick)}
+            rows = {"merged": bench(lambda: x @ W.t(), args.quick),
+                    "fastadapt unmerged": bench(lambda: fastadapt.lora_linear(x, W, A, B, 2.0), args.quick),
+                    "eager unmerged": bench(lambda: x @ W.t() + (x @ A.t()) @ B.t() * 2.0, args.quick)}
         for name, row in rows.items():
             print(f"{'infer M' + str(M):34s} {name:20s} {row['p50']:9.4f} {row['p20']:8.4f} {row['p80']:8.4f} "
                   f"{row['p50'] / rows['merged']['p50']:8.2f}")

@@ -19,6 +19,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from harness import bench, forward_backward, forward_only
+
 SHAPES = [  # (B, H, Hkv, S, D, L)
     (4, 32, 32, 2048, 128, 10),
     (1, 32, 32, 8192, 128, 10),
@@ -27,13 +29,6 @@ SHAPES = [  # (B, H, Hkv, S, D, L)
     (1, 32, 8, 8192, 128, 10),
     (8, 32, 8, 512, 128, 30),
 ]
-
-
-def _bench(fn, quick):
-    from triton.testing import do_bench
-
-    p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=10 if quick else 25, rep=30 if quick else 100)
-    return {"p50": p50, "p20": p20, "p80": p80}
 
 
 def two_pass(q, k, v, kp, vp, gate):
@@ -68,20 +63,7 @@ def _cases(B, H, Hkv, S, D, L, dtype):
         "two-pass compile": lambda: compiled(q, k, v, kp.expand(B, -1, -1, -1), vp.expand(B, -1, -1, -1), gate),
     }
 
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f()
-        return run
-
-    def fwd_bwd(f):
-        def run():
-            for x in leaves:
-                x.grad = None
-            f().backward(gout)
-        return run
-
-    return {name: (fwd(f), fwd_bwd(f)) for name, f in variants.items()}
+    return {name: (forward_only(f), forward_backward(f, leaves, gout)) for name, f in variants.items()}
 
 
 def main(argv=None) -> int:
@@ -105,7 +87,7 @@ def main(argv=None) -> int:
         cases = _cases(B, H, Hkv, S, D, L, dtype)
         rows = {}
         for name, (fwd, fwd_bwd) in cases.items():
-            rows[name] = {"fwd": _bench(fwd, args.quick), "fwd+bwd": _bench(fwd_bwd, args.quick)}
+            rows[name] = {"fwd": bench(fwd, args.quick), "fwd+bwd": bench(fwd_bwd, args.quick)}
         for name, row in rows.items():
             for kind in ("fwd", "fwd+bwd"):
                 r = row[kind]

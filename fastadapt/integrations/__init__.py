@@ -7,6 +7,7 @@ left alone and why. :func:`unpatch` undoes every patch.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +34,23 @@ class Patcher(Protocol):
     def patch(self, model: torch.nn.Module, report: PatchReport) -> None: ...
 
     def unpatch(self, model: torch.nn.Module, report: PatchReport) -> None: ...
+
+
+def bind_forward(module: torch.nn.Module, forward, mark: str) -> None:
+    """Route ``module``'s calls through ``forward(module, ...)``: an instance attribute over the
+    class's forward, so the library's parameters, buffers and methods stay as they are."""
+    module.forward = types.MethodType(forward, module)
+    setattr(module, mark, True)
+
+
+def is_bound(module: torch.nn.Module, mark: str) -> bool:
+    return getattr(module, mark, False)
+
+
+def unbind_forward(module: torch.nn.Module, mark: str) -> None:
+    """Undo :func:`bind_forward`: the class's own forward runs again."""
+    del module.forward
+    delattr(module, mark)
 
 
 def _patchers() -> list[Patcher]:

@@ -15,13 +15,12 @@ tested with, so the patcher is tested on a transcription of that layout, not on 
 
 from __future__ import annotations
 
-import types
 import weakref
 
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, unbind_forward
 from fastadapt.ops.bottleneck import bottleneck_adapter
 
 _MARK = "_fastadapt_bottleneck_patched"
@@ -126,7 +125,7 @@ class _AdapterHubPatcher:
         for name, module in model.named_modules():
             if type(module) not in classes:
                 continue
-            if getattr(module, _MARK, False):
+            if is_bound(module, _MARK):
                 report.skipped.append((name, "already patched"))
                 continue
             reasons = _static_reasons(module)
@@ -138,15 +137,13 @@ class _AdapterHubPatcher:
             layer = parents.get(id(holder)) if holder is not None else None
             if layer is not None:
                 object.__setattr__(module, _PARENT, weakref.ref(layer))
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _MARK, True)
+            bind_forward(module, _fused_forward, _MARK)
             report.patched.append((name, f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter"))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():
-            if getattr(module, _MARK, False):
-                del module.forward
-                delattr(module, _MARK)
+            if is_bound(module, _MARK):
+                unbind_forward(module, _MARK)
                 module.__dict__.pop(_PARENT, None)
                 report.patched.append((name, "restored adapters' forward"))
 

@@ -12,12 +12,11 @@ path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs 
 from __future__ import annotations
 
 import copy
-import types
 
 from torch import nn
 
 from fastadapt import llama_adapter
-from fastadapt.integrations import PatchReport
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, unbind_forward
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
 _MARK = "_fastadapt_adaption_prompt_patched"
@@ -63,7 +62,7 @@ class _PeftAdaptionPromptPatcher:
         for name, module in model.named_modules():
             if not isinstance(module, layer._BaseAdaptedAttention):
                 continue
-            if getattr(module, _MARK, False):
+            if is_bound(module, _MARK):
                 report.skipped.append((name, "already patched"))
                 continue
             reasons = _static_reasons(module, layer)
@@ -85,15 +84,13 @@ class _PeftAdaptionPromptPatcher:
             object.__setattr__(inner, "_fastadapt_adaption", view)
             object.__setattr__(inner, "_fastadapt_config", private)
             inner._fastadapt_base_attn = cfg._attn_implementation or "eager"
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _MARK, True)
+            bind_forward(module, _fused_forward, _MARK)
             report.patched.append((name, f"peft AdaptionPrompt ({module.model_type}) -> fastadapt::prefix_attention"))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():
-            if getattr(module, _MARK, False):
-                del module.forward
-                delattr(module, _MARK)
+            if is_bound(module, _MARK):
+                unbind_forward(module, _MARK)
                 inner = module.model
                 for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn"):
                     inner.__dict__.pop(attr, None)

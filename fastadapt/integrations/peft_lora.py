@@ -9,12 +9,11 @@ patched model computes what the unpatched one does.
 
 from __future__ import annotations
 
-import types
 
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, unbind_forward
 from fastadapt.ops.lora import lora_linear
 
 _MARK = "_fastadapt_lora_patched"
@@ -75,24 +74,22 @@ class _PeftLoraPatcher:
         for name, module in model.named_modules():
             if not isinstance(module, lora_layer.LoraLayer):
                 continue
-            if getattr(module, _MARK, False):
+            if is_bound(module, _MARK):
                 report.skipped.append((name, "already patched"))
                 continue
             reasons = _static_reasons(module, lora_layer)
             if reasons:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _MARK, True)
+            bind_forward(module, _fused_forward, _MARK)
             variants = sorted(module.lora_variant)
             note = f" (PEFT's forward for variant adapters {variants})" if variants else ""
             report.patched.append((name, f"peft LoRA Linear -> fastadapt::lora_linear{note}"))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():
-            if getattr(module, _MARK, False):
-                del module.forward
-                delattr(module, _MARK)
+            if is_bound(module, _MARK):
+                unbind_forward(module, _MARK)
                 report.patched.append((name, "restored PEFT's forward"))
 
 

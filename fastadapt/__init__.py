@@ -3,7 +3,7 @@
 from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove_adapter, save_adapter,
                                 set_active, set_active_adapter)
 from fastadapt.dispatch import BackendUnavailableError, use_backend
-from fastadapt.integrations import PatchReport, patch, unpatch
+from fastadapt.integrations import FallbackError, PatchReport, patch, unpatch
 from fastadapt.llama_adapter import add_adaption_prompt
 from fastadapt.ops import bottleneck_adapter, lora_linear, prefix_attention
 
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FallbackError",
     "PatchReport",
     "add_adapter",
     "add_adaption_prompt",

@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, unbind_forward
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.ops.bottleneck import bottleneck_adapter
 
 _MARK = "_fastadapt_bottleneck_patched"
@@ -66,6 +66,11 @@ def _static_reasons(module) -> list[str]:
     return []
 
 
+# The call-time conditions _call_reason hands to the library, as the patch report lists them.
+_FALLBACKS = ("gating scores requested; AdapterFusion on the layer; autocast; gating on a 1-D input; "
+              "adapter LayerNorms with different eps")
+
+
 def _call_reason(module, x, residual_input, output_gating) -> str | None:
     if output_gating:
         return "gating scores requested"
@@ -84,8 +89,12 @@ def _call_reason(module, x, residual_input, output_gating) -> str | None:
 
 
 def _fused_forward(self, x, residual_input, output_gating=False):
-    if _call_reason(self, x, residual_input, output_gating) is not None:
+    name, report = report_of(self)
+    reason = _call_reason(self, x, residual_input, output_gating)
+    if reason is not None:
+        report.fall_back(name, reason)
         return type(self).forward(self, x, residual_input, output_gating)
+    report.fused()
     layers = list(self.adapter_down)
     down = layers[-2]
     lnb = (layers[0].weight, layers[0].bias) if self.add_layer_norm_before else None
@@ -137,8 +146,9 @@ class _AdapterHubPatcher:
             layer = parents.get(id(holder)) if holder is not None else None
             if layer is not None:
                 object.__setattr__(module, _PARENT, weakref.ref(layer))
-            bind_forward(module, _fused_forward, _MARK)
-            report.patched.append((name, f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter"))
+            bind_forward(module, _fused_forward, _MARK, name=name, report=report,
+                         what=f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter",
+                         fallbacks=_FALLBACKS)
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():

@@ -16,7 +16,7 @@ import copy
 from torch import nn
 
 from fastadapt import llama_adapter
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, unbind_forward
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
 _MARK = "_fastadapt_adaption_prompt_patched"
@@ -37,8 +37,11 @@ def _static_reasons(module, layer) -> list[str]:
 
 
 def _fused_forward(self, **kwargs):
+    name, report = report_of(self)
     if kwargs.get("output_attention", False) or kwargs.get("output_attentions", False):
+        report.fall_back(name, "attention weights requested (output_attentions)")
         return type(self).forward(self, **kwargs)
+    report.fused()
     inner = self.model
     view = inner.__dict__["_fastadapt_adaption"]
     # PEFT's parameters, looked up at call time (set_adapter may have swapped them).
@@ -84,8 +87,9 @@ class _PeftAdaptionPromptPatcher:
             object.__setattr__(inner, "_fastadapt_adaption", view)
             object.__setattr__(inner, "_fastadapt_config", private)
             inner._fastadapt_base_attn = cfg._attn_implementation or "eager"
-            bind_forward(module, _fused_forward, _MARK)
-            report.patched.append((name, f"peft AdaptionPrompt ({module.model_type}) -> fastadapt::prefix_attention"))
+            bind_forward(module, _fused_forward, _MARK, name=name, report=report,
+                         what=f"peft AdaptionPrompt ({module.model_type}) -> fastadapt::prefix_attention",
+                         fallbacks="attention weights requested (output_attentions)")
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
+from fastadapt.ops import _autocast
 from fastadapt.reference import lora as reference
 
 OP = "lora_linear"
@@ -75,6 +76,7 @@ def _backward(ctx, gy, _gu):
 
 
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("lora_linear")
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -83,19 +85,21 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     Args:
         x: (..., in_features), float16 / bfloat16 / float32 (float64 runs on the reference).
-        weight: (out_features, in_features), the frozen base weight; same dtype as ``x``.
+        weight: (out_features, in_features), the frozen base weight, any strides (a transposed
+            view of a GPT-2 ``Conv1D`` weight needs no copy); same dtype as ``x`` outside autocast.
         lora_A: (r, in_features); lora_B: (out_features, r) (PEFT's layouts). If their dtype
-            differs from ``x`` (PEFT keeps adapters in float32 by default), the low-rank path is
-            computed in ``x``'s dtype with float32 accumulation, and their grads come back in
-            their own dtype.
+            differs from the compute dtype (PEFT keeps adapters in float32 by default), the
+            low-rank path is computed in the compute dtype with float32 accumulation, and their
+            grads come back in their own dtype.
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), finite.
         bias: (out_features,) or None.
         dropout_p: dropout probability on the LoRA input, applied only when ``training``; the mask
             is drawn from a seed inside the kernel and regenerated in the backward, never stored.
 
     Returns:
-        (..., out_features), ``x``'s dtype. Gradients flow to x, lora_A, lora_B, bias, and to
-        weight only if it requires grad.
+        (..., out_features) in the compute dtype: ``x``'s, or inside ``torch.autocast`` the
+        region's (every floating input is cast to it, as for ``F.linear``). Gradients flow to x,
+        lora_A, lora_B, bias, and to weight only if it requires grad.
 
     Equivalent PyTorch::
 
@@ -110,7 +114,11 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     scaling = _checks.finite_float("scaling", scaling)
     dropout_p = _checks.probability("dropout_p", dropout_p)
     _checks.same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    _checks.same_dtype(x=x, weight=weight, bias=bias)
+    dtype = _autocast.autocast_dtype(x)
+    if dtype is None:
+        _checks.same_dtype(x=x, weight=weight, bias=bias)
+        dtype = x.dtype
+    # else the op's autocast rule casts x, weight and bias to the region's dtype
     n_out, n_in = weight.shape
     rank = lora_A.shape[0]
     _checks.dim_equal("x.shape[-1] (in_features)", x.shape[-1], n_in)
@@ -128,7 +136,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
     y, _ = torch.ops.fastadapt.lora_linear(
-        x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, bias, p, seed)
+        x, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
     return y
 
 

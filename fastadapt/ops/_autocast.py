@@ -1,0 +1,60 @@
+"""Autocast rules for the fused custom ops.
+
+Inside ``torch.autocast(device, dtype)`` PyTorch runs its matmul-class ops (``linear``, ``mm``,
+``scaled_dot_product_attention``) in the region's dtype: every floating input on that device,
+float64 excepted, is cast to it. A fused op must do the same, or a model under the HF Trainer's
+``bf16=True`` computes something other than the model it replaces.
+
+``torch.library.register_autocast`` fixes the cast dtype when the rule is registered; a region's
+dtype is chosen per ``torch.autocast`` call (bf16 or fp16, on the CPU or on CUDA), so the kernels
+here read it at call time instead. They sit at the Autocast dispatch keys, above Autograd, so the
+casts are recorded by autograd (gradients reach each input in its own dtype) and ``torch.compile``
+traces them like any other autocast rule.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+_DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_lib = torch.library.Library("fastadapt", "FRAGMENT")
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matmul on ``x`` is autocast to: the region's for ``x``'s device, or None
+    outside autocast (float64 is never autocast)."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def register(op_name: str, keep: Iterable[int] = ()) -> None:
+    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
+
+    ``keep``: positions of arguments that stay in their own dtype (fp32 gates, statistics), as
+    PyTorch keeps its fp32-policy operands.
+    """
+    op = getattr(torch.ops.fastadapt, op_name).default
+    keep = frozenset(keep)
+    for device_type, key in _DEVICE_KEYS.items():
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device_type=device_type, excluded=excluded):
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = [a if i in keep else _cast(a, device_type, dtype) for i, a in enumerate(args)]
+            # Autocast off for the op itself, as torch.library.register_autocast does.
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*cast)
+
+        _lib.impl(op_name, kernel, key, with_keyset=True)

@@ -186,13 +186,18 @@ def _adapter(module) -> GatedPrefixAttention:
     return view if view is not None else module.adaption
 
 
-def _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
-    """The model's own attention for the tokens plus PEFT's eager pass over the prefix."""
+def base_attention(module):
+    """The attention function the module's model was configured with (before we routed it to ours)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
     name = module._fastadapt_base_attn
-    base = eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
-    out, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """The model's own attention for the tokens plus PEFT's eager pass over the prefix."""
+    out, weights = base_attention(module)(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     adapter = _adapter(module)
     kp, vp = adapter.prefix_kv(module.k_proj, module.v_proj)
     group = query.shape[1] // kp.shape[1]

@@ -91,9 +91,7 @@ def bind_forward(module: torch.nn.Module, forward, mark: str, *, name: str, repo
     forward reaches the report through :func:`report_of`."""
     module.forward = types.MethodType(forward, module)
     setattr(module, mark, True)
-    # Plain attributes (object.__setattr__): a report is no submodule or state.
-    object.__setattr__(module, _NAME, name)
-    object.__setattr__(module, _REPORT, report)
+    attach(module, name, report)
     report.patched.append((name, what))
     if fallbacks:
         report.fallbacks.append((name, fallbacks))
@@ -101,6 +99,16 @@ def bind_forward(module: torch.nn.Module, forward, mark: str, *, name: str, repo
 
 def is_bound(module: torch.nn.Module, mark: str) -> bool:
     return getattr(module, mark, False)
+
+
+def attach(module: torch.nn.Module, name: str | None, report: PatchReport | None) -> None:
+    """Give ``module`` the report its fused path counts and falls back through (``None``: take it away).
+    Plain attributes: a report is no submodule or state."""
+    for attr, value in ((_NAME, name), (_REPORT, report)):
+        if value is None:
+            module.__dict__.pop(attr, None)
+        else:
+            object.__setattr__(module, attr, value)
 
 
 def report_of(module: torch.nn.Module) -> tuple[str, PatchReport]:
@@ -112,14 +120,13 @@ def unbind_forward(module: torch.nn.Module, mark: str) -> None:
     """Undo :func:`bind_forward`: the class's own forward runs again."""
     del module.forward
     delattr(module, mark)
-    for attr in (_NAME, _REPORT):
-        module.__dict__.pop(attr, None)
+    attach(module, None, None)
 
 
 def _patchers() -> list[Patcher]:
     # Imported here: each integration imports its library (peft, adapters) only when asked to patch.
-    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora
-    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, adapterhub.PATCHER]
+    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora, peft_prefix_tuning
+    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER, adapterhub.PATCHER]
 
 
 def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:

@@ -242,3 +242,31 @@ def test_opcheck():
     for needs in ([True, True, True, True, False], [False, True, True, False, True]):
         torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
                               (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_as_linear_does(backend, device, autocast_dtype):
+    # torch.autocast casts every floating input of F.linear to the region's dtype (float64 apart);
+    # the op does the same at its Autocast dispatch key, and autograd returns each grad in its input's dtype.
+    x, weight, lora_A, lora_B, b = _inputs((3, 7), 80, 48, 7, torch.float32, device)
+    leaves = [_leaf(t) for t in (x, lora_A, lora_B, b)]
+    with dispatch.use_backend(backend), torch.autocast(device, autocast_dtype):
+        y = fastadapt.lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, leaves[3])
+        direct = torch.ops.fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b, 0.0, None)[0]
+    assert y.dtype == direct.dtype == autocast_dtype
+    gy = torch.randn_like(y)
+    with dispatch.use_backend(backend):
+        y.backward(gy)
+    assert all(t.grad.dtype == torch.float32 for t in leaves)
+    # The float64 truth of the same computation on the inputs rounded to the autocast dtype.
+    exact = [_leaf(t.to(autocast_dtype), torch.float64) for t in (x, lora_A, lora_B, b)]
+    y64 = reference.lora_linear(exact[0], weight.to(autocast_dtype).double(), exact[1], exact[2], 0.5, exact[3])
+    y64.backward(gy.double())
+    assert_close("y", y, y64, autocast_dtype, device)
+    for name, mine, ref in zip(["x", "lora_A", "lora_B", "bias"], leaves, exact):
+        assert_close(f"grad {name}", mine.grad, ref.grad, autocast_dtype, device)
+    # float64 is never autocast.
+    with torch.autocast(device, autocast_dtype):
+        y64_in = fastadapt.lora_linear(x.double(), weight.double(), lora_A.double(), lora_B.double(), 0.5, b.double())
+    assert y64_in.dtype == torch.float64

@@ -1,5 +1,6 @@
 """The ``fastadapt`` command: ``info`` (backends and why), ``demo`` (the default: a small random
-Llama with PEFT LoRA, patched, checked against unpatched PEFT and timed on every backend)."""
+Llama with PEFT LoRA, patched, checked against unpatched PEFT and timed on every backend), ``bench``
+(every op verified here, then timed against PEFT, eager, torch.compile and the floor)."""
 
 from __future__ import annotations
 
@@ -68,30 +69,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _demo_model(device, dtype, size):
-    import peft
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        hidden_size=size["hidden"], intermediate_size=size["ffn"], num_hidden_layers=size["layers"],
-        num_attention_heads=size["heads"], num_key_value_heads=size["heads"] // 2, vocab_size=size["vocab"],
-        max_position_embeddings=size["seq"])
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"])
-    return peft.get_peft_model(base, lora)
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids).logits
-    logits.float().logsumexp(-1).mean().backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _time_steps(model, ids, steps, backend, progress, task):
     import torch
 
@@ -115,35 +92,6 @@ def _time_steps(model, ids, steps, backend, progress, task):
     return times[len(times) // 2]
 
 
-def _verify(device, dtype, backend, reps, make, fused, exact, frozen=()):
-    """Run ``fused`` (under ``backend``, in ``dtype``) and ``exact`` (float64) on the same random
-    tensors from ``make()``, forward and backward; return (output error, worst gradient error,
-    median seconds of ``reps`` more fused forward + backward passes).
-    Tensors whose index is in ``frozen`` get no gradient (a frozen base weight)."""
-    import torch
-
-    import fastadapt
-    from fastadapt.testing import rel_err
-
-    torch.manual_seed(0)
-    base = make()
-
-    def leaves(cast):
-        return [t.to(device, cast, copy=True).requires_grad_(i not in frozen) for i, t in enumerate(base)]
-
-    ours, ref = leaves(dtype), leaves(torch.float64)
-    with fastadapt.use_backend(backend):
-        out = fused(*ours)
-        grad_out = torch.randn_like(out)
-        out.backward(grad_out)
-    out64 = exact(*ref)
-    out64.backward(grad_out.double())
-    errors = rel_err(out, out64), max(rel_err(a.grad, b.grad) for a, b in zip(ours, ref) if a.requires_grad)
-    with fastadapt.use_backend(backend):  # timed after the check: these passes accumulate into .grad
-        seconds = _median_seconds(lambda: fused(*ours).backward(grad_out), reps, out.is_cuda)
-    return *errors, seconds
-
-
 def _median_seconds(fn, reps, cuda):
     sync = __import__("torch").cuda.synchronize if cuda else (lambda: None)
     times = []
@@ -155,60 +103,6 @@ def _median_seconds(fn, reps, cuda):
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
-
-def _lora_case():
-    import torch
-
-    import fastadapt
-    from fastadapt.reference import lora as reference
-
-    def make():
-        return [torch.randn(4, 33, 96), torch.randn(80, 96) / 96**0.5, torch.randn(8, 96) / 96**0.5,
-                torch.randn(80, 8) / 8**0.5, torch.randn(80)]
-
-    return make, (lambda *t: fastadapt.lora_linear(*t[:4], 0.5, t[4])), \
-        (lambda *t: reference.lora_linear(*t[:4], 0.5, t[4])), (1,)
-
-
-def _bottleneck_case():
-    import torch
-
-    import fastadapt
-    from fastadapt.reference import bottleneck as reference
-
-    def make():  # z, residual, down (16 x 96), up (96 x 16): a Pfeiffer adapter with gelu
-        return [torch.randn(4, 33, 96), torch.randn(4, 33, 96), torch.randn(16, 96) / 96**0.5, torch.randn(16),
-                torch.randn(96, 16) / 4, torch.randn(96)]
-
-    def fused(z, r, dw, db, uw, ub):
-        return fastadapt.bottleneck_adapter(z, dw, db, uw, ub, r, activation="gelu", scaling=0.5)
-
-    def exact(z, r, dw, db, uw, ub):
-        return reference.bottleneck_adapter(z, dw, db, uw, ub, r, scaling=0.5, activation_name="gelu")[0]
-
-    return make, fused, exact, ()
-
-
-def _prefix_attention_case():
-    import torch
-
-    import fastadapt
-    from fastadapt.reference import prefix_attention as reference
-
-    def make():  # q (B2, H4, S37, D32), GQA k/v with 2 heads, a 10-token prefix, per-head gate
-        return [torch.randn(2, 4, 37, 32), torch.randn(2, 2, 37, 32), torch.randn(2, 2, 37, 32),
-                torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32), torch.randn(4) / 2]
-
-    def exact(q, k, v, kp, vp, g):
-        return reference.prefix_attention(q, k, v, kp.expand(2, -1, -1, -1), vp.expand(2, -1, -1, -1), g)
-
-    return make, (lambda *t: fastadapt.prefix_attention(*t)), exact, ()
-
-
-# The ops ``fastadapt demo`` verifies on every backend that can serve them: (op, case) where a
-# case returns (make inputs, fused call, float64 reference call, indices of frozen inputs).
-OP_CASES = [("lora_linear", _lora_case), ("bottleneck_adapter", _bottleneck_case),
-            ("prefix_attention", _prefix_attention_case)]
 
 # The demo model per device: tiny on the CPU (Triton runs in its interpreter there), a few
 # hundred MB on a GPU so that the timings mean something.
@@ -225,9 +119,8 @@ def cmd_demo(args) -> int:
     from rich.table import Table
 
     import fastadapt
-    from fastadapt import dispatch
+    from fastadapt import dispatch, verify
     from fastadapt.backends import device_reasons
-    from fastadapt.testing import bound, rel_err
 
     # transformers' own deprecation notices say nothing about fastadapt.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -244,42 +137,28 @@ def cmd_demo(args) -> int:
     table = Table(title="fused ops vs float64 reference (relative error)")
     for col in ("op", "backend", "output", "worst grad", "bound", "verdict", "fwd+bwd ms"):
         table.add_column(col, no_wrap=True)
-    limit = bound(dtype, device)
-    for op, case in OP_CASES:
+    for op, cases in verify.op_cases().items():
         for backend in backends:
             if backend not in dispatch._REGISTRY.get(op, {}):
                 continue
-            out_err, grad_err, seconds = _verify(device, dtype, backend, args.steps, *case())
-            passed = out_err <= limit and grad_err <= limit
-            ok &= passed
-            table.add_row(op, backend, f"{out_err:.1e}", f"{grad_err:.1e}", f"{limit:.0e}",
-                          "[green]ok[/]" if passed else "[red]FAIL[/]", f"{seconds * 1e3:.2f}")
+            check = verify.check_op(cases[0], device, dtype, backend)
+            seconds = _median_seconds(check.step, args.steps, device == "cuda")
+            ok &= check.passed
+            table.add_row(op, backend, f"{check.out_err:.1e}", f"{check.grad_err:.1e}", f"{check.bound:.0e}",
+                          "[green]ok[/]" if check.passed else "[red]FAIL[/]", f"{seconds * 1e3:.2f}")
     console.print(table)
 
     # 2. A PEFT LoRA Llama, patched, against the same model unpatched.
-    peft_model = _demo_model(device, dtype, size)
+    peft_model = verify.peft_llama(device, dtype, size)
     ours = copy.deepcopy(peft_model)
     report = fastadapt.patch(ours)
     console.print(f"patched {len(report.patched)} PEFT LoRA layers, left {len(report.skipped)} alone")
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), device=device)
-    truth = copy.deepcopy(peft_model).double()
-    exact = _loss_and_grads(truth, ids)
-    del truth
-    theirs, mine = _loss_and_grads(peft_model, ids), _loss_and_grads(ours, ids)
-
-    def flat(result):
-        logits, grads = result
-        return {"logits": logits, **grads}
-
-    exact, theirs, mine = flat(exact), flat(theirs), flat(mine)
-    # Both are computations of the float64 truth in the same dtype: ours must stay within 2x PEFT's error.
-    eps = torch.finfo(dtype).eps
-    bad = [n for n in exact if rel_err(mine[n], exact[n]) > 2 * rel_err(theirs[n], exact[n]) + eps]
-    ok &= not bad
-    console.print(f"patched vs unpatched PEFT, against a float64 copy: logits error "
-                  f"{rel_err(mine['logits'], exact['logits']):.1e} (PEFT {rel_err(theirs['logits'], exact['logits']):.1e}), "
-                  f"{len(exact) - 1} LoRA grads: "
-                  + ("[green]ok[/] (each within 2x PEFT's own error)" if not bad else f"[red]FAIL[/] {bad}"))
+    check = verify.check_patched(peft_model, ours, ids, dtype)
+    ok &= check.passed
+    console.print(f"patched vs unpatched PEFT, against a float64 copy: logits error {check.ours:.1e} "
+                  f"(PEFT {check.peft:.1e}), {check.tensors - 1} LoRA grads: "
+                  + ("[green]ok[/] (each within 2x PEFT's own error)" if check.passed else f"[red]FAIL[/] {check.bad}"))
 
     # 3. Training steps (fwd + bwd + AdamW), unpatched PEFT and each fastadapt backend.
     runs = [("peft (unpatched)", peft_model, None)] + [(f"fastadapt {b}", ours, b) for b in backends]
@@ -302,6 +181,12 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args) -> int:
+    from fastadapt.bench.runner import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -312,10 +197,28 @@ def main(argv=None) -> int:
                       help="default: cuda if available, else cpu (Triton through its interpreter)")
     demo.add_argument("--steps", type=int, default=3, help="timed training steps per backend")
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="verify every op here against float64, then time each against PEFT, "
+                                         "eager, torch.compile and the floor; write RESULTS.md, JSON, plots")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="default: cuda if available, else cpu (small shapes, cpp and reference timed)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the headline cases only (one 10-minute GPU call)")
+    size.add_argument("--full", action="store_true", help="every case, more shapes than DESIGN.md's")
+    bench.add_argument("--smoke", action="store_true", help="tiny shapes (CI on a CPU): checks the command, not speed")
+    bench.add_argument("--op", action="append", choices=["lora", "bottleneck", "prefix", "model"],
+                       help="only these ops (repeatable); model: the PEFT Llama check and training step")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                       help="timing dtype (default: bfloat16 on cuda, float32 on cpu); verification runs all three")
+    bench.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and plots")
+    bench.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                       help="stop starting timed variants after this long, so that the reports are written "
+                            "before an outer time limit")
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     if args.command is None:  # the main job: the demo with its defaults
         args = parser.parse_args(["demo", *(argv or [])])
-    if getattr(args, "device", None) is None and args.command == "demo":
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "device", None) is None and args.command in ("demo", "bench"):
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     _prepare_triton(getattr(args, "device", None) or ("cuda" if _has_cuda() else "cpu"))

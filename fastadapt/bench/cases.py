@@ -1,0 +1,450 @@
+"""The one list of timed cases of ``fastadapt bench``: each fused op at DESIGN.md's shapes (on CUDA)
+or small ones (CPU, ``--smoke``), against the baselines a user would otherwise run and the floor.
+
+A case builds its tensors only when it runs (:meth:`Case.build`), so that one case at a time
+holds device memory. Every variant of a case is a closure that the runner times; the fused ones
+are named ``fastadapt[<backend>]``, the floor ``floor: ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastadapt.bench.timing import forward_backward, forward_only
+
+TIERS = ("quick", "default", "full")  # --quick runs the first, a plain run the first two, --full all
+
+
+@dataclass
+class Env:
+    """What a case is built for: the device, the timing dtype, the fused backends to time, whether
+    torch.compile baselines run, and the measured copy bandwidth (bytes per ms) for HBM floors."""
+
+    device: str
+    dtype: torch.dtype
+    backends: list[str]
+    compile: bool
+    bandwidth: float | None = None
+
+
+@dataclass
+class Built:
+    """A case's variants (name -> closure) and its floor: the name of the variant that is the floor,
+    or a time computed from the compulsory memory traffic (``floor_ms``). ``leaves``: tensors whose
+    gradients are dropped before a memory measurement."""
+
+    variants: dict[str, Callable[[], None]]
+    floor: str
+    floor_ms: float | None = None
+    leaves: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    op: str                      # lora | bottleneck | prefix | model
+    name: str
+    params: dict
+    tier: str
+    build: Callable[[Env], Built]
+    rep_ms: float = 100.0        # do_bench's rep on CUDA; the CPU timer's budget
+    warmup_ms: float = 25.0
+
+
+def fused_name(backend: str) -> str:
+    return f"fastadapt[{backend}]"
+
+
+def _fused(env: Env, step: Callable[[], None]) -> dict[str, Callable[[], None]]:
+    """One variant per fused backend: ``step`` forced onto that backend."""
+    from fastadapt import use_backend
+
+    def under(backend):
+        def run():
+            with use_backend(backend):
+                step()
+        return run
+
+    return {fused_name(b): under(b) for b in env.backends}
+
+
+def _compiled(env: Env, fn):
+    # dynamic=False: each case's shapes get their own graph, as a user compiling one model would.
+    return torch.compile(fn, dynamic=False) if env.compile else None
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: float):
+    """A real PEFT ``lora.Linear`` around a frozen copy of ``weight`` (adapters in the weight's dtype)."""
+    import peft
+
+    n, k = weight.shape
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype))
+    model.proj.weight.data.copy_(weight)
+    cfg = peft.LoraConfig(r=r, lora_alpha=scaling * r, lora_dropout=dropout, target_modules=["proj"],
+                          init_lora_weights=False)
+    return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False).base_model.model.proj
+
+
+def _eager_lora(x, weight, lora_A, lora_B, scaling: float, p: float):
+    """The eager reference with its dropout mask drawn per call (PEFT's ``nn.Dropout`` does the same)."""
+    from fastadapt.reference import lora as reference
+
+    keep = torch.rand_like(x) >= p if p > 0 else None
+    return reference.lora_linear(x, weight, lora_A, lora_B, scaling, keep=keep, dropout_p=p)
+
+
+def _lora_tensors(env: Env, M: int, K: int, N: int, r: int):
+    kw = dict(device=env.device, dtype=env.dtype)
+    weight = torch.randn(N, K, **kw) / K**0.5
+    lora_A = (torch.randn(r, K, **kw) / K**0.5).requires_grad_()
+    lora_B = (torch.randn(N, r, **kw) / r**0.5).requires_grad_()
+    return weight, lora_A, lora_B
+
+
+def lora_train(M: int, K: int, N: int, r: int, p: float, tier: str, baselines: bool = True) -> Case:
+    """Forward + backward (grads of x, A, B; W frozen). The floor: the frozen ``x W^T`` and its
+    ``dx = dy W``. ``baselines=False`` (the M sweep) times only fastadapt, PEFT and the floor."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        layer = _peft_lora_layer(weight, r, scaling, p)
+        leaves = [x, lora_A, lora_B, *(q for q in layer.parameters() if q.requires_grad)]
+
+        def step(f):
+            return forward_backward(f, leaves, grad_y)
+
+        variants = _fused(env, step(lambda: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, dropout_p=p)))
+        variants["peft"] = step(lambda: layer(x))
+        if baselines:
+            variants["eager"] = step(lambda: _eager_lora(x, weight, lora_A, lora_B, scaling, p))
+            compiled = _compiled(env, _eager_lora)
+            if compiled is not None:
+                variants["torch.compile"] = step(lambda: compiled(x, weight, lora_A, lora_B, scaling, p))
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    drop = f", dropout {p}" if p else ""
+    return Case("lora", f"fwd+bwd M={M} {K}x{N} r={r}{drop}", dict(kind="train", M=M, K=K, N=N, r=r, p=p),
+                tier, build)
+
+
+def lora_decode(M: int, K: int, N: int, r: int, tier: str) -> Case:
+    """Inference with the adapter unmerged (serving several adapters); the floor: the merged matmul."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype)
+        merged = weight + scaling * (lora_B @ lora_A).detach()
+        layer = _peft_lora_layer(weight, r, scaling, 0.0)
+        variants = _fused(env, forward_only(lambda: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling)))
+        variants["peft"] = forward_only(lambda: layer(x))
+        variants["eager"] = forward_only(lambda: _eager_lora(x, weight, lora_A, lora_B, scaling, 0.0))
+        variants["floor: merged matmul"] = forward_only(lambda: F.linear(x, merged))
+        return Built(variants, "floor: merged matmul")
+
+    return Case("lora", f"inference M={M} {K}x{N} r={r} unmerged", dict(kind="decode", M=M, K=K, N=N, r=r),
+                tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bottleneck adapter
+
+BOTTLENECK_CONFIGS = {
+    # Pfeiffer's core as AdapterHub runs it: relu, residual after, scaling 1.0.
+    "seq_bn": dict(activation="relu"),
+    # Every stage: LN before and after (residual inside), per-channel scale, swish.
+    "full": dict(activation="swish", ln_before=True, ln_after=True, residual_before_ln=True, scale=True),
+}
+
+
+def _eager_bottleneck(z, wd, bd, wu, bu, r, scale, lnb, lna, residual_before_ln, activation):
+    from fastadapt.reference import bottleneck as reference
+
+    return reference.bottleneck_adapter(z, wd, bd, wu, bu, r, scale=scale, ln_before=lnb, ln_after=lna,
+                                        residual_before_ln_after=residual_before_ln,
+                                        activation_name=activation)[0]
+
+
+def bottleneck(M: int, d: int, m: int, config: str, backward: bool, tier: str) -> Case:
+    """The adapter forward alone or forward + backward (grads of z, the residual and every
+    parameter). The floor: the compulsory HBM traffic at the measured copy bandwidth: the forward
+    reads z and r and writes out (3 M d elements), the backward adds reading the output's gradient
+    and z and writing z's gradient (6 M d in all); the weights, a few MB, are left out."""
+    cfg = BOTTLENECK_CONFIGS[config]
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        kw = dict(device=env.device, dtype=env.dtype)
+
+        def leaf(*shape, std=1.0, mean=0.0):
+            return (torch.randn(*shape, **kw) * std + mean).requires_grad_()
+
+        z, r = leaf(M, d), leaf(M, d)
+        wd, bd, wu, bu = leaf(m, d, std=d**-0.5), leaf(m, std=0.1), leaf(d, m, std=m**-0.5), leaf(d, std=0.1)
+        scale = leaf(d, mean=1.0, std=0.1) if cfg.get("scale") else None
+        lnb = (leaf(d, mean=1.0, std=0.1), leaf(d, std=0.1)) if cfg.get("ln_before") else None
+        lna = (leaf(d, mean=1.0, std=0.1), leaf(d, std=0.1)) if cfg.get("ln_after") else None
+        res_before = cfg.get("residual_before_ln", False)
+        act = cfg["activation"]
+        leaves = [t for t in (z, r, wd, bd, wu, bu, scale, *(lnb or ()), *(lna or ())) if t is not None]
+        grad_out = torch.randn(M, d, **kw)
+        step = (lambda f: forward_backward(f, leaves, grad_out)) if backward else forward_only
+
+        def fused():
+            return fastadapt.bottleneck_adapter(z, wd, bd, wu, bu, r, activation=act, scale=scale, ln_before=lnb,
+                                                ln_after=lna, adapter_residual_before_ln=res_before)
+
+        args = (z, wd, bd, wu, bu, r, scale, lnb, lna, res_before, act)
+        variants = _fused(env, step(fused))
+        variants["eager"] = step(lambda: _eager_bottleneck(*args))
+        compiled = _compiled(env, _eager_bottleneck)
+        if compiled is not None:
+            variants["torch.compile"] = step(lambda: compiled(*args))
+        elements = (6 if backward else 3) * M * d
+        floor_ms = elements * torch.finfo(env.dtype).bits // 8 / env.bandwidth
+        return Built(variants, f"floor: HBM traffic ({elements // (M * d)} x M x d elements at copy bandwidth)",
+                     floor_ms=floor_ms, leaves=leaves)
+
+    which = "fwd+bwd" if backward else "fwd"
+    return Case("bottleneck", f"{which} M={M} d={d} m={m} {config}",
+                dict(kind=which, M=M, d=d, m=m, config=config), tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated prefix attention
+
+
+def two_pass(q, k, v, kp, vp, gate):
+    """PEFT's AdaptionPrompt (and litgpt's) computation: the model's SDPA over the tokens, then an
+    eager softmax over the prompt, gated."""
+    group = q.shape[1] // k.shape[1]
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    kp, vp = kp.repeat_interleave(group, 1), vp.repeat_interleave(group, 1)
+    scores = torch.softmax((q @ kp.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+    return base + gate.to(q.dtype).view(1, -1, 1, 1) * (scores.to(q.dtype) @ vp)
+
+
+def prefix(B: int, H: int, Hkv: int, S: int, D: int, L: int, backward: bool, tier: str) -> Case:
+    """The op against the two-pass computation (eager and compiled); the floor: SDPA over the tokens
+    alone (flash attention, no prefix)."""
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        kw = dict(device=env.device, dtype=env.dtype)
+
+        def t(*shape):
+            return torch.randn(*shape, **kw).requires_grad_()
+
+        q, k, v = t(B, H, S, D), t(B, Hkv, S, D), t(B, Hkv, S, D)
+        kp, vp = t(1, Hkv, L, D), t(1, Hkv, L, D)
+        gate = torch.randn(H, device=env.device, requires_grad=True)
+        leaves = [q, k, v, kp, vp, gate]
+        grad_out = torch.randn(B, H, S, D, **kw)
+        step = (lambda f: forward_backward(f, leaves, grad_out)) if backward else forward_only
+        group = H // Hkv
+
+        def expanded():
+            return q, k, v, kp.expand(B, -1, -1, -1), vp.expand(B, -1, -1, -1), gate
+
+        variants = _fused(env, step(lambda: fastadapt.prefix_attention(q, k, v, kp, vp, gate)))
+        variants["eager two-pass (PEFT's math)"] = step(lambda: two_pass(*expanded()))
+        compiled = _compiled(env, two_pass)
+        if compiled is not None:
+            variants["torch.compile two-pass"] = step(lambda: compiled(*expanded()))
+        variants["floor: SDPA alone"] = step(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1))
+        return Built(variants, "floor: SDPA alone", leaves=leaves)
+
+    which = "fwd+bwd" if backward else "fwd"
+    heads = f"H={H}" if H == Hkv else f"H={H}/{Hkv}"
+    return Case("prefix", f"{which} B={B} {heads} S={S} D={D} L={L}",
+                dict(kind=which, B=B, H=H, Hkv=Hkv, S=S, D=D, L=L), tier, build)
+
+
+def _llama_config(hidden: int, ffn: int, layers: int, heads: int, seq: int, vocab: int):
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                                    max_position_embeddings=seq, attn_implementation="sdpa")
+
+
+def _trainable(*models) -> list[torch.Tensor]:
+    return [p for mdl in models for p in mdl.parameters() if p.requires_grad]
+
+
+def prefix_peft_layer(B: int, S: int, hidden: int, heads: int, L: int, tier: str) -> Case:
+    """PEFT's own module: one Llama attention layer wrapped by PEFT's ``AdaptionPrompt``, unpatched
+    vs patched by ``fastadapt.patch``, forward + backward through a one-layer model whose MLP is
+    tiny (16 wide) so that the attention dominates. The floor: the same layer without the prompt."""
+
+    def build(env: Env) -> Built:
+        import peft
+        from transformers import LlamaForCausalLM
+
+        import fastadapt
+
+        torch.manual_seed(0)
+        plain = LlamaForCausalLM(_llama_config(hidden, 16, 1, heads, S, 32)).to(env.device, env.dtype)
+        plain.requires_grad_(False)
+        theirs = peft.get_peft_model(copy.deepcopy(plain), peft.AdaptionPromptConfig(
+            adapter_len=L, adapter_layers=1, task_type="CAUSAL_LM"))
+        with torch.no_grad():  # PEFT zero-initialises the gate; a trained one is not zero
+            for name, p in theirs.named_parameters():
+                if name.endswith("adaption_gate"):
+                    p.fill_(0.5)
+        ours = copy.deepcopy(theirs)
+        fastadapt.patch(ours)
+        embeds = torch.randn(B, S, hidden, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_out = torch.randn(B, S, hidden, device=env.device, dtype=env.dtype)
+        leaves = [embeds, *_trainable(theirs, ours)]
+
+        def step(model):
+            inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+            return forward_backward(lambda: inner(inputs_embeds=embeds).last_hidden_state, leaves, grad_out)
+
+        variants = _fused(env, step(ours))
+        variants["peft AdaptionPrompt"] = step(theirs)
+        variants["floor: layer without prompt"] = step(plain)
+        return Built(variants, "floor: layer without prompt", leaves=leaves)
+
+    return Case("prefix", f"PEFT AdaptionPrompt layer fwd+bwd B={B} S={S} hidden={hidden} H={heads} L={L}",
+                dict(kind="peft_layer", B=B, S=S, hidden=hidden, H=heads, L=L), tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole training step
+
+
+def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r: int, tier: str) -> Case:
+    """A Llama (random weights from a config, no LM head) with LoRA r on all seven projections:
+    forward + backward of PEFT, of PEFT patched by fastadapt, and of the frozen model (the floor)."""
+
+    def build(env: Env) -> Built:
+        import peft
+        from transformers import LlamaModel
+
+        import fastadapt
+        from fastadapt.verify import LLAMA_TARGETS
+
+        torch.manual_seed(0)
+        frozen = LlamaModel(_llama_config(hidden, ffn, layers, heads, S, 32000)).to(env.device, env.dtype)
+        frozen.requires_grad_(False)
+        theirs = peft.get_peft_model(copy.deepcopy(frozen), peft.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS), autocast_adapter_dtype=False)
+        ours = copy.deepcopy(theirs)
+        fastadapt.patch(ours)
+        ids = torch.randint(0, 32000, (B, S), device=env.device)
+        # The frozen model needs an input that requires grad, or autograd has nothing to do.
+        embeds = frozen.embed_tokens(ids).detach().requires_grad_()
+        grad_out = torch.randn(B, S, hidden, device=env.device, dtype=env.dtype)
+        leaves = [embeds, *_trainable(theirs, ours)]
+
+        def step(model):
+            return forward_backward(lambda: model(inputs_embeds=embeds).last_hidden_state, leaves, grad_out)
+
+        variants = _fused(env, step(ours))
+        variants["peft"] = step(theirs)
+        variants["floor: frozen model"] = step(frozen)
+        return Built(variants, "floor: frozen model", leaves=leaves)
+
+    return Case("model", f"Llama {layers} layers h={hidden} B={B} S={S} LoRA r={r} on 7 linears, fwd+bwd",
+                dict(kind="train", B=B, S=S, hidden=hidden, ffn=ffn, layers=layers, heads=heads, r=r),
+                tier, build, rep_ms=1000.0, warmup_ms=200.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The list
+
+
+def _lora_sweep(K: int, N: int, r: int, ms: dict[int, str]) -> list[Case]:
+    return [lora_train(M, K, N, r, 0.0, tier, baselines=False) for M, tier in ms.items()]
+
+
+def all_cases(scale: str) -> list[Case]:
+    """Every case at ``scale`` ("cuda": DESIGN.md's shapes; "cpu": small; "smoke": tiny, for CI), in
+    the order they run: the headline cases first, so that a run cut short has measured them."""
+    if scale == "cuda":
+        return [
+            lora_train(8192, 4096, 4096, 16, 0.0, "quick"),
+            lora_train(8192, 4096, 4096, 16, 0.05, "quick"),
+            lora_train(8192, 4096, 11008, 16, 0.0, "quick"),
+            lora_train(8192, 4096, 11008, 16, 0.05, "default"),
+            lora_train(2048, 4096, 4096, 16, 0.0, "quick"),
+            model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
+            bottleneck(8192, 4096, 64, "seq_bn", False, "quick"),
+            bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
+            prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
+            prefix(8, 32, 32, 512, 128, 30, True, "quick"),
+            prefix_peft_layer(4, 2048, 4096, 32, 10, "quick"),
+            lora_decode(1, 4096, 4096, 16, "quick"),
+            lora_decode(16, 4096, 4096, 16, "quick"),
+            lora_decode(4, 4096, 4096, 16, "default"),
+            *_lora_sweep(4096, 4096, 16, {1: "quick", 16: "quick", 256: "quick", 16384: "quick", 4: "default",
+                                          64: "default", 1024: "default", 4096: "default"}),
+            prefix(4, 32, 32, 2048, 128, 10, False, "default"),
+            bottleneck(8192, 4096, 64, "full", True, "default"),
+            lora_train(8192, 11008, 4096, 16, 0.0, "full"),
+            lora_train(8192, 4096, 4096, 64, 0.0, "full"),
+            bottleneck(8192, 768, 48, "seq_bn", True, "full"),
+            bottleneck(65536, 1024, 64, "seq_bn", True, "full"),
+            prefix(4, 32, 8, 2048, 128, 10, True, "full"),
+            prefix(1, 32, 32, 8192, 128, 10, True, "full"),
+            prefix(8, 32, 8, 512, 128, 30, True, "full"),
+        ]
+    if scale == "cpu":
+        return [
+            lora_train(1024, 1024, 1024, 16, 0.0, "quick"),
+            lora_train(1024, 1024, 1024, 16, 0.1, "quick"),
+            lora_train(1024, 1024, 2816, 16, 0.0, "default"),
+            model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
+            bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
+            bottleneck(2048, 1024, 64, "seq_bn", True, "quick"),
+            bottleneck(2048, 1024, 64, "full", True, "default"),
+            prefix(2, 8, 8, 256, 64, 10, True, "quick"),
+            prefix(2, 8, 2, 256, 64, 10, True, "default"),
+            prefix_peft_layer(2, 128, 256, 4, 10, "quick"),
+            lora_decode(1, 1024, 1024, 16, "quick"),
+            lora_decode(16, 1024, 1024, 16, "default"),
+            *_lora_sweep(1024, 1024, 16, {1: "quick", 64: "quick", 4096: "default", 16: "full", 256: "full"}),
+        ]
+    if scale == "smoke":
+        return [
+            lora_train(64, 96, 80, 8, 0.0, "quick"),
+            lora_train(64, 96, 80, 8, 0.1, "default"),
+            model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
+            bottleneck(64, 96, 16, "seq_bn", False, "quick"),
+            bottleneck(64, 96, 16, "full", True, "quick"),
+            prefix(1, 4, 2, 32, 16, 4, True, "quick"),
+            prefix_peft_layer(1, 16, 64, 4, 4, "quick"),
+            lora_decode(1, 96, 80, 8, "quick"),
+            *_lora_sweep(96, 80, 8, {1: "quick", 256: "default"}),
+        ]
+    raise ValueError(f"unknown scale {scale!r}; expected cuda, cpu or smoke")
+
+
+def select(scale: str, tier: str, ops=None) -> list[Case]:
+    """The cases of ``scale`` up to ``tier`` (quick < default < full), of ``ops`` (None: all)."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+    upto = TIERS[: TIERS.index(tier) + 1]
+    return [c for c in all_cases(scale) if c.tier in upto and (not ops or c.op in ops)]

@@ -169,16 +169,20 @@ def lora_decode(M: int, K: int, N: int, r: int, tier: str) -> Case:
 BOTTLENECK_CONFIGS = {
     # Pfeiffer's core as AdapterHub runs it: relu, residual after, scaling 1.0.
     "seq_bn": dict(activation="relu"),
-    # Every stage: LN before and after (residual inside), per-channel scale, swish.
-    "full": dict(activation="swish", ln_before=True, ln_after=True, residual_before_ln=True, scale=True),
+    # Every stage: LN before and after (residual inside), per-channel scale, swish, gate, dropout 0.1.
+    "full": dict(activation="swish", ln_before=True, ln_after=True, residual_before_ln=True, scale=True,
+                 gate=True, dropout=0.1),
 }
 
 
-def _eager_bottleneck(z, wd, bd, wu, bu, r, scale, lnb, lna, residual_before_ln, activation):
+def _eager_bottleneck(z, wd, bd, wu, bu, r, scale, lnb, lna, residual_before_ln, activation, gate, p):
+    """The eager reference, its dropout mask drawn per call."""
     from fastadapt.reference import bottleneck as reference
 
+    keep = torch.rand_like(z) >= p if p > 0 else None
     return reference.bottleneck_adapter(z, wd, bd, wu, bu, r, scale=scale, ln_before=lnb, ln_after=lna,
                                         residual_before_ln_after=residual_before_ln,
+                                        gate=None if gate is None else gate[:, None], keep=keep, dropout_p=p,
                                         activation_name=activation)[0]
 
 
@@ -202,17 +206,20 @@ def bottleneck(M: int, d: int, m: int, config: str, backward: bool, tier: str) -
         scale = leaf(d, mean=1.0, std=0.1) if cfg.get("scale") else None
         lnb = (leaf(d, mean=1.0, std=0.1), leaf(d, std=0.1)) if cfg.get("ln_before") else None
         lna = (leaf(d, mean=1.0, std=0.1), leaf(d, std=0.1)) if cfg.get("ln_after") else None
+        gate = torch.rand(M, **kw).requires_grad_() if cfg.get("gate") else None
+        p = cfg.get("dropout", 0.0)
         res_before = cfg.get("residual_before_ln", False)
         act = cfg["activation"]
-        leaves = [t for t in (z, r, wd, bd, wu, bu, scale, *(lnb or ()), *(lna or ())) if t is not None]
+        leaves = [t for t in (z, r, wd, bd, wu, bu, scale, gate, *(lnb or ()), *(lna or ())) if t is not None]
         grad_out = torch.randn(M, d, **kw)
         step = (lambda f: forward_backward(f, leaves, grad_out)) if backward else forward_only
 
         def fused():
             return fastadapt.bottleneck_adapter(z, wd, bd, wu, bu, r, activation=act, scale=scale, ln_before=lnb,
-                                                ln_after=lna, adapter_residual_before_ln=res_before)
+                                                ln_after=lna, adapter_residual_before_ln=res_before, gate=gate,
+                                                dropout_p=p)
 
-        args = (z, wd, bd, wu, bu, r, scale, lnb, lna, res_before, act)
+        args = (z, wd, bd, wu, bu, r, scale, lnb, lna, res_before, act, gate, p)
         variants = _fused(env, step(fused))
         variants["eager"] = step(lambda: _eager_bottleneck(*args))
         compiled = _compiled(env, _eager_bottleneck)
@@ -413,9 +420,9 @@ def all_cases(scale: str) -> list[Case]:
         ]
     if scale == "cpu":
         return [
-            lora_train(1024, 1024, 1024, 16, 0.0, "quick"),
-            lora_train(1024, 1024, 1024, 16, 0.1, "quick"),
-            lora_train(1024, 1024, 2816, 16, 0.0, "default"),
+            lora_train(2048, 1024, 1024, 16, 0.0, "quick"),
+            lora_train(2048, 1024, 1024, 16, 0.1, "quick"),
+            lora_train(2048, 1024, 2816, 16, 0.0, "default"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
             bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
             bottleneck(2048, 1024, 64, "seq_bn", True, "quick"),
@@ -425,7 +432,7 @@ def all_cases(scale: str) -> list[Case]:
             prefix_peft_layer(2, 128, 256, 4, 10, "quick"),
             lora_decode(1, 1024, 1024, 16, "quick"),
             lora_decode(16, 1024, 1024, 16, "default"),
-            *_lora_sweep(1024, 1024, 16, {1: "quick", 64: "quick", 4096: "default", 16: "full", 256: "full"}),
+            *_lora_sweep(1024, 1024, 16, {1: "quick", 64: "quick", 512: "default", 8192: "default", 16: "full"}),
         ]
     if scale == "smoke":
         return [

@@ -205,7 +205,7 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
                 if name != c["floor"] and _family(name) not in families:
                     families.append(_family(name))
         height = 0.8 / len(families)
-        fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(cases) * max(1, len(families) / 2)))
+        fig, ax = plt.subplots(figsize=(10, max(3.0, 0.5 + 0.45 * len(cases) * max(1, len(families) / 2))))
         for j, family in enumerate(families):
             ys, xs = [], []
             for i, c in enumerate(cases):

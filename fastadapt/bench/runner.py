@@ -32,7 +32,9 @@ OPS = {"lora": "lora_linear", "bottleneck": "bottleneck_adapter", "prefix": "pre
 VERIFY_LLAMA = {
     "cpu": dict(hidden=64, ffn=128, layers=2, heads=4, vocab=128, seq=37, batch=2),
     "cuda": dict(hidden=256, ffn=688, layers=2, heads=8, vocab=512, seq=129, batch=2),
+    "smoke": dict(hidden=64, ffn=128, layers=1, heads=4, vocab=128, seq=13, batch=1),
 }
+SMOKE_REP_MS = 5.0  # a smoke run's timings only show that each variant runs
 
 
 def _short(exc: BaseException) -> str:
@@ -86,8 +88,9 @@ def _verify_plan(device: str, ops: list[str], smoke: bool) -> list[tuple]:
                     plan.append((f"{op} {backend} {dname}",
                                  lambda c=case, b=backend, dn=dname, dt=dtype: _check_op(c, device, b, dn, dt)))
     if "model" in ops:
+        size = VERIFY_LLAMA["smoke" if smoke else device]
         for dname, dtype in dtypes.items():
-            plan.append((f"PEFT Llama {dname}", lambda dn=dname, dt=dtype: _check_model(device, dn, dt)))
+            plan.append((f"PEFT Llama {dname}", lambda dn=dname, dt=dtype: _check_model(device, size, dn, dt)))
     return plan
 
 
@@ -103,13 +106,12 @@ def _check_op(case, device: str, backend: str, dname: str, dtype: torch.dtype) -
             "status": "ok" if check.passed else "FAIL"}
 
 
-def _check_model(device: str, dname: str, dtype: torch.dtype) -> dict:
+def _check_model(device: str, size: dict, dname: str, dtype: torch.dtype) -> dict:
     import copy
 
     import fastadapt
     from fastadapt import verify
 
-    size = VERIFY_LLAMA[device]
     theirs = verify.peft_llama(device, dtype, size)
     ours = copy.deepcopy(theirs)
     patched = len(fastadapt.patch(ours).patched)
@@ -141,7 +143,7 @@ def _verify_line(row: dict) -> str:
 # Timing
 
 
-def _time_case(case: bench_cases.Case, env: bench_cases.Env, deadline: float | None) -> dict:
+def _time_case(case: bench_cases.Case, env: bench_cases.Env, deadline: float | None, smoke: bool) -> dict:
     from fastadapt import BackendUnavailableError
 
     row = {"op": case.op, "name": case.name, "params": case.params, "floor": None, "floor_ms": None,
@@ -157,7 +159,8 @@ def _time_case(case: bench_cases.Case, env: bench_cases.Env, deadline: float | N
             row["variants"][name] = {"skipped": "time budget spent"}
             continue
         try:
-            result = timing.measure(fn, env.device, case.rep_ms, case.warmup_ms)
+            rep_ms, warmup_ms = (SMOKE_REP_MS, 0.0) if smoke else (case.rep_ms, case.warmup_ms)
+            result = timing.measure(fn, env.device, rep_ms, warmup_ms)
             result["peak_mib"] = timing.peak_mib(fn, env.device, built.leaves)
         except BackendUnavailableError as exc:
             result = {"skipped": "n/a: " + _short(exc)}
@@ -254,7 +257,7 @@ def run(args) -> int:
                 row = {"op": case.op, "name": case.name, "params": case.params, "floor": None, "floor_ms": None,
                        "variants": {}, "status": "skipped", "error": f"time budget of {args.budget} s spent"}
             else:
-                row = _time_case(case, env, deadline)
+                row = _time_case(case, env, deadline, args.smoke)
             ok &= row["status"] != "error"
             results["cases"].append(row)
             if row["variants"]:

@@ -1,5 +1,6 @@
 """Error measure and bounds used to verify the fused ops against their float64 references, by the
-test suite and by ``fastadapt demo`` alike (DESIGN.md "Tests": one place for the bounds)."""
+test suite and by ``fastadapt demo`` and ``fastadapt bench`` (:mod:`fastadapt.verify`) alike
+(DESIGN.md "Tests": one place for the bounds)."""
 
 from __future__ import annotations
 

@@ -311,7 +311,8 @@ def prefix_peft_layer(B: int, S: int, hidden: int, heads: int, L: int, tier: str
         import fastadapt
 
         torch.manual_seed(0)
-        plain = LlamaForCausalLM(_llama_config(hidden, 16, 1, heads, S, 32)).to(env.device, env.dtype)
+        with torch.device(env.device):  # initialised where it runs: no copy through host memory
+            plain = LlamaForCausalLM(_llama_config(hidden, 16, 1, heads, S, 32)).to(env.dtype)
         plain.requires_grad_(False)
         theirs = peft.get_peft_model(copy.deepcopy(plain), peft.AdaptionPromptConfig(
             adapter_len=L, adapter_layers=1, task_type="CAUSAL_LM"))
@@ -354,7 +355,8 @@ def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r
         from fastadapt.verify import LLAMA_TARGETS
 
         torch.manual_seed(0)
-        frozen = LlamaModel(_llama_config(hidden, ffn, layers, heads, S, 32000)).to(env.device, env.dtype)
+        with torch.device(env.device):  # 1B parameters: initialised on the GPU, not the host's CPU
+            frozen = LlamaModel(_llama_config(hidden, ffn, layers, heads, S, 32000)).to(env.dtype)
         frozen.requires_grad_(False)
         theirs = peft.get_peft_model(copy.deepcopy(frozen), peft.LoraConfig(
             r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS), autocast_adapter_dtype=False)

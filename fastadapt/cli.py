@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="timing dtype (default: bfloat16 on cuda, float32 on cpu); verification runs all three")
     bench.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and plots")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch's intra-op threads (default: all cores); 1 is steadier on a shared CPU")
     bench.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                        help="stop starting timed variants after this long, so that the reports are written "
                             "before an outer time limit")

@@ -11,7 +11,7 @@
 # 3. runs `fastadapt bench --quick`, which verifies every op again here and times every case.
 #
 # Everything ends inside TOTAL seconds (default 570, 9.5 minutes): each step gets a `timeout` from
-# what is left, and the bench gets a --budget a minute shorter than its timeout, so that it stops
+# what is left, and the bench gets a --budget 90 s shorter than its timeout, so that it stops
 # starting new measurements and writes its reports (it rewrites them after every case anyway).
 # What comes back, under $OUT (7 files, each capped at 15 MiB):
 #     setup.log  pytest.log  bench.log  bench/{RESULTS.md, results.json, ratio_to_floor.png, lora_vs_m.png}
@@ -38,13 +38,14 @@ cap() {
 }
 
 step() {  # step NAME SECONDS LOG COMMAND...: run with a timeout, keep the first failure's status
-    local name=$1 secs=$2 log=$3 rc
+    local name=$1 secs=$2 log=$3 rc start
     shift 3
+    start=$(( $(cat "$log" 2>/dev/null | wc -l) + 1 ))
     echo "== $name (timeout ${secs}s, $(left)s left) =="
     timeout --kill-after=10 "$secs" "$@" >> "$log" 2>&1
     rc=$?
+    tail -n +"$start" "$log" | tail -n 25  # this step's last lines, into the device tool's output
     cap "$log"
-    tail -n 25 "$log"
     echo "== $name: exit $rc after $(($(date +%s) - START))s in all =="
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
     return "$rc"
@@ -73,7 +74,7 @@ fi
 
 secs=$(( $(left) - 5 ))
 step "fastadapt bench --quick" "$secs" "$OUT/bench.log" \
-    python -m fastadapt bench --quick --out "$OUT/bench" --budget $((secs - 60))
+    python -m fastadapt bench --quick --out "$OUT/bench" --budget $((secs - 90))
 for f in "$OUT"/bench/*; do cap "$f"; done
 
 echo "gpu_session.sh: exit $status after $(($(date +%s) - START))s"

@@ -391,20 +391,20 @@ def _lora_sweep(K: int, N: int, r: int, ms: dict[int, str]) -> list[Case]:
 
 def all_cases(scale: str) -> list[Case]:
     """Every case at ``scale`` ("cuda": DESIGN.md's shapes; "cpu": small; "smoke": tiny, for CI), in
-    the order they run: the headline cases first, so that a run cut short has measured them."""
+    the order they run: each op's headline case first, so that a run cut short has measured them."""
     if scale == "cuda":
         return [
             lora_train(8192, 4096, 4096, 16, 0.0, "quick"),
+            model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
+            bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
+            prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
+            bottleneck(8192, 4096, 64, "seq_bn", False, "quick"),
+            prefix(8, 32, 32, 512, 128, 30, True, "quick"),
+            prefix_peft_layer(4, 2048, 4096, 32, 10, "quick"),
             lora_train(8192, 4096, 4096, 16, 0.05, "quick"),
             lora_train(8192, 4096, 11008, 16, 0.0, "quick"),
             lora_train(8192, 4096, 11008, 16, 0.05, "default"),
             lora_train(2048, 4096, 4096, 16, 0.0, "quick"),
-            model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
-            bottleneck(8192, 4096, 64, "seq_bn", False, "quick"),
-            bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
-            prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
-            prefix(8, 32, 32, 512, 128, 30, True, "quick"),
-            prefix_peft_layer(4, 2048, 4096, 32, 10, "quick"),
             lora_decode(1, 4096, 4096, 16, "quick"),
             lora_decode(16, 4096, 4096, 16, "quick"),
             lora_decode(4, 4096, 4096, 16, "default"),

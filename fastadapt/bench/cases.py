@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastadapt.bench.report import FUSED_PREFIX
 from fastadapt.bench.timing import forward_backward, forward_only
 
 TIERS = ("quick", "default", "full")  # --quick runs the first, a plain run the first two, --full all
@@ -56,7 +57,7 @@ class Case:
 
 
 def fused_name(backend: str) -> str:
-    return f"fastadapt[{backend}]"
+    return f"{FUSED_PREFIX}{backend}]"
 
 
 def _fused(env: Env, step: Callable[[], None]) -> dict[str, Callable[[], None]]:

@@ -344,9 +344,14 @@ def prefix_peft_layer(B: int, S: int, hidden: int, heads: int, L: int, tier: str
 # A whole training step
 
 
-def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r: int, tier: str) -> Case:
+def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r: int, tier: str,
+               trainer: bool = False) -> Case:
     """A Llama (random weights from a config, no LM head) with LoRA r on all seven projections:
-    forward + backward of PEFT, of PEFT patched by fastadapt, and of the frozen model (the floor)."""
+    forward + backward of PEFT, of PEFT patched by fastadapt, and of the frozen model (the floor).
+
+    ``trainer``: as the HF Trainer runs a model loaded in bf16 with ``bf16=True``: a bf16 base
+    (whatever ``--dtype``), PEFT's default float32 adapters (``autocast_adapter_dtype``), and every
+    step under ``torch.autocast(bf16)``."""
 
     def build(env: Env) -> Built:
         import peft
@@ -355,31 +360,36 @@ def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r
         import fastadapt
         from fastadapt.verify import LLAMA_TARGETS
 
+        dtype = torch.bfloat16 if trainer else env.dtype
         torch.manual_seed(0)
         with torch.device(env.device):  # 1B parameters: initialised on the GPU, not the host's CPU
-            frozen = LlamaModel(_llama_config(hidden, ffn, layers, heads, S, 32000)).to(env.dtype)
+            frozen = LlamaModel(_llama_config(hidden, ffn, layers, heads, S, 32000)).to(dtype)
         frozen.requires_grad_(False)
         theirs = peft.get_peft_model(copy.deepcopy(frozen), peft.LoraConfig(
-            r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS), autocast_adapter_dtype=False)
+            r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS), autocast_adapter_dtype=trainer)
         ours = copy.deepcopy(theirs)
-        fastadapt.patch(ours)
+        fastadapt.patch(ours, strict=True)  # a call that would fall back to PEFT fails the case
         ids = torch.randint(0, 32000, (B, S), device=env.device)
         # The frozen model needs an input that requires grad, or autograd has nothing to do.
         embeds = frozen.embed_tokens(ids).detach().requires_grad_()
-        grad_out = torch.randn(B, S, hidden, device=env.device, dtype=env.dtype)
+        grad_out = torch.randn(B, S, hidden, device=env.device, dtype=dtype)
         leaves = [embeds, *_trainable(theirs, ours)]
 
         def step(model):
-            return forward_backward(lambda: model(inputs_embeds=embeds).last_hidden_state, leaves, grad_out)
+            def forward():
+                with torch.autocast(env.device, dtype, enabled=trainer):
+                    return model(inputs_embeds=embeds).last_hidden_state
+            return forward_backward(forward, leaves, grad_out)
 
         variants = _fused(env, step(ours))
         variants["peft"] = step(theirs)
         variants["floor: frozen model"] = step(frozen)
         return Built(variants, "floor: frozen model", leaves=leaves)
 
-    return Case("model", f"Llama {layers} layers h={hidden} B={B} S={S} LoRA r={r} on 7 linears, fwd+bwd",
-                dict(kind="train", B=B, S=S, hidden=hidden, ffn=ffn, layers=layers, heads=heads, r=r),
-                tier, build, rep_ms=1000.0, warmup_ms=200.0)
+    how = ", autocast, fp32 adapters (Trainer-like)" if trainer else ""
+    return Case("model", f"Llama {layers} layers h={hidden} B={B} S={S} LoRA r={r} on 7 linears, fwd+bwd{how}",
+                dict(kind="train", B=B, S=S, hidden=hidden, ffn=ffn, layers=layers, heads=heads, r=r,
+                     trainer=trainer), tier, build, rep_ms=1000.0, warmup_ms=200.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +408,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(8192, 4096, 4096, 16, 0.0, "quick"),
             model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
             bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
+            model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick", trainer=True),
             prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
             bottleneck(8192, 4096, 64, "seq_bn", False, "quick"),
             prefix(8, 32, 32, 512, 128, 30, True, "quick"),
@@ -427,6 +438,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(2048, 1024, 1024, 16, 0.1, "quick"),
             lora_train(2048, 1024, 2816, 16, 0.0, "default"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
+            model_step(2, 128, 256, 688, 2, 4, 16, "quick", trainer=True),
             bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
             bottleneck(2048, 1024, 64, "seq_bn", True, "quick"),
             bottleneck(2048, 1024, 64, "full", True, "default"),
@@ -442,6 +454,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(64, 96, 80, 8, 0.0, "quick"),
             lora_train(64, 96, 80, 8, 0.1, "default"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
+            model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True),
             bottleneck(64, 96, 16, "seq_bn", False, "quick"),
             bottleneck(64, 96, 16, "full", True, "quick"),
             prefix(1, 4, 2, 32, 16, 4, True, "quick"),

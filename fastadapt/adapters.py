@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastadapt import _distributed
 from fastadapt.nn.bottleneck import BnConfig, BottleneckAdapter, resolve_config
 
 _ORIGINAL_FORWARD = "_fastadapt_original_forward"
@@ -147,6 +148,7 @@ def add_adapter(model: nn.Module, name: str, config=None, *, set_active: bool = 
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     config = resolve_config(config)
+    _distributed.check_not_wrapped(model, "add_adapter")
     if name in list_adapters(model):
         raise ValueError(f"an adapter named {name!r} already exists in this model")
     placed = []
@@ -194,31 +196,37 @@ set_active = set_active_adapter
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The parameters of adapter ``name``, keyed by their full name in ``model``."""
+    """The parameters of adapter ``name`` (the parameters themselves, as sharded as the model is),
+    keyed by their full name in ``model``."""
     if name not in list_adapters(model):
         raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
     out = {}
     for layer_name, layer in _layers(model):
         if name in layer.adapters:
-            for k, v in layer.adapters[name].state_dict().items():
+            # Every name of a shared submodule, as state_dict() keys it (adapter_down.0 is adapter_norm_before).
+            for k, v in layer.adapters[name].named_parameters(remove_duplicate=False):
                 out[f"{layer_name}.adapters.{name}.{k}"] = v
     return out
 
 
 def save_adapter(model: nn.Module, name: str, path: str) -> None:
-    """Write adapter ``name`` to a safetensors file (its config in the file's metadata)."""
+    """Write adapter ``name`` to a safetensors file (its config in the file's metadata).
+
+    Under FSDP2 or DeepSpeed ZeRO-3 every rank must call it: the shards are gathered, rank 0 writes."""
     from safetensors.torch import save_file
     config = getattr(model, "_fastadapt_adapter_configs", {}).get(name)
-    state = {k: v.detach().contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
     # Shared submodules (adapter_down.0 is adapter_norm_before) appear twice: keep one copy each.
-    state = {k: v for k, v in state.items() if ".adapter_norm_before." not in k}
+    params = {k: v for k, v in adapter_state_dict(model, name).items() if ".adapter_norm_before." not in k}
+    state = _distributed.full_tensors(params)
     meta = {"fastadapt_adapter_name": name, "fastadapt_config": json.dumps(config.to_dict() if config else {})}
-    save_file(state, path, metadata=meta)
+    if _distributed.writes_files():
+        save_file(state, path, metadata=meta)
 
 
 def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, set_active: bool = True) -> str:
     """Load an adapter written by :func:`save_adapter`; it is created first if the model lacks it.
-    Returns its name. Every tensor in the file must find its parameter and vice versa."""
+    Returns its name. Every tensor in the file must find its parameter and vice versa. Into a model
+    sharded by FSDP2 or ZeRO-3 (every rank calls), each rank keeps its shard of the file's tensors."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
@@ -237,11 +245,11 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, set
     if missing or unexpected:
         raise ValueError(f"adapter file {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for k, v in renamed.items():
-            if params[k].shape != v.shape:
-                raise ValueError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(params[k].shape)} in the model")
-            params[k].copy_(v)
+    for k, v in renamed.items():
+        if tuple(_distributed.full_shape(params[k])) != tuple(v.shape):
+            raise ValueError(f"{k}: shape {tuple(v.shape)} in the file, "
+                             f"{tuple(_distributed.full_shape(params[k]))} in the model")
+    _distributed.copy_full(params, renamed)
     if set_active:
         set_active_adapter(model, name)
     return name

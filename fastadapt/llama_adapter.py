@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from fastadapt import _distributed
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
 ATTN_IMPLEMENTATION = "fastadapt_prefix"
@@ -68,6 +69,7 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"add_adaption_prompt supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    _distributed.check_not_wrapped(model, "add_adaption_prompt")
     attns = _attention_modules(model)
     if not isinstance(adapter_layers, int) or not 1 <= adapter_layers <= len(attns):
         raise ValueError(f"adapter_layers must be in [1, {len(attns)}] for this model, got {adapter_layers!r}")
@@ -112,23 +114,28 @@ def set_fused(model: nn.Module, fused: bool) -> None:
 
 
 def adaption_prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if ".adaption.adaption_" in k}
+    """The adapter's parameters (the parameters themselves, as sharded as the model is) by full name."""
+    return {k: v for k, v in model.named_parameters() if ".adaption.adaption_" in k}
 
 
 def save_adaption_prompt(model: nn.Module, directory: str) -> None:
-    """Write the adapter (weights as safetensors, plus its configuration) to ``directory``."""
+    """Write the adapter (weights as safetensors, plus its configuration) to ``directory``.
+
+    Under FSDP2 or DeepSpeed ZeRO-3 every rank must call it: the shards are gathered, rank 0 writes."""
     from safetensors.torch import save_file
     adapted = [a for a in _attention_modules(model) if hasattr(a, "adaption")]
     if not adapted:
         raise ValueError("the model has no adaption prompts")
     first = adapted[0].adaption
-    os.makedirs(directory, exist_ok=True)
     cfg = {"adapter_len": first.adapter_len, "adapter_layers": len(adapted), "gate": first.gate,
            "gate_tanh": first.gate_tanh}
+    weights = _distributed.full_tensors(adaption_prompt_state_dict(model))
+    if not _distributed.writes_files():
+        return
+    os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=2)
-    save_file({k: v.detach().contiguous() for k, v in adaption_prompt_state_dict(model).items()},
-              os.path.join(directory, WEIGHTS_NAME))
+    save_file(weights, os.path.join(directory, WEIGHTS_NAME))
 
 
 def load_adaption_prompt(model: nn.Module, directory: str, freeze_base: bool = True) -> nn.Module:
@@ -138,11 +145,11 @@ def load_adaption_prompt(model: nn.Module, directory: str, freeze_base: bool = T
         cfg = json.load(f)
     add_adaption_prompt(model, freeze_base=freeze_base, **cfg)
     weights = load_file(os.path.join(directory, WEIGHTS_NAME))
-    expected = set(adaption_prompt_state_dict(model))
-    if set(weights) != expected:
-        raise ValueError(f"adapter weights do not match the model: missing {sorted(expected - set(weights))}, "
-                         f"unexpected {sorted(set(weights) - expected)}")
-    model.load_state_dict(weights, strict=False)
+    params = adaption_prompt_state_dict(model)
+    if set(weights) != set(params):
+        raise ValueError(f"adapter weights do not match the model: missing {sorted(set(params) - set(weights))}, "
+                         f"unexpected {sorted(set(weights) - set(params))}")
+    _distributed.copy_full(params, weights)
     return model
 
 

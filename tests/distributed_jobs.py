@@ -15,6 +15,7 @@ import contextlib
 import copy
 import datetime
 import os
+import sys
 import time
 import traceback
 
@@ -92,22 +93,39 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 # Single-process references
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # FSDP2's param_dtype casts parameters only: buffers (RoPE's inv_freq) stay in fp32.
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def reference_run(kind: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None,
-                  steps: int = STEPS) -> dict:
-    """The full batch in one process with the library's own computation (PEFT's LoRA forward, the
-    two-pass LLaMA-Adapter, the bottleneck op's plain-PyTorch backend): master weights in ``dtype``,
-    each step computed in ``compute_dtype`` (FSDP2's mixed precision: a cast copy of the master
-    weights; its gradients come back in ``dtype``), plain SGD."""
-    master = build(kind, fused=False).to(dtype)
+                  steps: int = STEPS, backend: str = "reference", micro_batches: int = 1) -> dict:
+    """The full batch in one process, plain SGD. With the ``reference`` backend it is the library's
+    own computation (PEFT's LoRA forward, the two-pass LLaMA-Adapter, the bottleneck op's plain
+    PyTorch); with another backend, the same patched model the ranks run. Master weights in
+    ``dtype``; each step computed in ``compute_dtype`` (FSDP2's mixed precision: a copy of the
+    master weights with the parameters cast, whose gradients come back in ``dtype``). With ``micro_batches`` the batch is
+    split as over the ranks, and the micro-batches' gradients averaged in ``dtype``, which is the
+    arithmetic of data parallelism with a reduction in ``dtype``."""
+    master = build(kind, fused=backend != "reference").to(dtype)
     losses, grads = [], []
-    with dispatch.use_backend("reference"):
+    rows = BATCH // micro_batches
+    with dispatch.use_backend(backend):
         for ids in batches(steps):
-            work = master if compute_dtype is None else copy.deepcopy(master).to(compute_dtype)
-            work.zero_grad(set_to_none=True)
-            loss = work(input_ids=ids, labels=ids).loss
-            loss.backward()
-            step = {n: p.grad.to(dtype) for n, p in trainable(work).items()}
-            losses.append(loss.detach().to(dtype))
+            work = master if compute_dtype is None else cast_parameters(copy.deepcopy(master), compute_dtype)
+            loss, step = 0.0, {}
+            for i in range(micro_batches):
+                x = ids[i * rows:(i + 1) * rows]
+                work.zero_grad(set_to_none=True)
+                micro = work(input_ids=x, labels=x).loss
+                micro.backward()
+                loss = loss + micro.detach().to(dtype)
+                for n, p in trainable(work).items():
+                    step[n] = step.get(n, 0.0) + p.grad.to(dtype)
+            step = {n: g / micro_batches for n, g in step.items()}
+            losses.append(loss / micro_batches)
             grads.append(step)
             with torch.no_grad():
                 for n, p in trainable(master).items():
@@ -128,7 +146,12 @@ def spy(kind: str):
 
     def counting_select(op, **inputs):
         impl = select(op, **inputs)
-        seen["selects"][(op, impl.backend)] += 1
+        # Counted when called by the custom op fastadapt::<op> or fastadapt::<op>_backward, not by
+        # a module's repr (DeepSpeed prints the model).
+        caller = sys._getframe(1).f_code.co_name
+        phase = {f"_{op}": "forward", f"_{op}_backward": "backward"}.get(caller)
+        if phase is not None:
+            seen["selects"][(op, impl.backend, phase)] += 1
         return impl
 
     restore = [(dispatch, "select", select)]
@@ -194,16 +217,20 @@ def _full_grad(engine: str, param) -> torch.Tensor:
     return grad.float().clone()
 
 
-def run_scenario(rank: int, engine: str, kind: str, mixed: bool, backend: str, steps: int, out: str) -> dict:
+def run_scenario(rank: int, engine: str, kind: str, mixed: bool, backend: str, steps: int, out: str,
+                 patch_after: bool, fused: bool) -> dict:
     start = time.perf_counter()
-    model = build(kind)
+    model = build(kind, fused=fused and not patch_after)
     shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     with dispatch.use_backend(backend), spy(kind) as seen:
         wrapped, optimizer = _wrap(engine, model, mixed)
+        if patch_after:  # fastadapt.patch on the wrapped model (DDP, FSDP2 or the DeepSpeed engine)
+            assert fastadapt.patch(wrapped).patched
         params = trainable(wrapped)
         losses, grads = [], []
         for ids in batches(steps):
-            optimizer.zero_grad(set_to_none=True)
+            if engine != "deepspeed":  # the engine's step clears its (partitioned) gradients itself
+                optimizer.zero_grad(set_to_none=True)
             x = ids[shard]
             loss = wrapped(input_ids=x, labels=x).loss
             if engine == "deepspeed":
@@ -228,9 +255,11 @@ def run_scenario(rank: int, engine: str, kind: str, mixed: bool, backend: str, s
             logits = runner(input_ids=probe()).logits.float()
         result = {"loss": torch.stack(losses), "grads": grads, "probe": logits,
                   "selects": train_selects, "fallbacks": train_fallbacks,
-                  "probe_selects": {k: v - train_selects.get(k, 0) for k, v in seen["selects"].items()},
+                  "probe_selects": {k: v - train_selects.get(k, 0) for k, v in seen["selects"].items()
+                                    if v > train_selects.get(k, 0)},
                   "probe_fallbacks": seen["fallbacks"] - train_fallbacks}
-        save_checkpoints(engine, kind, wrapped, rank, os.path.join(out, f"{engine}-{kind}-{int(mixed)}-{backend}"))
+        if fused:
+            save_checkpoints(engine, kind, wrapped, rank, os.path.join(out, f"{engine}-{kind}-{int(mixed)}-{backend}"))
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -240,8 +269,6 @@ def save_checkpoints(engine: str, kind: str, wrapped, rank: int, directory: str)
     save_adaption_prompt, and for FSDP2 also the distributed (sharded) state dict."""
     inner = wrapped.module if engine in ("ddp", "deepspeed") else wrapped
     os.makedirs(directory, exist_ok=True)
-    # Under DDP every rank holds the whole model: rank 0 writes. Under FSDP2 every rank takes part
-    # (the shards are gathered) and rank 0 writes.
     main = rank == 0
     if engine == "fsdp2":
         import torch.distributed.checkpoint as dcp
@@ -255,9 +282,14 @@ def save_checkpoints(engine: str, kind: str, wrapped, rank: int, directory: str)
             full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if main:
                 inner.save_pretrained(os.path.join(directory, "peft"), state_dict=full)
-    elif kind == "bottleneck" and (main or engine == "fsdp2"):
+        elif engine == "deepspeed":
+            # PEFT's own state dict would hold ZeRO-3's empty partitions: consolidate first (collective).
+            full = wrapped._zero3_consolidated_16bit_state_dict()
+            if main:
+                inner.save_pretrained(os.path.join(directory, "peft"), state_dict=full)
+    elif kind == "bottleneck":  # every rank calls: gathered where sharded, rank 0 writes
         fastadapt.save_adapter(inner, "bn", os.path.join(directory, "bn.safetensors"))
-    elif kind == "llama_adapter" and (main or engine == "fsdp2"):
+    elif kind == "llama_adapter":
         llama_adapter.save_adaption_prompt(inner, os.path.join(directory, "adaption_prompt"))
 
 
@@ -273,7 +305,8 @@ def worker(rank: int, init_method: str, engine: str, scenarios: list[dict], out:
         for sc in scenarios:
             try:
                 results[sc["name"]] = run_scenario(rank, engine, sc["kind"], sc.get("mixed", False), sc["backend"],
-                                                   sc.get("steps", STEPS), out)
+                                                   sc.get("steps", STEPS), out, sc.get("patch_after", False),
+                                                   sc.get("fused", True))
             except Exception:
                 results[sc["name"]] = {"error": traceback.format_exc()}
                 break  # the ranks may no longer agree on the collectives that follow

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from fastadapt import dispatch
+from fastadapt import _distributed, dispatch
 from fastadapt.ops.bottleneck import OP, bottleneck_adapter
 from fastadapt.reference.bottleneck import canonical_activation
 
@@ -246,6 +246,13 @@ class BottleneckAdapter(nn.Module):
     def forward(self, z: torch.Tensor, residual_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``Adapter.forward(z, residual_input)[0]``: (..., input_size) -> (..., input_size).
         A parallel adapter takes no residual (``residual_input`` is ignored)."""
+        if _distributed.is_zero3(self.down.weight):
+            # Measured on 2 CPU ranks (DeepSpeed 0.19, tests/test_distributed.py): the first step's
+            # gradients are right, the second's wrong (its parameters gathered on access, outside
+            # adapter_down's forward); marking the module a ZeRO-3 leaf leaves them empty in the backward.
+            raise NotImplementedError(
+                "bottleneck adapters under DeepSpeed ZeRO-3 train wrong from the second step on; use DDP, "
+                "FSDP2 (fully_shard) or ZeRO stage 1/2")
         gate = torch.sigmoid(self.gate(z)).mean(1) if self.use_gating else None
         learned = isinstance(self.scaling, nn.Parameter)
         lnb = (self.adapter_norm_before.weight, self.adapter_norm_before.bias) if self.add_layer_norm_before else None
@@ -294,11 +301,15 @@ class BottleneckAdapter(nn.Module):
         return self.post_forward(out, hidden_states, input_tensor, layer_norm)
 
     def extra_repr(self) -> str:
-        z = torch.empty(1, self.input_size, device=self.down.weight.device, dtype=self.down.weight.dtype)
-        try:
-            backend = dispatch.select(OP, z=z, down_weight=self.down.weight, up_weight=self.adapter_up.weight).backend
-        except Exception as exc:  # never let repr fail
-            backend = f"none ({exc})"
+        if _distributed.sharded(self.down.weight, self.adapter_up.weight):
+            backend = "chosen per call (parameters sharded)"
+        else:
+            z = torch.empty(1, self.input_size, device=self.down.weight.device, dtype=self.down.weight.dtype)
+            try:
+                backend = dispatch.select(OP, z=z, down_weight=self.down.weight,
+                                          up_weight=self.adapter_up.weight).backend
+            except Exception as exc:  # never let repr fail
+                backend = f"none ({exc})"
         scaling = self.config.scaling if isinstance(self.config.scaling, str) else self.scaling
         return (f"input_size={self.input_size}, bottleneck={self.down_sample}, non_linearity={self.non_linearity_name}, "
                 f"scaling={scaling}, parallel={self.is_parallel}, ln_before={self.add_layer_norm_before}, "

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fastadapt import dispatch
+from fastadapt import _distributed, dispatch
 from fastadapt.ops.lora import lora_linear
 
 
@@ -108,6 +108,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return "merged (base layer only)"
         A, B = self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight
+        if _distributed.sharded(w, A, B):  # outside the forward: FSDP2 shards or ZeRO-3 partitions
+            return "chosen per call (parameters sharded)"
         return dispatch.select("lora_linear", x=w, weight=w, lora_A=A.to(w.dtype), lora_B=B.to(w.dtype),
                                bias=self.bias).backend
 

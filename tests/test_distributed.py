@@ -67,10 +67,7 @@ def _launch(tmp_path, engine: str, scenarios: list[dict]) -> dict:
         for r, res in enumerate(ranks):
             assert sc["name"] in res, f"{sc['name']}: rank {r} did not reach it (an earlier scenario failed)"
             error = res[sc["name"]].get("error")
-            if "raises" in sc:
-                assert error is not None and sc["raises"] in error, f"{sc['name']}: expected an error, got {error}"
-            else:
-                assert error is None, f"{sc['name']} failed on rank {r}:\n{error}"
+            assert error is None, f"{sc['name']} failed on rank {r}:\n{error}"
     return {sc["name"]: tuple(res[sc["name"]] for res in ranks) for sc in scenarios}
 
 
@@ -154,16 +151,19 @@ SCENARIOS = {
     "fsdp2": [dict(name="fsdp2 lora", kind="lora"), dict(name="fsdp2 lora bf16 (patched after wrapping)", kind="lora", mixed=True, patch_after=True),
               dict(name="fsdp2 bottleneck bf16", kind="bottleneck", mixed=True),
               dict(name="fsdp2 llama-adapter", kind="llama_adapter")],
-    # DeepSpeed 0.19 on the CPU drifts from the single-process run at the third step (every LoRA
-    # gradient 1-2e-2 off, the loss 1.5e-5), with PEFT's own forward as with the fused one: its
-    # steps are checked against the single process for the first two, and the fused run against
-    # the unpatched one under ZeRO-3 for all three.
+    # DeepSpeed 0.19's ZeRO-3 steps on the CPU drift from the single process: with the bottleneck
+    # adapters, from the first optimizer step (every bias moved about half as far, whether the
+    # adapter runs the fused op, its plain-PyTorch backend, or plain nn.Linear calls; the gradients
+    # it steps with are right), with LoRA at the third step's gradients, with PEFT's own forward as
+    # with the fused one. So each fused run is checked against the same model under ZeRO-3 without
+    # fastadapt's kernels for every step, and against the single process until the drift.
     "deepspeed": [dict(name="zero3 lora", kind="lora", single_process_steps=2, same_as="zero3 peft (unpatched)"),
                   dict(name="zero3 peft (unpatched)", kind="lora", fused=False, single_process_steps=2),
                   dict(name="zero3 llama-adapter", kind="llama_adapter", steps=2),
-                  # Wrong from the second step (gathered-on-access parameters): must refuse, clearly.
-                  dict(name="zero3 bottleneck", kind="bottleneck", steps=2,
-                       raises="bottleneck adapters under DeepSpeed ZeRO-3")],
+                  dict(name="zero3 bottleneck", kind="bottleneck", single_process_steps=1,
+                       same_as="zero3 bottleneck (reference backend)"),
+                  dict(name="zero3 bottleneck (reference backend)", kind="bottleneck", backend="reference",
+                       single_process_steps=1)],
 }
 CHECKPOINTS = {"ddp": {"lora": ["peft"], "lora_small": ["peft"], "bottleneck": ["file"], "llama_adapter": ["file"]},
                "fsdp2": {"lora": ["peft", "dcp"], "bottleneck": ["file", "dcp"], "llama_adapter": ["file", "dcp"]},
@@ -174,8 +174,6 @@ def _run_engine(tmp_path, engine: str, backend: str) -> None:
     scenarios = [{"backend": backend, **sc} for sc in SCENARIOS[engine]]
     results = _launch(tmp_path, engine, scenarios)
     for sc in scenarios:
-        if "raises" in sc:
-            continue
         name, kind, steps = sc["name"], sc["kind"], sc.get("steps", jobs.STEPS)
         ranks = results[name]
         print(f"{name}: {ranks[0]['seconds']:.1f} s on rank 0")
@@ -183,7 +181,7 @@ def _run_engine(tmp_path, engine: str, backend: str) -> None:
             _check_served(name, kind, sc["backend"], ranks[0], steps)
         else:
             assert not ranks[0]["selects"], f"{name}: {ranks[0]['selects']}"
-        if "same_as" in sc:  # the fused run against the library's own run under the same engine
+        if "same_as" in sc:  # the fused run against the same model without fastadapt's kernels, same engine
             other = results[sc["same_as"]][0]
             for what, out, ref in [("loss", ranks[0]["loss"], other["loss"])] + [
                     (f"step {i} gradient of {n}", g, other["grads"][i][n])

@@ -246,13 +246,6 @@ class BottleneckAdapter(nn.Module):
     def forward(self, z: torch.Tensor, residual_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``Adapter.forward(z, residual_input)[0]``: (..., input_size) -> (..., input_size).
         A parallel adapter takes no residual (``residual_input`` is ignored)."""
-        if _distributed.is_zero3(self.down.weight):
-            # Measured on 2 CPU ranks (DeepSpeed 0.19, tests/test_distributed.py): the first step's
-            # gradients are right, the second's wrong (its parameters gathered on access, outside
-            # adapter_down's forward); marking the module a ZeRO-3 leaf leaves them empty in the backward.
-            raise NotImplementedError(
-                "bottleneck adapters under DeepSpeed ZeRO-3 train wrong from the second step on; use DDP, "
-                "FSDP2 (fully_shard) or ZeRO stage 1/2")
         gate = torch.sigmoid(self.gate(z)).mean(1) if self.use_gating else None
         learned = isinstance(self.scaling, nn.Parameter)
         lnb = (self.adapter_norm_before.weight, self.adapter_norm_before.bias) if self.add_layer_norm_before else None

@@ -213,3 +213,23 @@ def test_deepspeed_zero3(tmp_path, cpp_backend):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (optional; on the CPU: "
                         "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
     _run_engine(tmp_path, "deepspeed", cpp_backend)
+
+
+def test_adding_adapters_after_wrapping_raises(tmp_path):
+    # One rank in this process: enough to wrap, and the check looks at the wrapper and the parameters.
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="add_adapter must run before the model is wrapped"):
+            fastadapt.add_adapter(DistributedDataParallel(jobs.tiny_llama()), "bn", "houlsby")
+        sharded = jobs.tiny_llama()
+        fully_shard(sharded)
+        with pytest.raises(RuntimeError, match="add_adaption_prompt must run before the model is wrapped"):
+            fastadapt.add_adaption_prompt(sharded, adapter_len=2, adapter_layers=1)
+        # Outside the forward the parameters are shards: repr names no backend rather than read them.
+        model = jobs.build("bottleneck")
+        fully_shard(model)
+        assert "backend=chosen per call (parameters sharded)" in repr(model)
+    finally:
+        torch.distributed.destroy_process_group()

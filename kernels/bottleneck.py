@@ -574,6 +574,13 @@ def _splits(M: int, tiles: int, block_m: int, device) -> tuple[int, int]:
     return triton.cdiv(max(M, 1), rows_per_split), rows_per_split
 
 
+def _contiguous(*vectors):
+    # The kernels index the 1-D operands (biases, LayerNorm parameters, the per-row gate) as
+    # ``ptr + i``: a strided view, or a broadcast gate expanded to (M,) with stride 0, is copied
+    # first (at most M + 5d elements against the M x d of the op).
+    return tuple(t.contiguous() if t is not None else None for t in vectors)
+
+
 def _scale_stride(scale) -> int:
     # A (1,) "learned" scale is broadcast over the hidden dimension with stride 0.
     return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
@@ -588,6 +595,8 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
     pass NaN-filled ones)."""
     M, D = z.shape
     B = down_weight.shape[0]
+    down_bias, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
+        down_bias, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
     if buffers is not None:
         out, h, stats = buffers
     else:
@@ -632,6 +641,8 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
      need_lnab, need_gate) = needs
     M, D = z.shape
     B = down_weight.shape[0]
+    up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
+        up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
     dev = z.device
     f32 = dict(device=dev, dtype=torch.float32)
     grads = [None] * 12

@@ -201,7 +201,8 @@ def lora_matmul(x, w, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0,
         x, w, K = out, out, 0  # never read: the K loop runs zero times
     else:
         K = x.shape[1]
-    args = (x, w, u, v, bias if bias is not None else out, out, M, N, K, R, dropout_p, seed,
+    # The kernel reads the bias as ``bias_ptr + col``: a strided or expanded one is copied (N elements).
+    args = (x, w, u, v, bias.contiguous() if bias is not None else out, out, M, N, K, R, dropout_p, seed,
             max(M, 1).bit_length(), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
     meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, ACCUMULATE=accumulate,

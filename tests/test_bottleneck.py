@@ -34,7 +34,9 @@ ACTIVATIONS = ["relu", "gelu", "gelu_new", "swish", "tanh", "leakyrelu", "linear
 
 def _inputs(lead, d, m, dtype, device, *, ln_before=False, ln_after=None, residual=True, scale=None,
             gate=False, bias=True):
-    """Fresh random tensors (fp32 draws cast to dtype), O(1) at every stage of the adapter."""
+    """Fresh random tensors (fp32 draws cast to dtype), O(1) at every stage of the adapter.
+
+    ``gate``: False (none), True (one per row) or a shape broadcastable to the rows."""
     def rnd(*shape, std=1.0, mean=0.0):
         return (torch.randn(*shape, device=device) * std + mean).to(dtype)
 
@@ -59,7 +61,7 @@ def _inputs(lead, d, m, dtype, device, *, ln_before=False, ln_after=None, residu
         "ln_before_bias": rnd(d, std=0.2) if ln_before else None,
         "ln_after_weight": rnd(d, std=0.2, mean=1.0) if ln_after else None,
         "ln_after_bias": rnd(d, std=0.2) if ln_after else None,
-        "gate": torch.rand(*lead, device=device).to(dtype) if gate else None,
+        "gate": torch.rand(lead if gate is True else gate, device=device).to(dtype) if gate is not False else None,
     }
     if scale == "learned":
         t["scale"] = rnd(1, std=0.2, mean=1.0)
@@ -270,6 +272,31 @@ def test_empty_batch(backend, device):
         out.sum().backward()
     assert out.shape == (0, 48)
     assert t["up_weight"].grad is not None and t["up_weight"].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("gate_shape", [(), (1,), (1, 11), (3, 1)], ids=str)
+def test_broadcast_gate(backend, device, gate_shape):
+    # A gate broadcast over the rows reaches the backends as an expanded (stride 0) view. (A
+    # "learned" scale keeps u and g_o of one sign, so that the gradient of a one-number gate is
+    # no cancelling sum; see _inputs.)
+    _check(backend, device, torch.float32, (3, 11), 48, 7, scale="learned", gate=gate_shape)
+
+
+def _strided_vectors(t):
+    # Every 1-D parameter (and the gate) as a stride-2 view of the same values.
+    out = dict(t)
+    for name in ("down_bias", "up_bias", "scale", "ln_before_weight", "ln_before_bias", "ln_after_weight",
+                 "ln_after_bias", "gate"):
+        if t[name] is not None:
+            out[name] = torch.stack([t[name], torch.zeros_like(t[name])], -1)[..., 0]
+    return out
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_strided_vectors(backend, device):
+    _check(backend, device, torch.float32, (37,), 80, 16, transform=_strided_vectors, ln_before=True,
+           ln_after="before", scale="channel", gate=True)
 
 
 def test_opcheck():

@@ -107,6 +107,31 @@ def test_variants(backend, device, variant):
     _check_against_reference(backend, device, torch.float32, lead, 80, 48, 7, **kwargs)
 
 
+@pytest.mark.parametrize("backend,device,gemm", BACKEND_DEVICE_GEMM)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_views(backend, device, gemm, layout, monkeypatch):
+    # A bias that is a view (every other element of a buffer, or one value broadcast) must be read
+    # through its strides or copied, whichever GEMM path adds it.
+    monkeypatch.setenv("FASTADAPT_LORA_GEMM", gemm)
+    x, weight, lora_A, lora_B, _ = _inputs((2, 19), 80, 48, 7, torch.float32, device)
+    raw = torch.randn(96 if layout == "strided" else 1, device=device)
+
+    def run(cast, backend_name):
+        leaves = [_leaf(t, cast) for t in (x, weight, lora_A, lora_B, raw)]
+        bias = leaves[4][::2] if layout == "strided" else leaves[4].expand(48)
+        with dispatch.use_backend(backend_name):
+            y = fastadapt.lora_linear(*leaves[:4], 0.5, bias)
+            y.backward(gy.to(cast))
+        return y, leaves
+
+    gy = torch.randn(2, 19, 48, device=device)
+    y, ours = run(torch.float32, backend)
+    y64, ref = run(torch.float64, "reference")
+    assert_close("y", y, y64, torch.float32, device)
+    for name, mine, r64 in zip(["x", "lora_A", "lora_B", "bias"], [ours[0], *ours[2:]], [ref[0], *ref[2:]]):
+        assert_close(f"grad {name}", mine.grad, r64.grad, torch.float32, device)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_dropout_keeps_expected_fraction(backend, device):
     p = 0.25

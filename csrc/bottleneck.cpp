@@ -53,7 +53,7 @@ Act parse_activation(const std::string& name) {
 
 inline float act_fwd(Act act, float h) {
   switch (act) {
-    case Act::relu: return h > 0.f ? h : 0.f;
+    case Act::relu: return h <= 0.f ? 0.f : h;  // NaN stays NaN, as F.relu
     case Act::gelu: return 0.5f * h * (1.f + std::erf(h * 0.70710678118654752f));
     case Act::gelu_tanh: {
       const float k = 0.7978845608028654f, c = 0.044715f;
@@ -66,10 +66,11 @@ inline float act_fwd(Act act, float h) {
   }
 }
 
-// f'(h) with torch's choices at the kinks (relu'(0) = 0, leaky_relu'(0) = slope).
+// f'(h) with torch's choices at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and at NaN
+// (relu'(NaN) = 1, leaky_relu'(NaN) = slope: torch tests h <= 0 and h > 0 respectively).
 inline float act_grad(Act act, float h) {
   switch (act) {
-    case Act::relu: return h > 0.f ? 1.f : 0.f;
+    case Act::relu: return h <= 0.f ? 0.f : 1.f;
     case Act::gelu:
       return 0.5f * (1.f + std::erf(h * 0.70710678118654752f)) + h * std::exp(-0.5f * h * h) * 0.3989422804014327f;
     case Act::gelu_tanh: {

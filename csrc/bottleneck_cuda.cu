@@ -48,7 +48,7 @@ int parse_activation(const std::string& name) {
 
 __device__ __forceinline__ float act_fwd(int act, float h) {
   switch (act) {
-    case kRelu: return h > 0.f ? h : 0.f;
+    case kRelu: return h <= 0.f ? 0.f : h;  // NaN stays NaN, as F.relu
     case kGelu: return 0.5f * h * (1.f + erff(h * 0.70710678118654752f));
     case kGeluTanh: return 0.5f * h * (1.f + tanhf(0.7978845608028654f * (h + 0.044715f * h * h * h)));
     case kSilu: return h / (1.f + expf(-h));
@@ -58,9 +58,10 @@ __device__ __forceinline__ float act_fwd(int act, float h) {
   }
 }
 
+// At NaN as torch: relu'(NaN) = 1, leaky_relu'(NaN) = slope (it tests h <= 0 and h > 0).
 __device__ __forceinline__ float act_grad(int act, float h) {
   switch (act) {
-    case kRelu: return h > 0.f ? 1.f : 0.f;
+    case kRelu: return h <= 0.f ? 0.f : 1.f;
     case kGelu: return 0.5f * (1.f + erff(h * 0.70710678118654752f)) + h * expf(-0.5f * h * h) * 0.3989422804014327f;
     case kGeluTanh: {
       const float k = 0.7978845608028654f, c = 0.044715f;

@@ -62,7 +62,7 @@ def _sigmoid(x):
 def _act(h, ACT: tl.constexpr):
     """f(h) for fp32 h."""
     if ACT == 1:
-        a = tl.maximum(h, 0.0)
+        a = tl.where(h <= 0.0, 0.0, h)  # NaN stays NaN, as F.relu (tl.maximum(NaN, 0) is 0)
     elif ACT == 2:
         a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     elif ACT == 3:
@@ -80,9 +80,10 @@ def _act(h, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(h, ACT: tl.constexpr):
-    """f'(h) for fp32 h, with torch's choice at the kinks (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    """f'(h) for fp32 h, with torch's choice at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and
+    at NaN (relu'(NaN) = 1, leaky_relu'(NaN) = slope: torch tests h <= 0 and h > 0 respectively)."""
     if ACT == 1:
-        g = tl.where(h > 0, 1.0, 0.0)
+        g = tl.where(h <= 0, 0.0, 1.0)
     elif ACT == 2:
         g = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
     elif ACT == 3:
@@ -97,7 +98,7 @@ def _act_grad(h, ACT: tl.constexpr):
     elif ACT == 6:
         g = tl.where(h > 0, 1.0, 0.01)
     else:
-        g = h * 0.0 + 1.0
+        g = tl.zeros_like(h) + 1.0  # not h * 0 + 1: NaN there
     return g
 
 

@@ -299,6 +299,27 @@ def test_strided_vectors(backend, device):
            ln_after="before", scale="channel", gate=True)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_propagates_as_in_pytorch(backend, device, activation):
+    # A NaN in one row of z must come out as eager PyTorch gives it (relu(NaN) = NaN, and
+    # relu'(NaN) = 1 in the backward), in the output and every gradient, not vanish.
+    t = _inputs((9,), 48, 7, torch.float32, device)
+    t["z"][2, 5] = float("nan")
+    ours, ref = _leaves(t), _leaves(t)
+    gout = torch.randn(t["z"].shape, device=device)
+    with dispatch.use_backend(backend):
+        out = _call("op", ours, activation=activation, ln_after=None, dropout_p=0.0)
+        out.backward(gout)
+    expected = _call("ref", ref, activation=activation, ln_after=None, dropout_p=0.0)
+    expected.backward(gout)
+    assert expected.isnan().any()
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-4, atol=1e-5)
+    for name in ("z", "residual", "down_weight", "down_bias", "up_weight", "up_bias"):
+        torch.testing.assert_close(ours[name].grad, ref[name].grad, equal_nan=True, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
 def test_opcheck():
     t = _inputs((2, 5), 48, 7, torch.float32, "cpu", ln_before=True, ln_after="before", scale="channel", gate=True)
     full = [t[k] for k in GRAD_NAMES]

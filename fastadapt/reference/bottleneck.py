@@ -153,10 +153,11 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
 
 
 def activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
-    """f'(h), with torch's choices at the kinks (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    """f'(h), with torch's choices at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and at NaN
+    (relu'(NaN) = 1, leaky_relu'(NaN) = slope)."""
     name = canonical_activation(name)
     if name == "relu":
-        return (h > 0).to(h.dtype)
+        return (~(h <= 0)).to(h.dtype)
     if name == "gelu":
         return 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
     if name == "gelu_tanh":

@@ -265,12 +265,14 @@ def test_eval_mode_has_no_dropout(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
-def test_empty_batch(backend, device):
-    t = _leaves(_inputs((0,), 48, 8, torch.float32, device, ln_before=True, ln_after="before", scale="channel"))
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_empty_batch(backend, device, lead):
+    t = _leaves(_inputs(lead, 48, 8, torch.float32, device, ln_before=True, ln_after="before", scale="channel"))
     with dispatch.use_backend(backend):
         out = _call("op", t, activation="relu", ln_after="before", dropout_p=0.0)
         out.sum().backward()
-    assert out.shape == (0, 48)
+    assert out.shape == (*lead, 48)
+    assert t["z"].grad.shape == t["z"].shape and t["residual"].grad.shape == t["residual"].shape
     assert t["up_weight"].grad is not None and t["up_weight"].grad.abs().sum() == 0
 
 

@@ -75,7 +75,7 @@ def _bottleneck_adapter_backward(
                           activation, eps, residual_before_ln, dropout_p, _seed(seed), needs)
     grads = [g if g is not None else z.new_empty(0) for g in grads]
     for i in (0, 1):
-        if grads[i].numel():
+        if grads[i].dim() == 2:  # computed (M, d), M possibly 0; not-needed ones are (0,)
             grads[i] = grads[i].view(z.shape)
     return tuple(grads)
 

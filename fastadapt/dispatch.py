@@ -69,8 +69,8 @@ def forced_backend() -> str | None:
 def use_backend(name: str | None) -> Iterator[None]:
     """Force ``name`` for the ops called inside the block (``None`` restores automatic choice).
 
-    The same backend serves the forward and the backward of one call only if the backward also runs
-    under it: dropout masks are regenerated from a seed by each backend's own generator.
+    It picks the backend of forwards: a backward always runs on the backend of its forward (each
+    backend regenerates dropout masks from the seed with its own generator), wherever it is called.
     """
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -88,6 +88,14 @@ def explain(op: str, **inputs) -> dict[str, list[str]]:
         name: (impls[name].why_not(**inputs) if name in impls else [f"no {name} implementation of {op}"])
         for name in BACKENDS
     }
+
+
+def get(op: str, backend: str) -> Implementation:
+    """The ``backend`` implementation of ``op``: how a backward finds the one that ran its forward."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        raise KeyError(f"no {backend!r} implementation of {op!r}")
+    return impl
 
 
 def select(op: str, **inputs) -> Implementation:

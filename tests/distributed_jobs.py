@@ -142,20 +142,24 @@ def spy(kind: str):
     """Counts, per (op, backend), what dispatch selected, and how often the library's own forward
     ran instead of the fused op (PEFT's LoRA forward, the two-pass adapter attention)."""
     seen = {"selects": collections.Counter(), "fallbacks": 0}
-    select = dispatch.select
+    select, get = dispatch.select, dispatch.get
 
     def counting_select(op, **inputs):
         impl = select(op, **inputs)
-        # Counted when called by the custom op fastadapt::<op> or fastadapt::<op>_backward, not by
-        # a module's repr (DeepSpeed prints the model).
-        caller = sys._getframe(1).f_code.co_name
-        phase = {f"_{op}": "forward", f"_{op}_backward": "backward"}.get(caller)
-        if phase is not None:
-            seen["selects"][(op, impl.backend, phase)] += 1
+        # Counted when the custom op fastadapt::<op> selects (through its _select), not a module's
+        # repr (DeepSpeed prints the model) nor the autograd context recording the forward's backend.
+        if sys._getframe(2).f_code.co_name == f"_{op}":
+            seen["selects"][(op, impl.backend, "forward")] += 1
         return impl
 
-    restore = [(dispatch, "select", select)]
-    dispatch.select = counting_select
+    def counting_get(op, backend):
+        impl = get(op, backend)  # the backward custom op runs on the forward's backend
+        if sys._getframe(1).f_code.co_name == f"_{op}_backward":
+            seen["selects"][(op, impl.backend, "backward")] += 1
+        return impl
+
+    restore = [(dispatch, "select", select), (dispatch, "get", get)]
+    dispatch.select, dispatch.get = counting_select, counting_get
     if kind in ("lora", "lora_small"):
         from peft.tuners.lora import layer
         peft_forward = layer.Linear.forward

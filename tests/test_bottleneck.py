@@ -322,6 +322,29 @@ def test_nan_propagates_as_in_pytorch(backend, device, activation):
                                    msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_backward_runs_on_the_forward_backend(backend, device):
+    # Dropout masks are regenerated from the seed by each backend's own generator: a backward run
+    # under another forced backend must still be the forward backend's.
+    others = [b for b, d in BACKEND_DEVICE if d == device and b != backend]
+    if not others:
+        pytest.skip("one backend only")
+    t = _inputs((2, 9), 48, 7, torch.float32, device, ln_before=True, ln_after="before", scale="channel", gate=True)
+    gout = torch.randn(t["z"].shape, device=device)
+    grads = []
+    for backward_backend in (backend, *others):
+        leaves = _leaves(t)
+        torch.manual_seed(SEED)
+        with dispatch.use_backend(backend):
+            out = _call("op", leaves, activation="gelu", ln_after="before", dropout_p=0.3)
+        with dispatch.use_backend(backward_backend):
+            out.backward(gout)
+        grads.append({k: v.grad for k, v in leaves.items() if v is not None})
+    for other, g in zip(others, grads[1:]):
+        for name in g:
+            torch.testing.assert_close(g[name], grads[0][name], msg=lambda m: f"{other} backward, {name}: {m}")
+
+
 def test_opcheck():
     t = _inputs((2, 5), 48, 7, torch.float32, "cpu", ln_before=True, ln_after="before", scale="channel", gate=True)
     full = [t[k] for k in GRAD_NAMES]
@@ -337,10 +360,11 @@ def test_opcheck():
     out, h, stats = torch.ops.fastadapt.bottleneck_adapter(*full, SCALING, "gelu", 1e-5, True, 0.0, None)
     gout = torch.randn_like(out)
     detached = [x.detach() if x is not None else None for x in full]
+    backend = dispatch.select(OP, z=t["z"], down_weight=t["down_weight"], up_weight=t["up_weight"]).backend
     for needs in ([True] * 12, [False, True, True, False, True, False, True, False, True, False, True, False]):
         torch.library.opcheck(torch.ops.fastadapt.bottleneck_adapter_backward.default,
                               (gout, *detached[:6], h.detach(), stats.detach(), *detached[6:], SCALING, "gelu", 1e-5, True,
-                               0.0, None, needs))
+                               0.0, None, needs, backend))
 
 
 @pytest.mark.parametrize("device", DEVICES)

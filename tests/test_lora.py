@@ -256,6 +256,30 @@ def test_adapter_weights_in_float32_with_half_input():
     assert rel_err(y, ref) < 1e-2
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_backward_runs_on_the_forward_backend(backend, device):
+    # Dropout masks are regenerated from the seed by each backend's own generator: a backward run
+    # under another forced backend must still be the forward backend's.
+    others = [b for b, d in BACKEND_DEVICE if d == device and b != backend]
+    if not others:
+        pytest.skip("one backend only")
+    raw = _inputs((2, 9), 48, 32, 4, torch.float32, device)
+    gy = torch.randn(2, 9, 32, device=device)
+    grads = []
+    for backward_backend in (backend, *others):
+        leaves = [_leaf(t) for t in raw]
+        torch.manual_seed(1234)
+        with dispatch.use_backend(backend):
+            y = fastadapt.lora_linear(*leaves[:4], 0.5, leaves[4], dropout_p=0.3)
+        with dispatch.use_backend(backward_backend):
+            y.backward(gy)
+        grads.append([t.grad for t in leaves])
+    for other, g in zip(others, grads[1:]):
+        for name, mine, first in zip(["x", "weight", "lora_A", "lora_B", "bias"], g, grads[0]):
+            if first is not None:
+                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+
+
 def test_opcheck():
     x, weight, lora_A, lora_B, b = _inputs((2, 5), 16, 8, 3, torch.float32, "cpu")
     for bias in (b, None):
@@ -264,9 +288,11 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.fastadapt.lora_linear.default, args)
     gy = torch.randn(2, 5, 8)
     u = torch.randn(10, 3)
+    backend = dispatch.select("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=None).backend
     for needs in ([True, True, True, True, False], [False, True, True, False, True]):
         torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
-                              (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs))
+                              (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs,
+                               backend))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)

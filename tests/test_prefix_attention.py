@@ -4,6 +4,7 @@ through the interpreter on CPU). Interpreter shapes are kept small: every progra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -203,6 +204,27 @@ def test_triton_launchers_write_every_element(monkeypatch):
             assert mine is None or torch.isfinite(mine).all()
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_backward_runs_on_the_forward_backend(backend, device, monkeypatch):
+    # Whatever is forced when the backward runs, it is the forward's backend that serves it.
+    impls = dispatch._REGISTRY[OP]
+
+    def refuse(*_):
+        raise AssertionError("backward dispatched to a backend other than the forward's")
+
+    for name in impls:
+        if name != backend:
+            monkeypatch.setitem(impls, name, dataclasses.replace(impls[name], backward=refuse))
+    q, k, v, kp, vp = (x.requires_grad_() for x in _inputs(1, 2, 1, 5, 5, 3, 16, torch.float32, device))
+    gate = torch.randn(2, device=device, requires_grad=True)
+    with dispatch.use_backend(backend):
+        out = fastadapt.prefix_attention(q, k, v, kp, vp, gate)
+    for other in (*[b for b, d in BACKEND_DEVICE if d == device and b != backend], None):
+        with dispatch.use_backend(other):
+            out.backward(torch.ones_like(out), retain_graph=True)
+    assert gate.grad is not None
+
+
 def test_opcheck():
     B, H, Hkv, S, L, D = 1, 2, 1, 5, 3, 16
     q, k, v, kp, vp = (x.requires_grad_() for x in _inputs(B, H, Hkv, S, S, L, D, torch.float32, "cpu"))
@@ -213,10 +235,11 @@ def test_opcheck():
                               (q, k, v, kp, vp, g, mask, D**-0.5, causal, joint))
     with torch.no_grad():
         out, lse, lse_p = torch.ops.fastadapt.prefix_attention(q, k, v, kp, vp, gate, None, D**-0.5, True, False)
+    backend = dispatch.select(OP, q=q, k=k, v=v, k_p=kp, v_p=vp, key_padding_mask=None).backend
     for needs in ([True] * 6, [False, False, False, True, True, True]):
         torch.library.opcheck(torch.ops.fastadapt.prefix_attention_backward.default,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), kp.detach(), vp.detach(),
-                               gate.detach(), None, out, lse, lse_p, D**-0.5, True, False, needs))
+                               gate.detach(), None, out, lse, lse_p, D**-0.5, True, False, needs, backend))
 
 
 @pytest.mark.parametrize("device", DEVICES)

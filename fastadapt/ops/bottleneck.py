@@ -30,6 +30,10 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
+def _select(z, down_weight, up_weight) -> dispatch.Implementation:
+    return dispatch.select(OP, z=z, down_weight=down_weight, up_weight=up_weight)
+
+
 @torch.library.custom_op("fastadapt::bottleneck_adapter", mutates_args=())
 def _bottleneck_adapter(
         z: Tensor, residual: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
@@ -40,7 +44,7 @@ def _bottleneck_adapter(
         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     z2d = z.reshape(-1, z.shape[-1])
     r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    impl = dispatch.select(OP, z=z2d, down_weight=down_weight, up_weight=up_weight)
+    impl = _select(z, down_weight, up_weight)
     out, h, stats = impl.forward(z2d, r2d, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
                                  ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation,
                                  eps, residual_before_ln, dropout_p, _seed(seed))
@@ -62,15 +66,15 @@ def _bottleneck_adapter_backward(
         ln_before_weight: Optional[Tensor], ln_before_bias: Optional[Tensor],
         ln_after_weight: Optional[Tensor], ln_after_bias: Optional[Tensor], gate: Optional[Tensor],
         scaling: float, activation: str, eps: float, residual_before_ln: bool, dropout_p: float,
-        seed: Optional[Tensor], needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                             Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The 12 gradients in :data:`GRAD_NAMES` order; one not asked for in ``needs`` (or of an
-    absent input) comes back empty. ``residual`` is passed only when LN_after normalises o + r."""
+        seed: Optional[Tensor], needs: list[bool], backend: str) -> tuple[
+            Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The 12 gradients in :data:`GRAD_NAMES` order, on ``backend`` (the forward's); one not asked
+    for in ``needs`` (or of an absent input) comes back empty. ``residual`` is passed only when
+    LN_after normalises o + r."""
     z2d = z.reshape(-1, z.shape[-1])
     g2d = gout.reshape(-1, gout.shape[-1])
     r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    impl = dispatch.select(OP, z=z2d, down_weight=down_weight, up_weight=up_weight)
-    grads = impl.backward(g2d, z2d, r2d, down_weight, down_bias, up_weight, up_bias, h, stats, scale,
+    grads = dispatch.get(OP, backend).backward(g2d, z2d, r2d, down_weight, down_bias, up_weight, up_bias, h, stats, scale,
                           ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling,
                           activation, eps, residual_before_ln, dropout_p, _seed(seed), needs)
     grads = [g if g is not None else z.new_empty(0) for g in grads]
@@ -83,7 +87,7 @@ def _bottleneck_adapter_backward(
 @_bottleneck_adapter_backward.register_fake
 def _(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, ln_before_weight,
       ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
-      dropout_p, seed, needs):
+      dropout_p, seed, needs, backend):
     inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
               ln_before_bias, ln_after_weight, ln_after_bias, gate)
     return tuple(t.new_empty(t.shape) if (t is not None and need) else z.new_empty(0)
@@ -102,6 +106,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, residual if ctx.res_in_ln else None, down_weight, down_bias, up_weight, up_bias,
                           output[1], output[2], scale, lnb_w, lnb_b, lna_w, lna_b, gate, seed)
     ctx.args = (scaling, activation, eps, residual_before_ln, dropout_p)
+    ctx.backend = _select(z, down_weight, up_weight).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gout, _gh, _gstats):
@@ -112,7 +117,7 @@ def _backward(ctx, gout, _gh, _gstats):
     needs = [n[0], n[1] and ctx.res_in_ln, *n[2:12]]
     grads = list(torch.ops.fastadapt.bottleneck_adapter_backward(
         gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_w, lnb_b,
-        lna_w, lna_b, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, needs))
+        lna_w, lna_b, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, needs, ctx.backend))
     grads = [g if need else None for g, need in zip(grads, needs)]
     if ctx.has_residual and n[1] and not ctx.res_in_ln:
         grads[1] = gout  # out = ... + r: the residual's gradient is the output's

@@ -24,11 +24,15 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
+def _select(x, weight, lora_A, lora_B, bias) -> dispatch.Implementation:
+    return dispatch.select(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
 @torch.library.custom_op("fastadapt::lora_linear", mutates_args=())
 def _lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     x2d = x.reshape(-1, x.shape[-1])
-    impl = dispatch.select(OP, x=x2d, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    impl = _select(x, weight, lora_A, lora_B, bias)
     y, u = impl.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
     return y.view(*x.shape[:-1], weight.shape[0]), u
 
@@ -42,18 +46,19 @@ def _(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
 @torch.library.custom_op("fastadapt::lora_linear_backward", mutates_args=())
 def _lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                           u: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                          needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(gx, gA, gB, gbias, gweight); a gradient not asked for in ``needs`` comes back empty."""
+                          needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(gx, gA, gB, gbias, gweight) on ``backend``, the forward's; a gradient not asked for in
+    ``needs`` comes back empty."""
     x2d = x.reshape(-1, x.shape[-1])
     gy2d = gy.reshape(-1, gy.shape[-1])
-    impl = dispatch.select(OP, x=x2d, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=None)
-    grads = impl.backward(gy2d, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs)
+    grads = dispatch.get(OP, backend).backward(gy2d, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, _seed(seed),
+                                               needs)
     gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
     return (gx.view(x.shape) if needs[0] else gx), *rest
 
 
 @_lora_linear_backward.register_fake
-def _(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def _(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, backend):
     shapes = (x.shape, lora_A.shape, lora_B.shape, weight.shape[:1], weight.shape)
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
@@ -63,6 +68,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
+    ctx.backend = _select(x, weight, lora_A, lora_B, bias).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu):
@@ -70,7 +76,7 @@ def _backward(ctx, gy, _gu):
     nx, nw, na, nb, _, nbias, _, _ = ctx.needs_input_grad
     needs = [nx, na, nb, nbias, nw]
     grads = torch.ops.fastadapt.lora_linear_backward(
-        gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
+        gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs, ctx.backend)
     gx, gA, gB, gbias, gw = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, gA, gB, None, gbias, None, None
 

@@ -31,12 +31,15 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _select(q, k, v, k_p, v_p, key_padding_mask) -> dispatch.Implementation:
+    return dispatch.select(OP, q=q, k=k, v=v, k_p=k_p, v_p=v_p, key_padding_mask=key_padding_mask)
+
+
 @torch.library.custom_op("fastadapt::prefix_attention", mutates_args=())
 def _prefix_attention(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, gate: Optional[Tensor],
                       key_padding_mask: Optional[Tensor], scale: float, causal: bool,
                       joint: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = dispatch.select(OP, q=q, k=k, v=v, k_p=k_p, v_p=v_p, key_padding_mask=key_padding_mask)
-    return impl.forward(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
+    return _select(q, k, v, k_p, v_p, key_padding_mask).forward(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
 
 
 @_prefix_attention.register_fake
@@ -50,16 +53,17 @@ def _(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint):
 def _prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor,
                                gate: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor,
                                stats: Tensor, stats_p: Tensor, scale: float, causal: bool, joint: bool,
-                               needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dk_p, dv_p, dgate); a gradient not asked for in ``needs`` comes back empty."""
-    impl = dispatch.select(OP, q=q, k=k, v=v, k_p=k_p, v_p=v_p, key_padding_mask=key_padding_mask)
-    grads = impl.backward(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal,
+                               needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                         Tensor]:
+    """(dq, dk, dv, dk_p, dv_p, dgate) on ``backend`` (the forward's); a gradient not asked for in
+    ``needs`` comes back empty."""
+    grads = dispatch.get(OP, backend).backward(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal,
                           joint, needs)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_prefix_attention_backward.register_fake
-def _(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal, joint, needs):
+def _(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal, joint, needs, backend):
     shapes = (q.shape, k.shape, v.shape, k_p.shape, v_p.shape)
     grads = [q.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
     grads.append(q.new_empty((q.shape[1],) if needs[5] else (0,), dtype=stats.dtype))
@@ -71,6 +75,7 @@ def _setup_context(ctx, inputs, output):
     out, stats, stats_p = output
     ctx.save_for_backward(q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p)
     ctx.scale, ctx.causal, ctx.joint = scale, causal, joint
+    ctx.backend = _select(q, k, v, k_p, v_p, key_padding_mask).backend  # the one the forward just ran on
 
 
 def _backward(ctx, dout, _dstats, _dstats_p):
@@ -79,7 +84,7 @@ def _backward(ctx, dout, _dstats, _dstats_p):
     needs[5] = needs[5] and not ctx.joint
     grads = torch.ops.fastadapt.prefix_attention_backward(
         dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, ctx.scale, ctx.causal, ctx.joint,
-        needs)
+        needs, ctx.backend)
     dq, dk, dv, dk_p, dv_p, dgate = (g if need else None for g, need in zip(grads, needs))
     return dq, dk, dv, dk_p, dv_p, dgate, None, None, None, None
 

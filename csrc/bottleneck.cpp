@@ -378,22 +378,6 @@ void ln_before_backward(const Tensor& g_zn, const Tensor& z, const float* w, con
   });
 }
 
-void check_dtype(const Tensor& z, const char* name) {
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16 || z.scalar_type() == at::kHalf,
-              name, ": unsupported dtype ", z.scalar_type(), " (the native kernels take float32, bfloat16, float16)");
-}
-
-void check_common(const char* name, const Tensor& z, const Tensor& down_weight, const Tensor& up_weight) {
-  TORCH_CHECK(z.dim() == 2 && down_weight.dim() == 2 && up_weight.dim() == 2, name, ": z, weights must be 2-D");
-  TORCH_CHECK(down_weight.size(1) == z.size(1) && up_weight.size(0) == z.size(1) &&
-                  up_weight.size(1) == down_weight.size(0),
-              name, ": down_weight must be (m, d) and up_weight (d, m)");
-  TORCH_CHECK(down_weight.scalar_type() == z.scalar_type() && up_weight.scalar_type() == z.scalar_type(), name,
-              ": z and the adapter weights must share one dtype");
-  TORCH_CHECK(z.device().is_cpu(), name, ": CPU kernel called with ", z.device(), " tensors");
-  check_dtype(z, name);
-}
-
 Epilogue make_epilogue(const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w32, const Tensor& lna_b32,
                        bool res_in_ln, double scaling, double eps, double dropout_p, int64_t seed) {
   Epilogue e;
@@ -418,7 +402,8 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(
     const OptTensor& gate, double scaling, std::string activation, double eps, bool residual_before_ln,
     double dropout_p, int64_t seed) {
   const char* name = "fastadapt_C::bottleneck_forward";
-  check_common(name, z_in, down_weight, up_weight);
+  check_bottleneck_forward(c10::kCPU, z_in, residual, down_weight, down_bias, up_weight, up_bias, scale,
+                           ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps, dropout_p);
   const Act act = parse_activation(activation);
   const int64_t M = z_in.size(0), d = z_in.size(1), m = down_weight.size(0);
   const auto opts = z_in.options();
@@ -426,17 +411,10 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(
   if (M == 0) return {at::empty({0, d}, opts), at::empty({0, m}, opts), stats};
   const Tensor z = cpu::rows_contiguous(z_in);
   Tensor r;
-  if (present(residual)) {
-    TORCH_CHECK(residual->sizes() == z_in.sizes() && residual->scalar_type() == z_in.scalar_type(), name,
-                ": residual must have z's shape and dtype");
-    r = cpu::rows_contiguous(*residual);
-  }
+  if (present(residual)) r = cpu::rows_contiguous(*residual);
   const Tensor lnb_w = f32(ln_before_weight), lnb_b = f32(ln_before_bias);
   const Tensor lna_w = f32(ln_after_weight), lna_b = f32(ln_after_bias);
   const Tensor scale32 = f32(scale), gate32 = f32(gate);
-  TORCH_CHECK(!lnb_w.defined() || lnb_b.defined(), name, ": ln_before needs weight and bias");
-  TORCH_CHECK(!lna_w.defined() || lna_b.defined(), name, ": ln_after needs weight and bias");
-  TORCH_CHECK(!gate32.defined() || gate32.numel() == M, name, ": gate must have one value per row");
   float* st = stats.data_ptr<float>();
 
   Tensor out = at::empty({M, d}, opts), h, u;
@@ -467,15 +445,11 @@ std::vector<Tensor> bottleneck_backward_cpu(
     std::string activation, double eps, bool residual_before_ln, double dropout_p, int64_t seed,
     std::array<bool, 12> needs) {
   const char* name = "fastadapt_C::bottleneck_backward";
-  check_common(name, z_in, down_weight, up_weight);
+  check_bottleneck_backward(c10::kCPU, gout_in, z_in, residual, down_weight, down_bias, up_weight, up_bias, h, stats,
+                            scale, ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps,
+                            dropout_p);
   const Act act = parse_activation(activation);
-  const int64_t M = z_in.size(0), d = z_in.size(1), m = down_weight.size(0);
-  TORCH_CHECK(gout_in.sizes() == z_in.sizes() && gout_in.scalar_type() == z_in.scalar_type(), name,
-              ": gout must have z's shape and dtype");
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == M && h.size(1) == m && h.scalar_type() == z_in.scalar_type(), name,
-              ": h must be (M, m) in z's dtype");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == M && stats.scalar_type() == at::kFloat,
-              name, ": stats must be (4, M) float32");
+  const int64_t M = z_in.size(0), d = z_in.size(1);
   const auto opts = z_in.options();
   const std::array<const OptTensor*, 12> inputs = {nullptr, &residual, nullptr, &down_bias, nullptr, &up_bias,
                                                    &scale, &ln_before_weight, &ln_before_bias, &ln_after_weight,

@@ -325,17 +325,6 @@ std::pair<int64_t, int64_t> column_splits(int64_t M, int64_t d, int device) {
   return {cdiv(std::max<int64_t>(M, 1), per), per};
 }
 
-void check_common(const char* name, const Tensor& z, const Tensor& down_weight, const Tensor& up_weight) {
-  TORCH_CHECK(z.dim() == 2 && down_weight.dim() == 2 && up_weight.dim() == 2, name, ": z, weights must be 2-D");
-  TORCH_CHECK(down_weight.size(1) == z.size(1) && up_weight.size(0) == z.size(1) &&
-                  up_weight.size(1) == down_weight.size(0),
-              name, ": down_weight must be (m, d) and up_weight (d, m)");
-  TORCH_CHECK(down_weight.scalar_type() == z.scalar_type() && up_weight.scalar_type() == z.scalar_type(), name,
-              ": z and the adapter weights must share one dtype");
-  TORCH_CHECK(z.is_cuda() && down_weight.device() == z.device() && up_weight.device() == z.device(), name,
-              ": tensors must be on one CUDA device");
-}
-
 Epi make_epi(const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w, const Tensor& lna_b, bool res_in_ln,
              double scaling, double eps, double dropout_p, int64_t seed) {
   return Epi{ptr(scale32), scale32.defined() ? scale32.numel() : 0, static_cast<float>(scaling), ptr(gate32),
@@ -371,7 +360,8 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cuda(
     const OptTensor& gate, double scaling, std::string activation, double eps, bool residual_before_ln,
     double dropout_p, int64_t seed) {
   const char* name = "fastadapt_C::bottleneck_forward";
-  check_common(name, z_in, down_weight, up_weight);
+  check_bottleneck_forward(c10::kCUDA, z_in, residual, down_weight, down_bias, up_weight, up_bias, scale,
+                           ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps, dropout_p);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const int act = parse_activation(activation);
   const int64_t M = z_in.size(0), d = z_in.size(1), m = down_weight.size(0);
@@ -414,7 +404,9 @@ std::vector<Tensor> bottleneck_backward_cuda(
     std::string activation, double eps, bool residual_before_ln, double dropout_p, int64_t seed,
     std::array<bool, 12> needs) {
   const char* name = "fastadapt_C::bottleneck_backward";
-  check_common(name, z_in, down_weight, up_weight);
+  check_bottleneck_backward(c10::kCUDA, gout_in, z_in, residual, down_weight, down_bias, up_weight, up_bias, h, stats,
+                            scale, ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps,
+                            dropout_p);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const int act = parse_activation(activation);
   const int64_t M = z_in.size(0), d = z_in.size(1);

@@ -1,8 +1,15 @@
 // Pieces shared by every native kernel of fastadapt, host and device: the dropout draw and the
-// declarations that csrc/ops.cpp registers.
+// argument checks of the entry points that csrc/ops.cpp registers.
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #if defined(__CUDACC__)
 #define FA_HOST_DEVICE __host__ __device__ __forceinline__
@@ -34,5 +41,74 @@ inline uint32_t dropout_threshold(double p) {
 FA_HOST_DEVICE bool dropout_keep_at(uint64_t seed, uint64_t index, uint32_t threshold) {
   return dropout_bits(seed, index) >= threshold;
 }
+
+// The ops torch.ops.fastadapt_C.* are public and their kernels index raw pointers, so each entry
+// point checks every argument itself (the contracts are in csrc/ops.cpp) and names the one that is
+// wrong. Strides are free: each kernel copies what it indexes as contiguous (rows or vectors).
+constexpr int64_t kAnySize = -1;
+
+class ArgCheck {
+ public:
+  // Every tensor argument must be on `first`'s device, which must be of type `device_type`.
+  ArgCheck(const char* op, const at::Tensor& first, c10::DeviceType device_type) : op_(op) {
+    TORCH_CHECK(first.defined(), op_, ": undefined tensor argument");
+    device_ = first.device();
+    TORCH_CHECK(device_.type() == device_type, op_, ": the ", c10::DeviceTypeName(device_type, true),
+                " kernel was called with tensors on ", device_);
+  }
+
+  // `t` has shape `sizes` (kAnySize: any size in that dimension), dtype `dtype` and the device.
+  void operator()(const char* name, const at::Tensor& t, std::initializer_list<int64_t> sizes,
+                  at::ScalarType dtype) const {
+    TORCH_CHECK(t.defined(), op_, ": ", name, " is an undefined tensor");
+    bool ok = t.dim() == static_cast<int64_t>(sizes.size());
+    int64_t i = 0;
+    for (int64_t s : sizes) {
+      if (ok && s != kAnySize && t.size(i) != s) ok = false;
+      ++i;
+    }
+    TORCH_CHECK(ok, op_, ": ", name, " must have shape ", shape(sizes), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dtype, op_, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device_, op_, ": ", name, " must be on ", device_, " (as the first argument), got ",
+                t.device());
+  }
+
+  // An optional argument: absent (None) passes, present is checked as above.
+  void operator()(const char* name, const std::optional<at::Tensor>& t, std::initializer_list<int64_t> sizes,
+                  at::ScalarType dtype) const {
+    if (t.has_value() && t->defined()) (*this)(name, *t, sizes, dtype);
+  }
+
+  // One of the dtypes the native kernels compute in.
+  void kernel_dtype(const char* name, const at::Tensor& t) const {
+    const at::ScalarType s = t.scalar_type();
+    TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op_, ": ", name, " has dtype ", s,
+                "; the native kernels take float32, bfloat16, float16");
+  }
+
+  void probability(const char* name, double p) const {
+    TORCH_CHECK(p >= 0.0 && p < 1.0, op_, ": ", name, " must be in [0, 1), got ", p);
+  }
+
+  const char* op() const { return op_; }
+
+ private:
+  static std::string shape(std::initializer_list<int64_t> sizes) {
+    std::ostringstream out;
+    out << "(";
+    const char* sep = "";
+    for (int64_t s : sizes) {
+      out << sep;
+      if (s == kAnySize) out << "*";
+      else out << s;
+      sep = ", ";
+    }
+    out << (sizes.size() == 1 ? ",)" : ")");
+    return out.str();
+  }
+
+  const char* op_;
+  c10::Device device_{c10::kCPU};
+};
 
 }  // namespace fastadapt

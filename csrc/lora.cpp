@@ -29,19 +29,6 @@ namespace {
 
 using cpu::RB;
 
-void check_inputs(const char* name, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                  const Tensor& lora_B) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2, name,
-              ": x, weight, lora_A, lora_B must be 2-D");
-  TORCH_CHECK(weight.size(1) == x.size(1) && lora_A.size(1) == x.size(1), name, ": in_features mismatch");
-  TORCH_CHECK(lora_B.size(0) == weight.size(0) && lora_B.size(1) == lora_A.size(0), name,
-              ": lora_B must be (out_features, r)");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && lora_A.scalar_type() == x.scalar_type() &&
-                  lora_B.scalar_type() == x.scalar_type(),
-              name, ": x, weight, lora_A, lora_B must share one dtype");
-  TORCH_CHECK(x.device().is_cpu(), name, ": CPU kernel called with ", x.device(), " tensors");
-}
-
 // u = s D(x) A^T, rounded to T; the dropout mask lives only in registers.
 template <typename T>
 void dropout_down_pass(const Tensor& x, const float* A, Tensor& u, float s, const cpu::Dropout& d) {
@@ -117,11 +104,9 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cp
 std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& weight, const Tensor& lora_A,
                                             const Tensor& lora_B, double scaling,
                                             const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
-  check_inputs("fastadapt_C::lora_forward", x_in, weight, lora_A, lora_B);
+  check_lora_forward(c10::kCPU, x_in, weight, lora_A, lora_B, bias, dropout_p);
   const int64_t M = x_in.size(0), N = weight.size(0), r = lora_A.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "fastadapt_C::lora_forward: bias must be (out_features,)");
   if (M == 0) return {at::empty({0, N}, x_in.options()), at::empty({0, r}, x_in.options())};
   const Tensor x = cpu::rows_contiguous(x_in);
   Tensor u;
@@ -133,9 +118,6 @@ std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& we
       dropout_down_pass<scalar_t>(x, A.data_ptr<float>(), u, static_cast<float>(scaling), d);
     });
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                "fastadapt_C::lora_forward: unsupported dtype ", x.scalar_type(),
-                " (the native kernels take float32, bfloat16, float16)");
     u = at::mm(x, lora_A.t());
     u.mul_(scaling);
   }
@@ -147,17 +129,8 @@ std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& we
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
-  check_inputs("fastadapt_C::lora_backward", x_in, weight, lora_A, lora_B);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(gy_in.dim() == 2 && gy_in.size(0) == M && gy_in.size(1) == N,
-              "fastadapt_C::lora_backward: gy must be (M, out_features)");
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == r, "fastadapt_C::lora_backward: u must be (M, r)");
-  TORCH_CHECK(gy_in.scalar_type() == x_in.scalar_type() && u.scalar_type() == x_in.scalar_type(),
-              "fastadapt_C::lora_backward: gy and u must have x's dtype");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16 ||
-                  x_in.scalar_type() == at::kHalf,
-              "fastadapt_C::lora_backward: unsupported dtype ", x_in.scalar_type(),
-              " (the native kernels take float32, bfloat16, float16)");
+  check_lora_backward(c10::kCPU, gy_in, x_in, weight, lora_A, lora_B, u, dropout_p);
+  const int64_t M = x_in.size(0), K = x_in.size(1), r = lora_A.size(0);
   const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
   const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
   const auto opts = x.options();
@@ -201,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
 }
 
 Tensor dropout_keep_cpu(const Tensor& like, double p, int64_t seed) {
-  TORCH_CHECK(like.dim() == 2, "fastadapt_C::dropout_keep: expected a 2-D (M, K) tensor");
+  check_dropout_keep(c10::kCPU, like, p);
   const int64_t M = like.size(0), K = like.size(1);
   Tensor keep = at::empty({M, K}, like.options().dtype(at::kBool));
   bool* out = keep.data_ptr<bool>();

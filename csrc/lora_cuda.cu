@@ -180,27 +180,12 @@ void launch_reduce(const Tensor& P, const Tensor& X, Tensor& out, DropoutArgs d)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_inputs(const char* name, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                  const Tensor& lora_B) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2, name,
-              ": x, weight, lora_A, lora_B must be 2-D");
-  TORCH_CHECK(weight.size(1) == x.size(1) && lora_A.size(1) == x.size(1), name, ": in_features mismatch");
-  TORCH_CHECK(lora_B.size(0) == weight.size(0) && lora_B.size(1) == lora_A.size(0), name,
-              ": lora_B must be (out_features, r)");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && lora_A.scalar_type() == x.scalar_type() &&
-                  lora_B.scalar_type() == x.scalar_type(),
-              name, ": x, weight, lora_A, lora_B must share one dtype");
-  TORCH_CHECK(x.is_cuda() && weight.device() == x.device() && lora_A.device() == x.device() &&
-                  lora_B.device() == x.device(),
-              name, ": all tensors must be on one CUDA device");
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> lora_forward_cuda(const Tensor& x_in, const Tensor& weight, const Tensor& lora_A,
                                              const Tensor& lora_B, double scaling,
                                              const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
-  check_inputs("fastadapt_C::lora_forward", x_in, weight, lora_A, lora_B);
+  check_lora_forward(c10::kCUDA, x_in, weight, lora_A, lora_B, bias, dropout_p);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), N = weight.size(0), r = lora_A.size(0);
   Tensor y = at::empty({M, N}, x_in.options());
@@ -225,12 +210,9 @@ std::tuple<Tensor, Tensor> lora_forward_cuda(const Tensor& x_in, const Tensor& w
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cuda(
     const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
-  check_inputs("fastadapt_C::lora_backward", x_in, weight, lora_A, lora_B);
+  check_lora_backward(c10::kCUDA, gy_in, x_in, weight, lora_A, lora_B, u, dropout_p);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(gy_in.dim() == 2 && gy_in.size(0) == M && gy_in.size(1) == N,
-              "fastadapt_C::lora_backward: gy must be (M, out_features)");
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == r, "fastadapt_C::lora_backward: u must be (M, r)");
   const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
   const Tensor gy = rows_contiguous(gy_in), x = rows_contiguous(x_in);
   const auto opts = x.options();
@@ -271,7 +253,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cuda(
 }
 
 Tensor dropout_keep_cuda(const Tensor& like, double p, int64_t seed) {
-  TORCH_CHECK(like.dim() == 2, "fastadapt_C::dropout_keep: expected a 2-D (M, K) tensor");
+  check_dropout_keep(c10::kCUDA, like, p);
   const c10::cuda::CUDAGuard guard(like.device());
   Tensor keep = at::empty({like.size(0), like.size(1)}, like.options().dtype(at::kBool));
   const int64_t total = keep.numel();

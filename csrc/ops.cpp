@@ -3,11 +3,166 @@
 // dispatch backends "cpp" and "cuda"), and their CPU / CUDA implementations.
 #include <Python.h>  // only for PyInit__C, which makes the setup.py build importable as fastadapt._C
 
+#include <cmath>
 #include <string>
 
 #include <torch/library.h>
 
+#include "common.h"
 #include "ops.h"
+
+namespace fastadapt {
+
+using OptTensor = std::optional<Tensor>;
+
+namespace {
+
+// (M, in_features) of x, out_features, r: the shapes every other LoRA argument is checked against.
+struct LoraDims {
+  int64_t M, K, N, r;
+};
+
+LoraDims check_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                    const Tensor& lora_B) {
+  const at::ScalarType dt = x.scalar_type();
+  c("x", x, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  c("weight", weight, {kAnySize, K}, dt);
+  c("lora_A", lora_A, {kAnySize, K}, dt);
+  const int64_t N = weight.size(0), r = lora_A.size(0);
+  c("lora_B", lora_B, {N, r}, dt);
+  return {M, K, N, r};
+}
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// (M, d, m) of z and down_weight.
+struct BottleneckDims {
+  int64_t M, d, m;
+};
+
+BottleneckDims check_bottleneck(const ArgCheck& c, const Tensor& z, const OptTensor& residual,
+                                const Tensor& down_weight, const OptTensor& down_bias, const Tensor& up_weight,
+                                const OptTensor& up_bias, const OptTensor& scale, const OptTensor& lnb_w,
+                                const OptTensor& lnb_b, const OptTensor& lna_w, const OptTensor& lna_b,
+                                const OptTensor& gate, double eps, double dropout_p) {
+  const at::ScalarType dt = z.scalar_type();
+  c("z", z, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("z", z);
+  const int64_t M = z.size(0), d = z.size(1);
+  c("down_weight", down_weight, {kAnySize, d}, dt);
+  const int64_t m = down_weight.size(0);
+  c("up_weight", up_weight, {d, m}, dt);
+  c("residual", residual, {M, d}, dt);
+  c("down_bias", down_bias, {m}, dt);
+  c("up_bias", up_bias, {d}, dt);
+  c("scale", scale, {kAnySize}, dt);
+  TORCH_CHECK(!present(scale) || scale->numel() == 1 || scale->numel() == d, c.op(),
+              ": scale must have 1 or d = ", d, " elements, got ", scale->numel());
+  c("ln_before_weight", lnb_w, {d}, dt);
+  c("ln_before_bias", lnb_b, {d}, dt);
+  c("ln_after_weight", lna_w, {d}, dt);
+  c("ln_after_bias", lna_b, {d}, dt);
+  TORCH_CHECK(present(lnb_w) == present(lnb_b), c.op(), ": ln_before_weight and ln_before_bias come together");
+  TORCH_CHECK(present(lna_w) == present(lna_b), c.op(), ": ln_after_weight and ln_after_bias come together");
+  c("gate", gate, {M}, dt);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, c.op(), ": eps must be positive and finite, got ", eps);
+  c.probability("dropout_p", dropout_p);
+  return {M, d, m};
+}
+
+// q (B, H, Sq, D) against k, v (B, Hkv, Sk, D), k_p, v_p (B, Hkv, L, D), the mask and the gate.
+void check_prefix(const ArgCheck& c, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p,
+                  const Tensor& v_p, const OptTensor& gate, const OptTensor& key_padding_mask, bool joint) {
+  const at::ScalarType dt = q.scalar_type();
+  c("q", q, {kAnySize, kAnySize, kAnySize, kAnySize}, dt);
+  c.kernel_dtype("q", q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  c("k", k, {B, kAnySize, kAnySize, D}, dt);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, c.op(), ": the heads of q (", H, ") must be a multiple of those of k (", Hkv,
+              ")");
+  c("v", v, {B, Hkv, Sk, D}, dt);
+  c("k_p", k_p, {B, Hkv, kAnySize, D}, dt);
+  c("v_p", v_p, {B, Hkv, k_p.size(2), D}, dt);
+  c("key_padding_mask", key_padding_mask, {B, Sk}, at::kBool);
+  if (joint) return;
+  TORCH_CHECK(present(gate), c.op(), ": gated mode (joint=False) needs a gate");
+  c("gate", gate, {H}, at::kFloat);
+}
+
+}  // namespace
+
+void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const OptTensor& bias, double dropout_p) {
+  const ArgCheck c("fastadapt_C::lora_forward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("bias", bias, {s.N}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
+void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p) {
+  const ArgCheck c("fastadapt_C::lora_backward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("u", u, {s.M, s.r}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
+void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p) {
+  const ArgCheck c("fastadapt_C::dropout_keep", like, device);
+  c("like", like, {kAnySize, kAnySize}, like.scalar_type());
+  c.probability("p", p);
+}
+
+void check_bottleneck_forward(c10::DeviceType device, const Tensor& z, const OptTensor& residual,
+                              const Tensor& down_weight, const OptTensor& down_bias, const Tensor& up_weight,
+                              const OptTensor& up_bias, const OptTensor& scale, const OptTensor& ln_before_weight,
+                              const OptTensor& ln_before_bias, const OptTensor& ln_after_weight,
+                              const OptTensor& ln_after_bias, const OptTensor& gate, double eps, double dropout_p) {
+  const ArgCheck c("fastadapt_C::bottleneck_forward", z, device);
+  check_bottleneck(c, z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
+                   ln_before_bias, ln_after_weight, ln_after_bias, gate, eps, dropout_p);
+}
+
+void check_bottleneck_backward(c10::DeviceType device, const Tensor& gout, const Tensor& z, const OptTensor& residual,
+                               const Tensor& down_weight, const OptTensor& down_bias, const Tensor& up_weight,
+                               const OptTensor& up_bias, const Tensor& h, const Tensor& stats, const OptTensor& scale,
+                               const OptTensor& ln_before_weight, const OptTensor& ln_before_bias,
+                               const OptTensor& ln_after_weight, const OptTensor& ln_after_bias,
+                               const OptTensor& gate, double eps, double dropout_p) {
+  const ArgCheck c("fastadapt_C::bottleneck_backward", z, device);
+  const BottleneckDims s = check_bottleneck(c, z, residual, down_weight, down_bias, up_weight, up_bias, scale,
+                                            ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate,
+                                            eps, dropout_p);
+  c("gout", gout, {s.M, s.d}, z.scalar_type());
+  c("h", h, {s.M, s.m}, z.scalar_type());
+  c("stats", stats, {4, s.M}, at::kFloat);
+}
+
+void check_prefix_attention_forward(c10::DeviceType device, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& k_p, const Tensor& v_p, const OptTensor& gate,
+                                    const OptTensor& key_padding_mask, bool joint) {
+  const ArgCheck c("fastadapt_C::prefix_attention_forward", q, device);
+  check_prefix(c, q, k, v, k_p, v_p, gate, key_padding_mask, joint);
+}
+
+void check_prefix_attention_backward(c10::DeviceType device, const Tensor& dout, const Tensor& q, const Tensor& k,
+                                     const Tensor& v, const Tensor& k_p, const Tensor& v_p, const OptTensor& gate,
+                                     const OptTensor& key_padding_mask, const Tensor& out, const Tensor& stats,
+                                     const Tensor& stats_p, bool joint) {
+  const ArgCheck c("fastadapt_C::prefix_attention_backward", q, device);
+  check_prefix(c, q, k, v, k_p, v_p, gate, key_padding_mask, joint);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  c("dout", dout, {B, H, Sq, D}, q.scalar_type());
+  c("out", out, {B, H, Sq, D}, q.scalar_type());
+  c("stats", stats, {B, H, Sq, 2}, at::kFloat);
+  if (!joint) c("stats_p", stats_p, {B, H, Sq, 2}, at::kFloat);
+}
+
+}  // namespace fastadapt
 
 namespace {
 
@@ -24,6 +179,9 @@ std::string build_info() {
   info += ", AVX2";
 #else
   info += ", baseline SIMD";
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  info += ", AddressSanitizer";
 #endif
 #ifdef _OPENMP
   info += ", OpenMP";

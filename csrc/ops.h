@@ -13,6 +13,34 @@ namespace fastadapt {
 
 using at::Tensor;
 
+// The argument contracts of the schemas (csrc/ops.cpp): each kernel, CPU or CUDA, calls its op's
+// check first with its device type; a violation raises an error naming the argument.
+void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p);
+void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p);
+void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p);
+void check_bottleneck_forward(
+    c10::DeviceType device, const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,
+    const std::optional<Tensor>& down_bias, const Tensor& up_weight, const std::optional<Tensor>& up_bias,
+    const std::optional<Tensor>& scale, const std::optional<Tensor>& ln_before_weight,
+    const std::optional<Tensor>& ln_before_bias, const std::optional<Tensor>& ln_after_weight,
+    const std::optional<Tensor>& ln_after_bias, const std::optional<Tensor>& gate, double eps, double dropout_p);
+void check_bottleneck_backward(
+    c10::DeviceType device, const Tensor& gout, const Tensor& z, const std::optional<Tensor>& residual,
+    const Tensor& down_weight, const std::optional<Tensor>& down_bias, const Tensor& up_weight,
+    const std::optional<Tensor>& up_bias, const Tensor& h, const Tensor& stats, const std::optional<Tensor>& scale,
+    const std::optional<Tensor>& ln_before_weight, const std::optional<Tensor>& ln_before_bias,
+    const std::optional<Tensor>& ln_after_weight, const std::optional<Tensor>& ln_after_bias,
+    const std::optional<Tensor>& gate, double eps, double dropout_p);
+void check_prefix_attention_forward(c10::DeviceType device, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& k_p, const Tensor& v_p, const std::optional<Tensor>& gate,
+                                    const std::optional<Tensor>& key_padding_mask, bool joint);
+void check_prefix_attention_backward(c10::DeviceType device, const Tensor& dout, const Tensor& q, const Tensor& k,
+                                     const Tensor& v, const Tensor& k_p, const Tensor& v_p,
+                                     const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask,
+                                     const Tensor& out, const Tensor& stats, const Tensor& stats_p, bool joint);
+
 // LoRA linear (csrc/lora.cpp, csrc/lora_cuda.cu); math in fastadapt/reference/lora.py.
 std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                                             const Tensor& lora_B, double scaling,

@@ -272,11 +272,9 @@ void backward_impl(const Problem& P, const Tensor& dout, const Tensor& q, const 
   });
 }
 
-Problem make_problem(const char* name, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp,
-                     const Tensor& vp, const std::optional<Tensor>& pad, double scale, bool causal, bool joint) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kp.dim() == 4 && vp.dim() == 4, name,
-              ": q, k, v, k_p, v_p must be 4-D");
-  TORCH_CHECK(k.sizes() == v.sizes() && kp.sizes() == vp.sizes(), name, ": k/v and k_p/v_p shapes differ");
+// The sizes and flags the kernels take (the arguments are checked by check_prefix_attention_*).
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& kp, const std::optional<Tensor>& pad,
+                     double scale, bool causal, bool joint) {
   Problem P{};
   P.B = q.size(0);
   P.H = q.size(1);
@@ -285,14 +283,6 @@ Problem make_problem(const char* name, const Tensor& q, const Tensor& k, const T
   P.Hkv = k.size(1);
   P.Sk = k.size(2);
   P.L = kp.size(2);
-  TORCH_CHECK(k.size(0) == P.B && kp.size(0) == P.B && k.size(3) == P.D && kp.size(3) == P.D && kp.size(1) == P.Hkv,
-              name, ": shapes do not match q (B, H, Sq, D)");
-  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, name, ": H must be a multiple of Hkv");
-  for (const Tensor* t : {&k, &v, &kp, &vp})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": q, k, v, k_p, v_p must share one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              name, ": unsupported dtype ", q.scalar_type(), " (the native kernels take float32, bfloat16, float16)");
-  TORCH_CHECK(q.device().is_cpu(), name, ": CPU kernel called with ", q.device(), " tensors");
   P.group = P.H / P.Hkv;
   P.causal = causal;
   P.joint = joint;
@@ -302,8 +292,6 @@ Problem make_problem(const char* name, const Tensor& q, const Tensor& k, const T
   P.scale = static_cast<float>(scale);
   P.pad = nullptr;
   if (pad.has_value() && pad->defined()) {
-    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->dim() == 2 && pad->size(0) == P.B && pad->size(1) == P.Sk,
-                name, ": key_padding_mask must be (B, Sk) bool");
     P.pad = pad->data_ptr<bool>();
     P.pad_sb = pad->stride(0);
     P.pad_ss = pad->stride(1);
@@ -319,14 +307,12 @@ std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& kp_in, const Tensor& vp_in,
     const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
     bool joint) {
-  const Problem P = make_problem("fastadapt_C::prefix_attention_forward", q_in, k_in, v_in, kp_in, vp_in,
-                                 key_padding_mask, scale, causal, joint);
+  check_prefix_attention_forward(c10::kCPU, q_in, k_in, v_in, kp_in, vp_in, gate, key_padding_mask, joint);
+  const Problem P = make_problem(q_in, k_in, kp_in, key_padding_mask, scale, causal, joint);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const Tensor kp = last_contiguous(kp_in), vp = last_contiguous(vp_in);
   Tensor g32;
   if (!joint) {
-    TORCH_CHECK(gate.has_value() && gate->defined() && gate->numel() == P.H,
-                "fastadapt_C::prefix_attention_forward: gated mode needs a gate of H values");
     g32 = gate->to(at::kFloat).contiguous();
   }
   Tensor out = at::empty({P.B, P.H, P.Sq, P.D}, q.options());
@@ -344,20 +330,15 @@ std::vector<Tensor> prefix_attention_backward_cpu(
     const Tensor& vp_in, const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask,
     const Tensor& out_in, const Tensor& stats, const Tensor& stats_p, double scale, bool causal, bool joint,
     std::array<bool, 6> needs) {
-  const char* name = "fastadapt_C::prefix_attention_backward";
-  const Problem P = make_problem(name, q_in, k_in, v_in, kp_in, vp_in, key_padding_mask, scale, causal, joint);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), name, ": dout/out must be q-shaped");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == P.B * P.H * P.Sq * 2, name,
-              ": stats must be (B, H, Sq, 2) float32");
+  check_prefix_attention_backward(c10::kCPU, dout_in, q_in, k_in, v_in, kp_in, vp_in, gate, key_padding_mask, out_in,
+                                  stats, stats_p, joint);
+  const Problem P = make_problem(q_in, k_in, kp_in, key_padding_mask, scale, causal, joint);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const Tensor kp = last_contiguous(kp_in), vp = last_contiguous(vp_in);
   const Tensor dout = last_contiguous(dout_in), out = last_contiguous(out_in);
   const Tensor st = stats.contiguous();
   Tensor st_p, g32;
   if (!joint) {
-    TORCH_CHECK(gate.has_value() && gate->defined() && gate->numel() == P.H, name, ": gated mode needs a gate");
-    TORCH_CHECK(stats_p.scalar_type() == at::kFloat && stats_p.numel() == P.B * P.H * P.Sq * 2, name,
-                ": stats_p must be (B, H, Sq, 2) float32");
     st_p = stats_p.contiguous();
     g32 = gate->to(at::kFloat).contiguous();
   }

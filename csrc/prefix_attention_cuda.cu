@@ -210,11 +210,9 @@ __global__ void backward_kernel(Shape P, const T* __restrict__ dout, Strides sdo
 
 Tensor last_contiguous(const Tensor& t) { return t.stride(3) == 1 || t.size(3) <= 1 ? t : t.contiguous(); }
 
-Shape make_shape(const char* name, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp,
-                 const Tensor& vp, const std::optional<Tensor>& pad, double scale, bool causal, bool joint) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kp.dim() == 4 && vp.dim() == 4, name,
-              ": q, k, v, k_p, v_p must be 4-D");
-  TORCH_CHECK(k.sizes() == v.sizes() && kp.sizes() == vp.sizes(), name, ": k/v and k_p/v_p shapes differ");
+// The sizes and flags the kernels take (the arguments are checked by check_prefix_attention_*).
+Shape make_shape(const char* name, const Tensor& q, const Tensor& k, const Tensor& kp,
+                 const std::optional<Tensor>& pad, double scale, bool causal, bool joint) {
   Shape P{};
   P.B = q.size(0);
   P.H = q.size(1);
@@ -224,13 +222,6 @@ Shape make_shape(const char* name, const Tensor& q, const Tensor& k, const Tenso
   P.Sk = k.size(2);
   P.L = kp.size(2);
   TORCH_CHECK(P.D <= 32 * kMaxPerLane, name, ": head dim ", P.D, " > ", 32 * kMaxPerLane);
-  TORCH_CHECK(k.size(0) == P.B && kp.size(0) == P.B && k.size(3) == P.D && kp.size(3) == P.D && kp.size(1) == P.Hkv,
-              name, ": shapes do not match q (B, H, Sq, D)");
-  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, name, ": H must be a multiple of Hkv");
-  for (const Tensor* t : {&k, &v, &kp, &vp})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), name,
-                ": q, k, v, k_p, v_p must share one dtype and device");
-  TORCH_CHECK(q.is_cuda(), name, ": CUDA kernel called with ", q.device(), " tensors");
   P.group = P.H / P.Hkv;
   P.causal = causal;
   P.joint = joint;
@@ -240,9 +231,6 @@ Shape make_shape(const char* name, const Tensor& q, const Tensor& k, const Tenso
   P.scale = static_cast<float>(scale);
   P.pad = nullptr;
   if (pad.has_value() && pad->defined()) {
-    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->dim() == 2 && pad->size(0) == P.B && pad->size(1) == P.Sk &&
-                    pad->device() == q.device(),
-                name, ": key_padding_mask must be (B, Sk) bool on q's device");
     P.pad = pad->data_ptr<bool>();
     P.pad_sb = pad->stride(0);
     P.pad_ss = pad->stride(1);
@@ -261,13 +249,13 @@ std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cuda(
     const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
     bool joint) {
   const char* name = "fastadapt_C::prefix_attention_forward";
+  check_prefix_attention_forward(c10::kCUDA, q_in, k_in, v_in, kp_in, vp_in, gate, key_padding_mask, joint);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const Shape P = make_shape(name, q_in, k_in, v_in, kp_in, vp_in, key_padding_mask, scale, causal, joint);
+  const Shape P = make_shape(name, q_in, k_in, kp_in, key_padding_mask, scale, causal, joint);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const Tensor kp = last_contiguous(kp_in), vp = last_contiguous(vp_in);
   Tensor g32;
   if (!joint) {
-    TORCH_CHECK(gate.has_value() && gate->defined() && gate->numel() == P.H, name, ": gated mode needs H gate values");
     g32 = gate->to(at::kFloat).contiguous();
   }
   Tensor out = at::empty({P.B, P.H, P.Sq, P.D}, q.options());
@@ -291,19 +279,15 @@ std::vector<Tensor> prefix_attention_backward_cuda(
     const Tensor& out_in, const Tensor& stats, const Tensor& stats_p, double scale, bool causal, bool joint,
     std::array<bool, 6> needs) {
   const char* name = "fastadapt_C::prefix_attention_backward";
+  check_prefix_attention_backward(c10::kCUDA, dout_in, q_in, k_in, v_in, kp_in, vp_in, gate, key_padding_mask, out_in,
+                                  stats, stats_p, joint);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const Shape P = make_shape(name, q_in, k_in, v_in, kp_in, vp_in, key_padding_mask, scale, causal, joint);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), name, ": dout/out must be q-shaped");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == P.B * P.H * P.Sq * 2, name,
-              ": stats must be (B, H, Sq, 2) float32");
+  const Shape P = make_shape(name, q_in, k_in, kp_in, key_padding_mask, scale, causal, joint);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const Tensor kp = last_contiguous(kp_in), vp = last_contiguous(vp_in);
   const Tensor dout = last_contiguous(dout_in), out = last_contiguous(out_in), st = stats.contiguous();
   Tensor st_p, g32;
   if (!joint) {
-    TORCH_CHECK(gate.has_value() && gate->defined() && gate->numel() == P.H, name, ": gated mode needs a gate");
-    TORCH_CHECK(stats_p.scalar_type() == at::kFloat && stats_p.numel() == P.B * P.H * P.Sq * 2, name,
-                ": stats_p must be (B, H, Sq, 2) float32");
     st_p = stats_p.contiguous();
     g32 = gate->to(at::kFloat).contiguous();
   }

@@ -11,7 +11,10 @@ whether it can serve, ``fastadapt info``) calls :func:`status`, which loads, in 
 CUDA sources are compiled only when torch has CUDA and nvcc is found; if that build fails the
 CPU kernels are still built and the cuda backend reports why it is missing. ``status()`` never
 raises: every failure becomes ``(False, reason)``, and the backends report the reason.
-``FASTADAPT_NO_NATIVE=1`` turns the extension off (no compile at all).
+``FASTADAPT_NO_NATIVE=1`` turns the extension off (no compile at all). ``FASTADAPT_SANITIZE=address``
+JIT-builds the CPU kernels under AddressSanitizer into a cache entry of their own (for the tests'
+malformed calls; the process needs ``LD_PRELOAD="$(c++ -print-file-name=libasan.so)
+$(c++ -print-file-name=libstdc++.so)"``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 import torch
 
 DISABLE_ENV = "FASTADAPT_NO_NATIVE"
+SANITIZE_ENV = "FASTADAPT_SANITIZE"
+SANITIZERS = ("address",)
 CACHE_ENV = "FASTADAPT_CACHE"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # One translation unit per op plus the registration file (ops.cpp).
@@ -82,13 +87,22 @@ def cuda_build_reason() -> str | None:
     return None
 
 
-def compile_flags(with_cuda: bool, native_arch: bool) -> dict:
+def sanitizer() -> str | None:
+    """The sanitizer ``FASTADAPT_SANITIZE`` asks for (None: a normal build)."""
+    return os.environ.get(SANITIZE_ENV) or None
+
+
+def compile_flags(with_cuda: bool, native_arch: bool, sanitize: str | None = None) -> dict:
     cflags = ["-O3", "-fopenmp"] + (["-march=native"] if native_arch else [])
+    ldflags = ["-fopenmp"]
     if with_cuda:
         cflags.append("-DFASTADAPT_WITH_CUDA")
+    if sanitize:
+        cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        ldflags.append(f"-fsanitize={sanitize}")
     return dict(
         extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=ldflags,
         # -lineinfo keeps profiles readable; fast-math is off so that results match the reference.
         extra_cuda_cflags=["-O3", "-lineinfo", "-DFASTADAPT_WITH_CUDA", "--expt-relaxed-constexpr"],
     )
@@ -119,6 +133,17 @@ def _prebuilt() -> tuple[bool, str] | None:
     return True, f"prebuilt by setup.py: {so}"
 
 
+def build_tag(with_cuda: bool, sanitize: str | None) -> str:
+    tag = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+    return tag + (f"_{sanitize}" if sanitize else "")  # a sanitized build has a cache entry of its own
+
+
+def build_dir(tag: str, with_cuda: bool) -> Path:
+    """The JIT build's cache entry: per torch, Python, kernels, CPU and sources."""
+    return cache_dir() / (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-"
+                          f"{_cpu_tag()}-{source_hash(with_cuda)}").replace("+", "_")
+
+
 def _jit() -> tuple[bool, str]:
     reason = _compiler_reason()
     if reason:
@@ -127,14 +152,16 @@ def _jit() -> tuple[bool, str]:
         return False, f"csrc/ sources not found at {CSRC} (a wheel without them needs FASTADAPT_BUILD_EXT=1)"
     from torch.utils import cpp_extension
 
-    cuda_reason = cuda_build_reason()
+    sanitize = sanitizer()
+    if sanitize not in (None, *SANITIZERS):
+        return False, f"{SANITIZE_ENV}={sanitize!r} is not supported (supported: {', '.join(SANITIZERS)})"
+    cuda_reason = cuda_build_reason() if not sanitize else f"{SANITIZE_ENV}={sanitize} builds the CPU kernels only"
     attempts = [True, False] if cuda_reason is None else [False]
     last_error = ""
     for with_cuda in attempts:
-        tag = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+        tag = build_tag(with_cuda, sanitize)
         name = f"fastadapt_C_{tag}"
-        build = cache_dir() / (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-"
-                               f"{_cpu_tag()}-{source_hash(with_cuda)}").replace("+", "_")
+        build = build_dir(tag, with_cuda)
         build.mkdir(parents=True, exist_ok=True)
         lock = build / "lock"
         # cpp_extension waits forever on the lock a killed build (Ctrl-C on first use) leaves
@@ -150,7 +177,7 @@ def _jit() -> tuple[bool, str]:
         try:
             cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
                                with_cuda=with_cuda, is_python_module=False,
-                               **compile_flags(with_cuda, native_arch=True))
+                               **compile_flags(with_cuda, native_arch=True, sanitize=sanitize))
         except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
             text = str(exc).strip()
             (build / "error.log").write_text(text)
@@ -158,6 +185,8 @@ def _jit() -> tuple[bool, str]:
             errors = [line.strip() for line in text.splitlines() if "error" in line.lower()][:3]
             summary = " | ".join(errors) if errors else text[-600:]
             last_error = f"{type(exc).__name__}: {summary[:900]} (full log: {build / 'error.log'})"
+            if sanitize:
+                last_error += f"; a {sanitize} sanitizer build loads only with LD_PRELOAD of its runtime library"
             if with_cuda:
                 _details["cuda"] = f"CUDA build failed, CPU-only build used ({last_error}; log: {build / 'error.log'})"
             continue
@@ -181,7 +210,8 @@ def status() -> tuple[bool, str]:
             _result = (False, f"disabled by {DISABLE_ENV}=1")
             return _result
         try:
-            result = _prebuilt() or _jit()
+            # A prebuilt extension is never sanitized.
+            result = (None if sanitizer() else _prebuilt()) or _jit()
             if result[0]:
                 result = (True, f"{result[1]}; {torch.ops.fastadapt_C.build_info()}")
         except Exception as exc:  # never let a broken build break dispatch

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import native_malformed
 from harness import BOUND, assert_close, rel_err
 
 from fastadapt import _native, dispatch
@@ -220,16 +221,33 @@ def test_lora_empty_batch():
 
 
 @needs_native
-def test_lora_kernels_reject_bad_inputs():
-    ops = _native.ops()
-    x, weight, lora_A, lora_B, bias = _lora_inputs(4, 16, 8, 2, torch.float32)
-    with pytest.raises(RuntimeError, match="in_features"):
-        ops.lora_forward(x[:, :15], weight, lora_A, lora_B, 1.0, bias, 0.0, 0)
-    with pytest.raises(RuntimeError, match="share one dtype"):
-        ops.lora_forward(x, weight.double(), lora_A, lora_B, 1.0, bias, 0.0, 0)
-    with pytest.raises(RuntimeError, match="unsupported dtype"):
-        d = [t.double() for t in (x, weight, lora_A, lora_B, bias)]
-        ops.lora_forward(*d[:4], 1.0, d[4], 0.0, 0)
+@pytest.mark.parametrize("call,match", [case[1:] for case in native_malformed.CASES],
+                         ids=[case[0] for case in native_malformed.CASES])
+def test_native_ops_reject_malformed_calls(call, match):
+    # The ops are public (torch.ops.fastadapt_C.*): each checks its arguments and names the bad one.
+    with pytest.raises(RuntimeError, match=match):
+        call(_native.ops())
+
+
+@pytest.mark.skipif(not os.environ.get("FASTADAPT_SANITIZE_TEST"),
+                    reason="set FASTADAPT_SANITIZE_TEST=1 (builds fastadapt._C under AddressSanitizer, "
+                           "about 2 min on 2 cores)")
+def test_malformed_calls_under_address_sanitizer():
+    # Any read past a buffer before an argument check would abort this process with a report.
+    # The ASan runtime must be loaded first, and libstdc++ with it: python does not link it, and
+    # ASan's interceptor of C++ throws (every TORCH_CHECK) needs the real one at startup.
+    libs = [subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={lib}"], capture_output=True,
+                           text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(lib) for lib in libs):
+        pytest.skip(f"the C++ compiler has no ASan runtime or libstdc++ ({libs})")
+    env = {**os.environ, "FASTADAPT_SANITIZE": "address", "LD_PRELOAD": " ".join(libs),
+           # CPython's allocations look like leaks to LeakSanitizer; out-of-bounds accesses abort.
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "native_malformed.py")], cwd=ROOT / "tests",
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "AddressSanitizer" in proc.stdout, proc.stdout  # the build_info of the extension it loaded
+    assert "ERROR: AddressSanitizer" not in proc.stderr, proc.stderr[-6000:]
 
 
 @needs_native
@@ -303,3 +321,4 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(f"{nvcc}: {version}\n")
+

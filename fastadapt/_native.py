@@ -7,6 +7,7 @@ whether it can serve, ``fastadapt info``) calls :func:`status`, which loads, in 
 2. a JIT build (``torch.utils.cpp_extension.load`` with ninja) cached under
    ``$FASTADAPT_CACHE`` (default ``~/.cache/fastadapt``) per torch / CUDA / Python version, source
    hash and CPU flags; the first build takes about a minute, later processes load the cached .so.
+   Processes starting at once build it once (:func:`build_lock`); a killed build never blocks.
 
 CUDA sources are compiled only when torch has CUDA and nvcc is found; if that build fails the
 CPU kernels are still built and the cuda backend reports why it is missing. ``status()`` never
@@ -19,6 +20,8 @@ $(c++ -print-file-name=libstdc++.so)"``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -41,6 +44,9 @@ CPP_SOURCES = ("ops.cpp", "lora.cpp", "bottleneck.cpp", "prefix_attention.cpp")
 CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")
 HEADERS = ("common.h", "cpu_common.h", "ops.h", "cuda_common.cuh")
 CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees
+# How long first use waits for another live process that is building the same extension (a build
+# takes about a minute; a dead builder's lock is never waited on).
+LIVE_BUILD_WAIT_S = 600.0
 
 _lock = threading.Lock()
 _result: tuple[bool, str] | None = None
@@ -144,6 +150,49 @@ def build_dir(tag: str, with_cuda: bool) -> Path:
                           f"{_cpu_tag()}-{source_hash(with_cuda)}").replace("+", "_")
 
 
+class BuildBusy(RuntimeError):
+    """Another live process has been building the extension for longer than we wait."""
+
+
+@contextlib.contextmanager
+def build_lock(build: Path, wait_s: float = LIVE_BUILD_WAIT_S):
+    """The right to build and load in ``build``, across processes.
+
+    cpp_extension serializes builds with a plain ``lock`` file and waits forever while one exists,
+    so a build that was killed (Ctrl-C on first use) blocked every later process. Here the owner
+    is an ``flock`` on ``owner.lock``, which the kernel releases when its process dies: a dead
+    builder never blocks. Whoever holds it removes a leftover ``lock`` (stale, or made by a foreign
+    process outside this protocol) before cpp_extension looks. A live fastadapt builder is waited
+    on, up to ``wait_s``."""
+    with open(build / "owner.lock", "a+") as f:
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "?"
+                if time.monotonic() > deadline:
+                    raise BuildBusy(f"process {owner} has been building fastadapt._C in {build} for more than "
+                                    f"{wait_s:.0f} s") from None
+                if not told:
+                    print(f"fastadapt: waiting for process {owner}, which is building fastadapt._C in {build}",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.2)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}@{platform.node()}")
+            f.flush()
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _jit() -> tuple[bool, str]:
     reason = _compiler_reason()
     if reason:
@@ -163,11 +212,6 @@ def _jit() -> tuple[bool, str]:
         name = f"fastadapt_C_{tag}"
         build = build_dir(tag, with_cuda)
         build.mkdir(parents=True, exist_ok=True)
-        lock = build / "lock"
-        # cpp_extension waits forever on the lock a killed build (Ctrl-C on first use) leaves
-        # behind; no real build of these sources takes 15 minutes.
-        if lock.exists() and time.time() - lock.stat().st_mtime > 900:
-            lock.unlink(missing_ok=True)
         cached = (build / f"{name}.so").exists()
         if not cached:
             print(f"fastadapt: building the native extension ({tag}) in {build} (first use; about a minute)",
@@ -175,9 +219,12 @@ def _jit() -> tuple[bool, str]:
         start = time.perf_counter()
         sources = [str(p) for p in _sources(CPP_SOURCES + (CUDA_SOURCES if with_cuda else ()))]
         try:
-            cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
-                               with_cuda=with_cuda, is_python_module=False,
-                               **compile_flags(with_cuda, native_arch=True, sanitize=sanitize))
+            with build_lock(build):
+                cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
+                                   with_cuda=with_cuda, is_python_module=False,
+                                   **compile_flags(with_cuda, native_arch=True, sanitize=sanitize))
+        except BuildBusy as exc:
+            return False, str(exc)
         except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
             text = str(exc).strip()
             (build / "error.log").write_text(text)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,85 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, tmp_path):
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(f"{nvcc}: {version}\n")
 
+
+# ---------------------------------------------------------------------------------------------
+# The build lock: a killed or foreign build never blocks first use
+
+
+def _hold_build_lock(build: Path) -> subprocess.Popen:
+    """A process that takes the build lock, leaves cpp_extension's ``lock`` file as a build would,
+    and sleeps: a builder, alive until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from fastadapt import _native
+        build = Path({str(build)!r})
+        with _native.build_lock(build):
+            (build / "lock").touch()
+            print("ready", flush=True)
+            time.sleep(600)
+    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_killed_build_does_not_block(tmp_path):
+    builder = _hold_build_lock(tmp_path)
+    builder.kill()  # SIGKILL: no cleanup, cpp_extension's lock file stays
+    builder.wait()
+    assert (tmp_path / "lock").exists()
+    start = time.monotonic()
+    with _native.build_lock(tmp_path, wait_s=60):
+        assert not (tmp_path / "lock").exists()
+    assert time.monotonic() - start < 3
+
+
+def test_foreign_lock_file_is_taken_over(tmp_path):
+    (tmp_path / "lock").touch()  # a lock file without an owner (another tool, an older fastadapt)
+    start = time.monotonic()
+    with _native.build_lock(tmp_path, wait_s=60):
+        assert not (tmp_path / "lock").exists()
+    assert time.monotonic() - start < 3
+
+
+def test_live_build_is_waited_on_up_to_a_limit(tmp_path):
+    builder = _hold_build_lock(tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(_native.BuildBusy, match=f"process {builder.pid}@"):
+            with _native.build_lock(tmp_path, wait_s=1):
+                pass
+        assert time.monotonic() - start < 3
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_first_use_after_a_killed_build_does_not_hang(tmp_path):
+    # The whole first use, with cpp_extension.load replaced by its lock protocol (wait while the
+    # lock file exists, as torch's FileBaton does; here for at most 30 s) and no compile.
+    proc = _python("""
+        import os, time
+        from torch.utils import cpp_extension
+        from fastadapt import _native
+        _native._prebuilt = lambda: None
+        _native.cuda_build_reason = lambda: "not in this test"
+        build = _native.build_dir(_native.build_tag(False, None), False)
+        build.mkdir(parents=True)
+        (build / "lock").touch()  # left by a build killed before it could remove it
+
+        def load(build_directory, **_):
+            start = time.monotonic()
+            while os.path.exists(os.path.join(build_directory, "lock")):
+                assert time.monotonic() - start < 30, "waited 30 s on a stale lock"
+                time.sleep(0.1)
+            raise RuntimeError("the fake load got the lock")
+
+        cpp_extension.load = load
+        start = time.monotonic()
+        ok, why = _native.status()
+        assert not ok and "the fake load got the lock" in why, why
+        print(f"{time.monotonic() - start:.1f}")
+    """, FASTADAPT_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) < 5

@@ -38,7 +38,9 @@ DISABLE_ENV = "FASTADAPT_NO_NATIVE"
 SANITIZE_ENV = "FASTADAPT_SANITIZE"
 SANITIZERS = ("address",)
 CACHE_ENV = "FASTADAPT_CACHE"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_HERE = Path(__file__).resolve().parent
+# Installed (pip install ., a wheel): fastadapt/csrc; a checkout (pip install -e .): csrc/ beside the package.
+CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 # One translation unit per op plus the registration file (ops.cpp).
 CPP_SOURCES = ("ops.cpp", "lora.cpp", "bottleneck.cpp", "prefix_attention.cpp")
 CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")

@@ -64,6 +64,9 @@ def cmd_info(args) -> int:
             cells.append("yes" if not reasons else "no: " + "; ".join(reasons))
         table.add_row(name, "yes" if ok else "no", *cells, ops, detail)
     console.print(table)
+    for (op, name), why in dispatch.nondeterministic().items():
+        console.print(f"non-deterministic: {name} {op} ({why}); dispatch skips it under "
+                      "torch.use_deterministic_algorithms(True)")
     console.print(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '')!r} "
                   "(set it to force one backend; dispatch errors name the reasons if it cannot serve)")
     return 0

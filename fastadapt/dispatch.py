@@ -4,7 +4,8 @@ Every fused op registers one implementation per backend. Each implementation ans
 ``why_not(**inputs) -> list[str]``: the reasons it cannot serve these inputs (empty when it can).
 Dispatch walks :data:`BACKENDS` in order and takes the first implementation with no reasons.
 ``FASTADAPT_BACKEND=<name>`` (or :func:`use_backend`) forces one backend; if that backend cannot
-serve, the error names its reasons instead of silently falling back.
+serve, the error names its reasons instead of silently falling back. An implementation registered
+as ``nondeterministic`` cannot serve while ``torch.use_deterministic_algorithms(True)`` is set.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
+
+import torch
 
 # Priority order (DESIGN.md "Backends and fallbacks").
 BACKENDS = ("triton", "cuda", "cpp", "reference")
@@ -36,16 +39,32 @@ class Implementation:
     why_not: Callable[..., list[str]]
     forward: Callable
     backward: Callable
+    nondeterministic: str | None = None  # why results may differ run to run (None: they don't)
+
+    def reasons(self, **inputs) -> list[str]:
+        """:attr:`why_not`, plus the deterministic-algorithms setting for a non-deterministic one."""
+        reasons = self.why_not(**inputs)
+        if self.nondeterministic and torch.are_deterministic_algorithms_enabled():
+            reasons = reasons + [f"non-deterministic ({self.nondeterministic}) and "
+                                 "torch.use_deterministic_algorithms(True) is set"]
+        return reasons
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 
 def register(op: str, backend: str, *, why_not: Callable[..., list[str]], forward: Callable,
-             backward: Callable) -> None:
+             backward: Callable, nondeterministic: str | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward,
+                                                           nondeterministic)
+
+
+def nondeterministic() -> dict[tuple[str, str], str]:
+    """(op, backend) -> why its results may differ from run to run, for every such implementation."""
+    return {(op, name): impl.nondeterministic for op, impls in _REGISTRY.items()
+            for name, impl in impls.items() if impl.nondeterministic}
 
 
 def lazy(module: str, name: str) -> Callable:
@@ -85,7 +104,7 @@ def explain(op: str, **inputs) -> dict[str, list[str]]:
     """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can)."""
     impls = _REGISTRY.get(op, {})
     return {
-        name: (impls[name].why_not(**inputs) if name in impls else [f"no {name} implementation of {op}"])
+        name: (impls[name].reasons(**inputs) if name in impls else [f"no {name} implementation of {op}"])
         for name in BACKENDS
     }
 
@@ -106,14 +125,14 @@ def select(op: str, **inputs) -> Implementation:
     forced = forced_backend()
     if forced is not None:
         impl = impls.get(forced)
-        reasons = impl.why_not(**inputs) if impl else [f"no {forced} implementation of {op}"]
+        reasons = impl.reasons(**inputs) if impl else [f"no {forced} implementation of {op}"]
         if reasons:
             raise BackendUnavailableError(
                 f"backend {forced!r} was forced but cannot run {op}: " + "; ".join(reasons))
         return impl
     for name in BACKENDS:
         impl = impls.get(name)
-        if impl is not None and not impl.why_not(**inputs):
+        if impl is not None and not impl.reasons(**inputs):
             return impl
     reasons = explain(op, **inputs)
     raise BackendUnavailableError(

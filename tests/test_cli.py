@@ -14,6 +14,7 @@ def test_info_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for name in ("triton", "cuda", "cpp", "reference", "lora_linear"):
         assert name in out
+    assert "non-deterministic: cuda prefix_attention" in out
 
 
 def test_demo_verifies_and_times(capsys):

@@ -111,6 +111,24 @@ def test_why_not_of_the_native_backends():
     assert any("share one dtype" in r for r in mixed["cpp"])
 
 
+def test_nondeterministic_backend_is_skipped_under_deterministic_algorithms():
+    # The CUDA prefix-attention backward sums dK/dV with fp32 atomics: run to run it differs in the
+    # last bits, so dispatch must not pick it when the user asked for deterministic algorithms.
+    q, kp = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 2, 16)
+    inputs = dict(q=q, k=q, v=q, k_p=kp, v_p=kp, key_padding_mask=None)
+    assert "atomics" in dispatch.nondeterministic()[("prefix_attention", "cuda")]
+    assert not any("non-deterministic" in r for r in dispatch.explain("prefix_attention", **inputs)["cuda"])
+    torch.use_deterministic_algorithms(True)
+    try:
+        reasons = dispatch.explain("prefix_attention", **inputs)
+        with dispatch.use_backend("cuda"), pytest.raises(dispatch.BackendUnavailableError, match="non-deterministic"):
+            dispatch.select("prefix_attention", **inputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert any("non-deterministic" in r and "use_deterministic_algorithms(True)" in r for r in reasons["cuda"])
+    assert not any("non-deterministic" in r for name in ("triton", "cpp", "reference") for r in reasons[name])
+
+
 @needs_native
 def test_cuda_backend_says_why_it_has_no_kernels():
     if torch.version.cuda is None:

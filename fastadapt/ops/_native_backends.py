@@ -112,4 +112,6 @@ def _prefix_backward(*args):
 
 for _backend in ("cuda", "cpp"):
     dispatch.register("prefix_attention", _backend, why_not=_prefix_why_not(_backend), forward=_prefix_forward,
-                      backward=_prefix_backward)
+                      backward=_prefix_backward,
+                      nondeterministic="the backward sums dK, dV over queries with fp32 atomics"
+                      if _backend == "cuda" else None)

@@ -351,39 +351,3 @@ def test_module_torch_compile_fullgraph_no_graph_break():
     assert rel_err(out, step(q, k, v).detach()) < 1e-6
     out.sum().backward()
     assert q.grad is not None and m.adaption_gate.grad is not None and m.adaption_prompt.grad is not None
-
-
-@pytest.mark.skipif(not __import__("os").environ.get("FASTADAPT_COMPILE_CHECK"),
-                    reason="set FASTADAPT_COMPILE_CHECK=1 (about 2 min): compiles the kernels for sm_90 with ptxas")
-def test_kernels_compile_for_cuda_without_a_gpu():
-    """The interpreter accepts code that the compiler rejects (types of loop-carried values,
-    constexpr branches): compile every kernel to a cubin for sm_90 in a subprocess, where
-    TRITON_INTERPRET is off, with Triton's bundled ptxas; no GPU needed."""
-    import subprocess
-    import sys
-    import textwrap
-    script = textwrap.dedent('''
-        import os
-        os.environ["TRITON_INTERPRET"] = "0"
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from fastadapt.kernels import prefix_attention as K
-        f32 = {"lse_ptr", "lsep_ptr", "gate_ptr", "delta_ptr", "rp_ptr", "plse_ptr", "pdelta_ptr"}
-        floats = {"scale", "qk_scale", "qk_lo"}
-        for causal, joint, kpm in ((True, False, True), (False, True, False)):
-            dots = {"UPCAST": False, "PRECISION": "tf32", "RNE": False}
-            common = dict(CAUSAL=causal, HAS_KPM=kpm, JOINT=joint, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **dots)
-            jobs = [(K._fwd_kernel, common), (K._bwd_dq_kernel, common),
-                    (K._bwd_dkdv_kernel, dict(common, DO_PREFIX=True, DO_TOKENS=True)),
-                    (K._bwd_preprocess_kernel, dict(JOINT=joint, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, **dots))]
-            for fn, cx in jobs:
-                sig = {n: "constexpr" if n in cx else ("*fp32" if n in f32 else "*u8" if n == "kpm_ptr" else "*bf16")
-                       if n.endswith("_ptr") else "fp32" if n in floats else "i32" for n in fn.arg_names}
-                triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": 4, "num_stages": 3})
-        print("compiled")
-    ''')
-    env = dict(__import__("os").environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]

@@ -564,6 +564,15 @@ def _num_warps(block_b: int) -> int:
     return 4 if block_b <= 64 else 8
 
 
+def _num_stages(block_b: int) -> int:
+    # Software pipelining keeps num_stages copies of each loop's operand tiles in shared memory.
+    # Compiled for sm_90 (tests/compile_check.py, Triton 3.9), past m = 64 the default 3 stages
+    # overflow an H100's 227 KiB per block: at m = 256 the row backward took 272 KiB in bf16 and
+    # 529 KiB in fp32, with one stage 64 / 128 KiB. At m <= 64, fp32, 3 stages: 193 KiB on sm_90,
+    # 161 KiB on sm_80 (limit 163 KiB).
+    return 3 if block_b <= 64 else 1
+
+
 def _splits(M: int, tiles: int, block_m: int, device) -> tuple[int, int]:
     """(splits, rows_per_split) of the token reduction: enough programs to fill the GPU, one when
     deterministic algorithms are requested (then no atomics) or under the interpreter."""
@@ -624,7 +633,7 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
         HAS_SCALE=scale is not None, LN_BEFORE=lnb_weight is not None, LN_AFTER=lna_weight is not None,
         RES_BEFORE_LN=bool(res_before), GATING=gate is not None, DROPOUT=dropout_p > 0.0,
         ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
-        num_warps=_num_warps(block_b), **dot_constexprs(z.dtype))
+        num_warps=_num_warps(block_b), num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
     return out, h, stats
 
 
@@ -658,7 +667,7 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     res_in_ln = ln_after and bool(res_before) and residual is not None
     dummy = h
     r = residual if residual is not None else gout
-    consts = dict(**dot_constexprs(z.dtype), num_warps=_num_warps(block_b))
+    consts = dict(**dot_constexprs(z.dtype), num_warps=_num_warps(block_b), num_stages=_num_stages(block_b))
 
     gz = torch.empty((M, D), device=dev, dtype=z.dtype) if need_z else None
     gr = torch.empty((M, D), device=dev, dtype=z.dtype) if (need_r and res_in_ln) else None

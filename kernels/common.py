@@ -92,3 +92,27 @@ def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
 @functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def fit_shared_memory(size):
+    """An autotune ``early_config_prune`` keeping the configs for which ``size(config, named_args,
+    kwargs)`` (bytes of shared memory, estimated) fits the device (the smallest one if none does):
+    a config past the limit would be compiled at tuning time only to fail at launch."""
+    def prune(configs, named_args, **kwargs):
+        device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+        limit = shared_memory_limit(device)
+        fits = [c for c in configs if size(c, named_args, kwargs) <= limit]
+        return fits or [min(configs, key=lambda c: size(c, named_args, kwargs))]
+    return prune
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on a CUDA device: what Triton checks a compiled
+    kernel's ``metadata.shared`` against at launch (OutOfResources past it)."""
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _shared_memory_limit(device_index: int) -> int:
+    from triton.runtime import driver
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]

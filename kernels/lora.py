@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, mma, pow2_block,
+                                      sm_count)
 
 
 @triton.jit
@@ -166,11 +167,20 @@ def _matmul_configs():
             for bm, bn, bk, stages, warps in shapes]
 
 
+def _matmul_shared_bytes(cfg, named_args, kwargs):
+    # The pipelined operand tiles, num_stages x (BLOCK_M + BLOCK_N) x BLOCK_K elements: exactly what
+    # Triton allocated for each config compiled by tests/compile_check.py. In fp32 the 128x256x64
+    # 3-stage config needs 288 KiB, past an H100's 227 KiB.
+    c = cfg.kwargs
+    return cfg.num_stages * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * named_args["x_ptr"].element_size()
+
+
 # One tuning per (size class of M, N, K, R): M varies call to call (batch x sequence) and would
 # otherwise retune on every new value.
 # restore_value: with ACCUMULATE the kernel updates `out` in place, so each tuning run must see the
 # original values.
 _lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "R"],
+                                     prune_configs_by={"early_config_prune": fit_shared_memory(_matmul_shared_bytes)},
                                      restore_value=["out_ptr"])(_lora_matmul_kernel)
 
 # Small fixed tiles for the CPU interpreter, where every program instance runs in numpy.

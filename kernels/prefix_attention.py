@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import cast, dot_constexprs, mma
+from fastadapt.kernels.common import cast, dot_constexprs, fit_shared_memory, mma
 
 LOG2E = 1.4426950408889634
 
@@ -474,16 +474,32 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
+def _shared_bytes(kept: str, n_kept: int):
+    """Shared memory of a config, estimated: ``n_kept`` (BLOCK_kept, BLOCK_D) tiles held across the
+    loop plus two streamed tiles of the other block size per pipeline stage. An upper bound of what
+    Triton 3.9 allocated at D = 128 in fp32 (tests/compile_check.py), where half the configs below
+    exceed sm_80's 163 KiB and a third sm_90's 227 KiB (e.g. forward 128x64, 3 stages: 256 KiB);
+    in 16-bit all fit."""
+    streamed = "BLOCK_N" if kept == "BLOCK_M" else "BLOCK_M"
+
+    def size(cfg, named_args, kwargs):
+        c = cfg.kwargs
+        return ((n_kept * c[kept] + 2 * cfg.num_stages * c[streamed]) * kwargs["BLOCK_D"]
+                * named_args["q_ptr"].element_size())
+    return fit_shared_memory(size)
+
+
 _KEY = ["SQ_BUCKET", "SK_BUCKET", "L", "D", "GROUP", "CAUSAL", "JOINT"]
 _fwd_tuned = triton.autotune(
     configs=_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
-                      (16, 64, 4, 2)]), key=_KEY)(_fwd_kernel)
+                      (16, 64, 4, 2)]), key=_KEY,
+    prune_configs_by={"early_config_prune": _shared_bytes("BLOCK_M", 1)})(_fwd_kernel)  # q kept, k, v streamed
 _dq_tuned = triton.autotune(
     configs=_configs([(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (16, 64, 4, 2)]),
-    key=_KEY)(_bwd_dq_kernel)
+    key=_KEY, prune_configs_by={"early_config_prune": _shared_bytes("BLOCK_M", 2)})(_bwd_dq_kernel)  # q, dO kept
 _dkdv_tuned = triton.autotune(
     configs=_configs([(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (16, 64, 4, 2)]),
-    key=_KEY)(_bwd_dkdv_kernel)
+    key=_KEY, prune_configs_by={"early_config_prune": _shared_bytes("BLOCK_N", 2)})(_bwd_dkdv_kernel)  # k, v kept
 
 # Small fixed tiles for the CPU interpreter, where every program instance runs in numpy.
 _INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}

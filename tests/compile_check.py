@@ -61,7 +61,7 @@ class Launch:
     args: tuple
     kwargs: dict
     grid: object
-    configs: list | None  # autotune configs, None for a plain launch
+    tuner: Autotuner | None  # None for a plain launch
     origin: str
 
 
@@ -127,7 +127,7 @@ def _record_jit(self, *args, grid, warmup, **kwargs):
 
 
 def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
-    _recorded.append(Launch(self.fn, args, kwargs, grid, list(self.configs), _origin))
+    _recorded.append(Launch(self.fn, args, kwargs, grid, self, _origin))
 
 
 @contextlib.contextmanager
@@ -271,28 +271,44 @@ def _grid_of(launch: Launch, bound: dict) -> tuple:
     return tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
 
 
+def _configs(launch: Launch, arch: int) -> list:
+    """The autotune configs the tuner would try on an ``arch`` device: all, or those its
+    ``early_config_prune`` keeps, given that device's shared memory."""
+    tuner = launch.tuner
+    if not tuner.early_config_prune:
+        return list(tuner.configs)
+    from fastadapt import kernels
+    patched = [m for m in vars(kernels).values() if hasattr(m, "shared_memory_limit")]
+    saved = [m.shared_memory_limit for m in patched]
+    for m in patched:
+        m.shared_memory_limit = lambda device: SHARED_LIMIT[arch]
+    try:
+        return tuner.early_config_prune(tuner.configs, dict(zip(tuner.arg_names, launch.args)), **launch.kwargs)
+    finally:
+        for m, f in zip(patched, saved):
+            m.shared_memory_limit = f
+
+
 def jobs(launches: list[Launch], archs=ARCHS) -> list[Job]:
     """One job per distinct (kernel, specialisation, config, arch)."""
     out: dict = {}
-    backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
-    binders: dict = {}
-    for launch in launches:
-        for cfg in launch.configs or [None]:
-            kwargs = dict(launch.kwargs, **(cfg.all_kwargs() if cfg is not None else {}))
-            label = "" if cfg is None else str(cfg)
-            for arch, backend in backends.items():
-                key_b = (id(launch.kernel), arch)
-                if key_b not in binders:
-                    binders[key_b] = create_function_from_signature(launch.kernel.signature, launch.kernel.params,
-                                                                    backend)
-                bound, spec, opts = binders[key_b](*launch.args, **kwargs)
+    for arch in archs:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binders: dict = {}
+        for launch in launches:
+            if id(launch.kernel) not in binders:
+                binders[id(launch.kernel)] = create_function_from_signature(launch.kernel.signature,
+                                                                            launch.kernel.params, backend)
+            for cfg in _configs(launch, arch) if launch.tuner else [None]:
+                kwargs = dict(launch.kwargs, **(cfg.all_kwargs() if cfg is not None else {}))
+                bound, spec, opts = binders[id(launch.kernel)](*launch.args, **kwargs)
                 options, signature, constexprs, attrs = launch.kernel._pack_args(backend, kwargs, bound, spec, opts)
                 key = (launch.kernel.__name__, arch, tuple(signature.items()), repr(sorted(constexprs.items())),
                        repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
                 if key in out:
                     continue
                 job = Job(launch.kernel, arch, signature, constexprs, attrs, options, _grid_of(launch, bound),
-                          label, launch.origin)
+                          "" if cfg is None else str(cfg), launch.origin)
                 job.consts = {n: bound[n] for n in _declared(launch.kernel)}
                 job.dtypes = tuple(t for t in signature.values() if t.startswith("*"))
                 out[key] = job

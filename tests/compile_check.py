@@ -197,13 +197,15 @@ def _bottleneck_grid():
     from fastadapt.kernels import bottleneck as bn
     d = 4096
     # Every combination of the flags that steer the kernels' control flow, at one width and
-    # activation; then each activation and bottleneck width (BLOCK_B 16..1024) on one combination.
+    # activation; then each activation and each bottleneck width (BLOCK_B 16..1024) with every
+    # flag on and with every flag off.
     flags = [dict(res=res, lnb=lnb, lna=lna, res_before=rb, gate=gate, scale=sc, p=p, bias=True, act="relu", m=64)
              for res in (False, True) for lnb in (False, True) for lna in (False, True) for rb in (False, True)
              for gate in (False, True) for sc in (None, "scalar", "channel") for p in (0.0, 0.1)]
     base = dict(res=True, lnb=True, lna=True, res_before=True, gate=True, scale="channel", p=0.1, bias=True)
-    flags += [dict(base, act=act, m=64) for act in bn.ACT_CODES]
-    flags += [dict(base, act="gelu", m=m, bias=False) for m in (1, 48, 200, 1024)]
+    off = dict(res=False, lnb=False, lna=False, res_before=False, gate=False, scale=None, p=0.0, bias=True)
+    flags += [dict(flags_, act=act, m=64) for act in bn.ACT_CODES for flags_ in (base, off)]
+    flags += [dict(flags_, act="gelu", m=m, bias=False) for m in (1, 48, 200, 1024) for flags_ in (base, off)]
     for dname, *_ in DTYPES:
         for f in flags:
             with _setting("bottleneck " + " ".join(f"{k}={v}" for k, v in f.items()), dname) as dt:

@@ -5,19 +5,22 @@ rejects (dot operands smaller than 16, loop-carried values that change type, con
 never takes). This script runs the kernels' own launchers on meta tensors (no memory, no device)
 over a grid of inputs, with Triton's launch intercepted: each launch is recorded as the kernel
 would be specialised on a GPU (argument types, divisibility, the constexprs the launcher passes)
-and, for an autotuned kernel, once per autotune config. Each distinct launch is then compiled with
-Triton's own front end and bundled ptxas for sm_90 and sm_80, and its shared memory is checked
-against the device limit (Triton only checks it at load time, on the GPU).
+and, for an autotuned kernel, once per autotune config its pruning keeps. Distinct launches are
+then compiled with Triton's own front end and bundled ptxas for a GPUTarget, and the result is
+checked: shared memory against the device limit (Triton only checks it at load time, on the GPU),
+dot precision and atomics in the Triton IR (:func:`ttir_problems`), grid size.
 
 The launches are derived from the launchers, never listed by hand: a new constexpr or config shows
-up here by itself. ``--full`` compiles every distinct launch of the grid (minutes); the default
-compiles a cover of it: a few launches in which every kernel, every value of each of its
-constexprs and pointer dtypes, and every autotune config on each architecture occur at least once.
+up here by itself. By default a cover of them is compiled for sm_90: a hundred-odd launches in
+which every kernel, every value of each of its constexprs, every pointer dtype and every autotune
+config occur at least once (about 1.5 CPU-minutes cold). ``--full`` compiles every combination
+of constexpr values on sm_90 and every value and config for each dtype on sm_90 and sm_80 (about
+2600 launches, CPU-hours).
 
 Usage, from the repository root (the Triton compiled against is whichever this Python imports)::
 
     python tests/compile_check.py                 # the cover (tests/test_compile.py runs it in CI)
-    python tests/compile_check.py --full -j 8     # every launch, 8 compiler processes
+    python tests/compile_check.py --full -j 8     # every combination, 8 compiler processes
     .venv36/bin/python tests/compile_check.py     # against another Triton, e.g. the GPU image's 3.6
 
 Exits non-zero if any launch fails to compile or breaks a check; prints one line per failure.
@@ -388,7 +391,7 @@ _JOBS: list[Job] = []
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true", help="every distinct launch, not the cover")
+    ap.add_argument("--full", action="store_true", help="every combination, not the cover")
     ap.add_argument("--arch", type=int, action="append",
                     help="sm_XX to compile for (default: 90 for the cover, 90 and 80 with --full)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="compiler processes")

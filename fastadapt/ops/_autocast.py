@@ -14,8 +14,6 @@ traces them like any other autocast rule.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 _DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
@@ -23,11 +21,10 @@ _lib = torch.library.Library("fastadapt", "FRAGMENT")
 
 
 def _cast(value, device_type: str, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor):
-        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
-        return value.to(dtype) if eligible else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, device_type, dtype) for v in value)
+    """``value`` in ``dtype`` if it is a floating tensor on ``device_type`` other than float64."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type \
+            and value.dtype != torch.float64:
+        return value.to(dtype)
     return value
 
 
@@ -39,22 +36,16 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def register(op_name: str, keep: Iterable[int] = ()) -> None:
-    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
-
-    ``keep``: positions of arguments that stay in their own dtype (fp32 gates, statistics), as
-    PyTorch keeps its fp32-policy operands.
-    """
+def register(op_name: str) -> None:
+    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA."""
     op = getattr(torch.ops.fastadapt, op_name).default
-    keep = frozenset(keep)
     for device_type, key in _DEVICE_KEYS.items():
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
         def kernel(_keyset, *args, device_type=device_type, excluded=excluded):
             dtype = torch.get_autocast_dtype(device_type)
-            cast = [a if i in keep else _cast(a, device_type, dtype) for i, a in enumerate(args)]
             # Autocast off for the op itself, as torch.library.register_autocast does.
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*cast)
+                return op(*(_cast(a, device_type, dtype) for a in args))
 
         _lib.impl(op_name, kernel, key, with_keyset=True)

@@ -83,13 +83,8 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         attn.adaption = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, attn.head_dim, adapter_len, gate=gate,
                                              gate_tanh=gate_tanh, device=w.device, dtype=w.dtype)
-        attn._fastadapt_base_attn = cfg._attn_implementation or "eager"
         attn._fastadapt_fused = True
-        # A private config: only the adapted layers route their attention through us; the masks
-        # are still built from the model's config, in the format of its own implementation.
-        attn._fastadapt_config = cfg
-        attn.config = copy.copy(cfg)
-        attn.config._attn_implementation = ATTN_IMPLEMENTATION
+        route_attention(attn, ATTN_IMPLEMENTATION)
     if freeze_base:
         for name, p in model.named_parameters():
             p.requires_grad_(".adaption." in f".{name}")
@@ -100,10 +95,25 @@ def remove_adaption_prompt(model: nn.Module) -> nn.Module:
     """Undo :func:`add_adaption_prompt` (the adapter parameters are dropped)."""
     for attn in _attention_modules(model):
         if hasattr(attn, "adaption"):
-            del attn.adaption
-            attn.config = attn._fastadapt_config
-            del attn._fastadapt_config, attn._fastadapt_base_attn, attn._fastadapt_fused
+            del attn.adaption, attn._fastadapt_fused
+            unroute_attention(attn)
     return model
+
+
+def route_attention(attn: nn.Module, implementation: str) -> None:
+    """Route ``attn``'s attention core to ``implementation`` (a name in transformers'
+    ``AttentionInterface``) through a private copy of its config: only this module's attention is
+    ours, and the masks are still built from the model's config, in its own implementation's
+    format. :func:`base_attention` is the model's own; :func:`unroute_attention` undoes it."""
+    attn._fastadapt_base_attn = attn.config._attn_implementation or "eager"
+    attn._fastadapt_config = attn.config
+    attn.config = copy.copy(attn.config)
+    attn.config._attn_implementation = implementation
+
+
+def unroute_attention(attn: nn.Module) -> None:
+    attn.config = attn._fastadapt_config
+    del attn._fastadapt_config, attn._fastadapt_base_attn
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:

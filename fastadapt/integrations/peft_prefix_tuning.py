@@ -20,7 +20,6 @@ patch report lists and the first such call warns about.
 
 from __future__ import annotations
 
-import copy
 import types
 
 from torch import nn
@@ -119,12 +118,7 @@ class _PeftPrefixTuningPatcher:
             AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
             attns = llama_adapter._attention_modules(base)
             for attn in attns:
-                attn._fastadapt_base_attn = attn.config._attn_implementation or "eager"
-                # A private config names our attention function for these modules only; the masks
-                # are still built from the model's config, in its own implementation's format.
-                object.__setattr__(attn, "_fastadapt_config", attn.config)
-                attn.config = copy.copy(attn.config)
-                attn.config._attn_implementation = ATTN_IMPLEMENTATION
+                llama_adapter.route_attention(attn, ATTN_IMPLEMENTATION)
                 attach(attn, f"{name}.{attn.__class__.__name__}[{attn.layer_idx}]".lstrip("."), report)
                 attn.__dict__[_LEN] = None
             module.__dict__[_ATTNS] = attns
@@ -138,9 +132,8 @@ class _PeftPrefixTuningPatcher:
             if not is_bound(module, _MARK):
                 continue
             for attn in module.__dict__.pop(_ATTNS):
-                attn.config = attn.__dict__.pop("_fastadapt_config")
-                for attr in ("_fastadapt_base_attn", _LEN):
-                    attn.__dict__.pop(attr, None)
+                llama_adapter.unroute_attention(attn)
+                del attn.__dict__[_LEN]
                 attach(attn, None, None)
             del module.generate
             unbind_forward(module, _MARK)

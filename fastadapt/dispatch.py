@@ -24,6 +24,8 @@ BACKENDS = ("triton", "cuda", "cpp", "reference")
 ENV_VAR = "FASTADAPT_BACKEND"
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastadapt_backend", default=None)
+_candidates: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("fastadapt_candidates",
+                                                                              default=BACKENDS)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,6 +42,12 @@ class Implementation:
     forward: Callable
     backward: Callable
     nondeterministic: str | None = None  # why results may differ run to run (None: they don't)
+    # A reason when this backend is known to be slower than the plain PyTorch composite for these
+    # inputs (its crossover): automatic choice passes over it, forcing still uses it.
+    slower: Callable[..., str | None] | None = None
+    # The plain PyTorch composite with autograd (reference backends): what the eager path runs
+    # instead of the Function around forward/backward, so it costs what the unfused model costs.
+    composite: Callable | None = None
 
     def reasons(self, **inputs) -> list[str]:
         """:attr:`why_not`, plus the deterministic-algorithms setting for a non-deterministic one."""
@@ -54,11 +62,13 @@ _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 
 def register(op: str, backend: str, *, why_not: Callable[..., list[str]], forward: Callable,
-             backward: Callable, nondeterministic: str | None = None) -> None:
+             backward: Callable, nondeterministic: str | None = None,
+             slower: Callable[..., str | None] | None = None, composite: Callable | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _DECISIONS.clear()
     _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward,
-                                                           nondeterministic)
+                                                           nondeterministic, slower, composite)
 
 
 def nondeterministic() -> dict[tuple[str, str], str]:
@@ -100,13 +110,38 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+@contextlib.contextmanager
+def only_backends(*names: str) -> Iterator[None]:
+    """Let automatic choice inside the block walk only ``names`` (in :data:`BACKENDS` order), e.g.
+    to leave out Triton's CPU interpreter, which tests and ``fastadapt demo`` switch on."""
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"unknown or no backends {unknown or names!r}; expected some of {BACKENDS}")
+    token = _candidates.set(tuple(n for n in BACKENDS if n in names))
+    try:
+        yield
+    finally:
+        _candidates.reset(token)
+
+
 def explain(op: str, **inputs) -> dict[str, list[str]]:
-    """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can)."""
+    """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can), and the
+    reason automatic choice passes over it if it is slower than the composite there."""
     impls = _REGISTRY.get(op, {})
-    return {
-        name: (impls[name].reasons(**inputs) if name in impls else [f"no {name} implementation of {op}"])
-        for name in BACKENDS
-    }
+    out = {}
+    for name in BACKENDS:
+        impl = impls.get(name)
+        out[name] = impl.reasons(**inputs) if impl else [f"no {name} implementation of {op}"]
+        slower = impl.slower(**inputs) if impl and impl.slower and not out[name] else None
+        if slower:
+            out[name] = [f"passed over: {slower}"]
+    return out
+
+
+def crossovers() -> dict[tuple[str, str], str]:
+    """(op, backend) -> its declared crossover (the ``slower`` rule's docstring), for ``fastadapt info``."""
+    return {(op, name): " ".join((impl.slower.__doc__ or "").split()) for op, impls in _REGISTRY.items()
+            for name, impl in impls.items() if impl.slower}
 
 
 def get(op: str, backend: str) -> Implementation:
@@ -117,12 +152,41 @@ def get(op: str, backend: str) -> Implementation:
     return impl
 
 
+# Decisions by op, forced backend, deterministic-algorithms flag and each input's device, dtype and
+# shape, which is all a ``why_not`` may read: the walk over the backends cost 10 us per call (CPU,
+# LoRA), as much as the kernels of a small layer; the lookup costs 2.
+_DECISIONS: dict[tuple, Implementation] = {}
+_MAX_DECISIONS = 4096
+
+
+def _decision_key(op: str, forced: str | None, inputs: dict) -> tuple:
+    return (op, forced, _candidates.get(), torch.are_deterministic_algorithms_enabled(),
+            *(None if t is None else (t.device, t.dtype, t.shape) for t in inputs.values()))
+
+
 def select(op: str, **inputs) -> Implementation:
-    """The implementation that serves ``inputs``: the forced backend, or the first with no reasons."""
+    """The implementation that serves ``inputs``: the forced backend, or the first with no reasons.
+
+    ``inputs`` are tensors (or None); an implementation's ``why_not`` may depend on their devices,
+    dtypes and shapes only, as the decision is cached on those."""
+    forced = forced_backend()
+    key = _decision_key(op, forced, inputs)
+    try:
+        impl = _DECISIONS.get(key)
+    except TypeError:  # symbolic sizes (torch.compile tracing with dynamic shapes) are unhashable
+        return _select(op, forced, inputs)
+    if impl is None:
+        impl = _select(op, forced, inputs)
+        if len(_DECISIONS) >= _MAX_DECISIONS:
+            _DECISIONS.clear()
+        _DECISIONS[key] = impl
+    return impl
+
+
+def _select(op: str, forced: str | None, inputs: dict) -> Implementation:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
-    forced = forced_backend()
     if forced is not None:
         impl = impls.get(forced)
         reasons = impl.reasons(**inputs) if impl else [f"no {forced} implementation of {op}"]
@@ -130,9 +194,9 @@ def select(op: str, **inputs) -> Implementation:
             raise BackendUnavailableError(
                 f"backend {forced!r} was forced but cannot run {op}: " + "; ".join(reasons))
         return impl
-    for name in BACKENDS:
+    for name in _candidates.get():
         impl = impls.get(name)
-        if impl is not None and not impl.reasons(**inputs):
+        if impl is not None and not impl.reasons(**inputs) and not (impl.slower and impl.slower(**inputs)):
             return impl
     reasons = explain(op, **inputs)
     raise BackendUnavailableError(

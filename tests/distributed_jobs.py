@@ -146,15 +146,16 @@ def spy(kind: str):
 
     def counting_select(op, **inputs):
         impl = select(op, **inputs)
-        # Counted when the custom op fastadapt::<op> selects (through its _select), not a module's
-        # repr (DeepSpeed prints the model) nor the autograd context recording the forward's backend.
-        if sys._getframe(2).f_code.co_name == f"_{op}":
+        # Counted when the op's forward selects (through its _select: the custom op fastadapt::<op>
+        # or the eager path's _apply), not a module's repr (DeepSpeed prints the model) nor the
+        # autograd context recording the forward's backend.
+        if sys._getframe(2).f_code.co_name in (f"_{op}", "_apply"):
             seen["selects"][(op, impl.backend, "forward")] += 1
         return impl
 
     def counting_get(op, backend):
         impl = get(op, backend)  # the backward custom op runs on the forward's backend
-        if sys._getframe(1).f_code.co_name == f"_{op}_backward":
+        if sys._getframe(1).f_code.co_name == "_run_backward":
             seen["selects"][(op, impl.backend, "backward")] += 1
         return impl
 

@@ -15,6 +15,7 @@ def test_info_lists_every_backend(capsys):
     for name in ("triton", "cuda", "cpp", "reference", "lora_linear"):
         assert name in out
     assert "non-deterministic: cuda prefix_attention" in out
+    assert "passes over cpp for lora_linear" in out
 
 
 def test_demo_verifies_and_times(capsys):
@@ -24,4 +25,4 @@ def test_demo_verifies_and_times(capsys):
     for op in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
         assert op in out
     assert "each within 2x PEFT's own error" in out
-    assert "peft (unpatched)" in out and "fastadapt reference" in out
+    assert "peft (unpatched)" in out and "fastadapt reference (forced)" in out and "automatic dispatch" in out

@@ -280,6 +280,30 @@ def test_backward_runs_on_the_forward_backend(backend, device):
                 torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_path_matches_the_custom_op(backend, device, dropout_p):
+    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # the custom op: the same backend functions, so the same bits (the reference backend's eager
+    # path is the autograd composite: equal up to rounding order).
+    tensors = _inputs((3, 5), 48, 40, 6, torch.float32, device)
+    results = []
+    for eager in (True, False):
+        x, lora_A, lora_B, b = (_leaf(t) for t in (tensors[0], *tensors[2:]))
+        torch.manual_seed(11)
+        with dispatch.use_backend(backend):
+            if eager:
+                y = fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, dropout_p=dropout_p)
+            else:
+                seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
+                y = torch.ops.fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, dropout_p, seed)[0]
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, lora_A.grad, lora_B.grad, b.grad])
+    exact = {} if backend == "reference" else {"rtol": 0, "atol": 0}
+    for name, mine, op in zip(["y", "x", "lora_A", "lora_B", "bias"], *results):
+        torch.testing.assert_close(mine, op, **exact, msg=lambda m: f"{name}: {m}")
+
+
 def test_opcheck():
     x, weight, lora_A, lora_B, b = _inputs((2, 5), 16, 8, 3, torch.float32, "cpu")
     for bias in (b, None):

@@ -18,6 +18,7 @@ import torch
 import native_malformed
 from harness import BOUND, assert_close, rel_err
 
+import fastadapt
 from fastadapt import _native, dispatch
 from fastadapt.backends import device_reasons
 from fastadapt.reference import lora as reference
@@ -102,13 +103,42 @@ def test_device_mismatch_is_reported_without_building():
 def test_why_not_of_the_native_backends():
     x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
     reasons = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a, lora_B=b, bias=None)
-    assert reasons["cpp"] == []
+    assert len(reasons["cpp"]) == 1 and "passed over" in reasons["cpp"][0]  # the crossover, below
     assert any("cuda tensors" in r for r in reasons["cuda"])
     x64 = [t.double() for t in (x, w, a, b)]
     reasons = dispatch.explain("lora_linear", x=x64[0], weight=x64[1], lora_A=x64[2], lora_B=x64[3], bias=None)
     assert any("float64" in r for r in reasons["cpp"])
     mixed = dispatch.explain("lora_linear", x=x, weight=w, lora_A=a.half(), lora_B=b, bias=None)
     assert any("share one dtype" in r for r in mixed["cpp"])
+
+
+def test_cpp_lora_crossover():
+    # Below the measured crossover automatic dispatch passes over cpp for the eager composite (what
+    # PEFT runs); forcing cpp still runs it; above, cpp serves; `fastadapt info` states the rule.
+    w, a, b = torch.randn(64, 64), torch.randn(8, 64), torch.randn(64, 8)
+
+    def select(rows, dtype=torch.float32):
+        x = torch.randn(rows, 64, dtype=dtype)
+        with dispatch.only_backends("cpp", "reference"):  # as on a user's CPU: no Triton interpreter
+            return dispatch.select("lora_linear", x=x, weight=w.to(dtype), lora_A=a.to(dtype),
+                                   lora_B=b.to(dtype), bias=None).backend
+
+    assert select(255) == "reference" and select(2048) == "cpp"
+    assert select(2048, torch.bfloat16) == "reference" and select(2**15, torch.bfloat16) == "cpp"
+    with dispatch.use_backend("cpp"):
+        assert select(8) == "cpp"
+    x = torch.randn(8, 64, requires_grad=True)
+    with dispatch.use_backend("cpp"):
+        fused = fastadapt.lora_linear(x, w, a, b, 2.0)
+    assert isinstance(fused.grad_fn, torch.autograd.function.BackwardCFunction)
+    with dispatch.only_backends("cpp", "reference"):
+        composite = fastadapt.lora_linear(x, w, a, b, 2.0)  # plain autograd graph, nothing of ours
+    assert not isinstance(composite.grad_fn, torch.autograd.function.BackwardCFunction)
+    torch.testing.assert_close(composite, fused)
+    assert ("lora_linear", "cpp") in dispatch.crossovers()
+    with pytest.raises(ValueError, match="unknown"):
+        with dispatch.only_backends("gpu"):
+            pass
 
 
 def test_nondeterministic_backend_is_skipped_under_deterministic_algorithms():

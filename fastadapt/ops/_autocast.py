@@ -20,7 +20,7 @@ _DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _lib = torch.library.Library("fastadapt", "FRAGMENT")
 
 
-def _cast(value, device_type: str, dtype: torch.dtype):
+def cast(value, device_type: str, dtype: torch.dtype):
     """``value`` in ``dtype`` if it is a floating tensor on ``device_type`` other than float64."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type \
             and value.dtype != torch.float64:
@@ -46,6 +46,6 @@ def register(op_name: str) -> None:
             dtype = torch.get_autocast_dtype(device_type)
             # Autocast off for the op itself, as torch.library.register_autocast does.
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*(_cast(a, device_type, dtype) for a in args))
+                return op(*(cast(a, device_type, dtype) for a in args))
 
         _lib.impl(op_name, kernel, key, with_keyset=True)

@@ -50,9 +50,29 @@ def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+# Where the cpp kernels stop beating eager PyTorch (oneDNN/MKL GEMMs), fwd+bwd, r=16, measured on
+# this 2-core x86 CI-class machine at 1 thread (`python benchmarks/cpu_crossover.py`), as eager/cpp:
+# fp32 0.66 at M=128 64x64, 0.90 at M=128 512x512, 0.93 at M=1024 64x64, 1.04 at M=2048 64x64,
+# 1.01 at M=512 256x256, 1.06 at M=256 512x512, 1.18 at M=1024 512x512; bf16 0.86 at M=256
+# 512x512, 0.88 at M=1024 128x128, 1.09 at M=2048 128x128, 1.26 at M=1024 512x512. Below the
+# line the per-call overhead (~60 us: autograd, checks, dispatch) outweighs what fusing saves.
+CPP_LORA_CROSSOVER = {torch.float32: (256, 2**23), torch.float16: (512, 2**27), torch.bfloat16: (512, 2**27)}
+
+
+def _cpp_lora_slower(x, weight, lora_A, lora_B, bias):
+    """below M = 256 rows or M*K*N = 2^23 multiply-adds in float32 (512 rows, 2^27 in float16/bfloat16):
+    eager PyTorch is faster there (measured: fastadapt/ops/_native_backends.py)"""
+    rows = x.shape[:-1].numel()
+    min_rows, min_work = CPP_LORA_CROSSOVER[x.dtype]
+    if rows < min_rows or rows * weight.shape[0] * weight.shape[1] < min_work:
+        return (f"M={rows}, {weight.shape[1]}->{weight.shape[0]} is below the cpp crossover "
+                f"(M >= {min_rows} and M*K*N >= 2^{min_work.bit_length() - 1} in {x.dtype}): eager PyTorch is faster")
+    return None
+
+
 for _backend in ("cuda", "cpp"):
     dispatch.register("lora_linear", _backend, why_not=_lora_why_not(_backend), forward=_lora_forward,
-                      backward=_lora_backward)
+                      backward=_lora_backward, slower=_cpp_lora_slower if _backend == "cpp" else None)
 
 
 # --- Bottleneck adapter (csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu) ---

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastadapt import _checks, dispatch
+from fastadapt.ops import _eager
 from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.reference import bottleneck as reference
 
@@ -30,8 +31,19 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _select(z, down_weight, up_weight) -> dispatch.Implementation:
+def _select(z, residual, down_weight, down_bias, up_weight, *_) -> dispatch.Implementation:
     return dispatch.select(OP, z=z, down_weight=down_weight, up_weight=up_weight)
+
+
+def _forward(impl, z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
+             ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
+             dropout_p, seed):
+    z2d = z.reshape(-1, z.shape[-1])
+    r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    out, h, stats = impl.forward(z2d, r2d, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
+                                 ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation,
+                                 eps, residual_before_ln, dropout_p, _seed(seed))
+    return out.view(z.shape), h, stats
 
 
 @torch.library.custom_op("fastadapt::bottleneck_adapter", mutates_args=())
@@ -42,13 +54,9 @@ def _bottleneck_adapter(
         ln_after_weight: Optional[Tensor], ln_after_bias: Optional[Tensor], gate: Optional[Tensor],
         scaling: float, activation: str, eps: float, residual_before_ln: bool, dropout_p: float,
         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    z2d = z.reshape(-1, z.shape[-1])
-    r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    impl = _select(z, down_weight, up_weight)
-    out, h, stats = impl.forward(z2d, r2d, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
-                                 ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation,
-                                 eps, residual_before_ln, dropout_p, _seed(seed))
-    return out.view(z.shape), h, stats
+    inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight, ln_before_bias,
+              ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_bottleneck_adapter.register_fake
@@ -59,8 +67,7 @@ def _(z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_
             z.new_empty(4, M, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastadapt::bottleneck_adapter_backward", mutates_args=())
-def _bottleneck_adapter_backward(
+def _run_backward(
         gout: Tensor, z: Tensor, residual: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
         up_weight: Tensor, up_bias: Optional[Tensor], h: Tensor, stats: Tensor, scale: Optional[Tensor],
         ln_before_weight: Optional[Tensor], ln_before_bias: Optional[Tensor],
@@ -84,6 +91,10 @@ def _bottleneck_adapter_backward(
     return tuple(grads)
 
 
+_bottleneck_adapter_backward = torch.library.custom_op("fastadapt::bottleneck_adapter_backward",
+                                                      mutates_args=())(_run_backward)
+
+
 @_bottleneck_adapter_backward.register_fake
 def _(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, ln_before_weight,
       ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
@@ -98,7 +109,7 @@ def _residual_in_ln(residual, ln_after_weight, residual_before_ln) -> bool:
     return residual is not None and ln_after_weight is not None and residual_before_ln
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     (z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_w, lnb_b, lna_w, lna_b, gate,
      scaling, activation, eps, residual_before_ln, dropout_p, seed) = inputs
     ctx.res_in_ln = _residual_in_ln(residual, lna_w, residual_before_ln)
@@ -106,7 +117,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, residual if ctx.res_in_ln else None, down_weight, down_bias, up_weight, up_bias,
                           output[1], output[2], scale, lnb_w, lnb_b, lna_w, lna_b, gate, seed)
     ctx.args = (scaling, activation, eps, residual_before_ln, dropout_p)
-    ctx.backend = _select(z, down_weight, up_weight).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gout, _gh, _gstats):
@@ -115,7 +126,8 @@ def _backward(ctx, gout, _gh, _gstats):
     scaling, activation, eps, residual_before_ln, dropout_p = ctx.args
     n = ctx.needs_input_grad
     needs = [n[0], n[1] and ctx.res_in_ln, *n[2:12]]
-    grads = list(torch.ops.fastadapt.bottleneck_adapter_backward(
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.bottleneck_adapter_backward
+    grads = list(run(
         gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_w, lnb_b,
         lna_w, lna_b, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, needs, ctx.backend))
     grads = [g if need else None for g, need in zip(grads, needs)]
@@ -125,6 +137,7 @@ def _backward(ctx, gout, _gh, _gstats):
 
 
 _bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
+_BottleneckAdapter = _eager.function("BottleneckAdapter", _forward, _setup_context, _backward)
 
 
 def bottleneck_adapter(z: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor,
@@ -227,10 +240,13 @@ def bottleneck_adapter(z: Tensor, down_weight: Tensor, down_bias: Optional[Tenso
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
-    out, _, _ = torch.ops.fastadapt.bottleneck_adapter(
-        z, residual, cast(down_weight), cast(down_bias), cast(up_weight), cast(up_bias), cast(scale),
-        cast(lnb[0]), cast(lnb[1]), cast(lna[0]), cast(lna[1]), cast(gate), scaling, activation, eps,
-        bool(adapter_residual_before_ln), p, seed)
+    inputs = (z, residual, cast(down_weight), cast(down_bias), cast(up_weight), cast(up_bias), cast(scale),
+              cast(lnb[0]), cast(lnb[1]), cast(lna[0]), cast(lna[1]), cast(gate), scaling, activation, eps,
+              bool(adapter_residual_before_ln), p, seed)
+    if _eager.fast_path(*(t for t in inputs[:12])):
+        out, _, _ = _eager.run(_BottleneckAdapter, _select, *inputs)
+    else:
+        out, _, _ = torch.ops.fastadapt.bottleneck_adapter(*inputs)
     return out
 
 

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
-from fastadapt.ops import _autocast
+from fastadapt.ops import _autocast, _eager
 from fastadapt.reference import lora as reference
+from fastadapt.reference.dropout import dropout_keep
 
 OP = "lora_linear"
 
@@ -24,17 +25,21 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _select(x, weight, lora_A, lora_B, bias) -> dispatch.Implementation:
+def _select(x, weight, lora_A, lora_B, scaling, bias, *_) -> dispatch.Implementation:
     return dispatch.select(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
+def _forward(impl, x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    x2d = x.reshape(-1, x.shape[-1])
+    y, u = impl.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
 @torch.library.custom_op("fastadapt::lora_linear", mutates_args=())
 def _lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    x2d = x.reshape(-1, x.shape[-1])
-    impl = _select(x, weight, lora_A, lora_B, bias)
-    y, u = impl.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
-    return y.view(*x.shape[:-1], weight.shape[0]), u
+    inputs = (x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_lora_linear.register_fake
@@ -43,10 +48,9 @@ def _(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, lora_A.shape[0])
 
 
-@torch.library.custom_op("fastadapt::lora_linear_backward", mutates_args=())
-def _lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                          u: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                          needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                  scaling: float, dropout_p: float, seed: Optional[Tensor], needs: list[bool],
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(gx, gA, gB, gbias, gweight) on ``backend``, the forward's; a gradient not asked for in
     ``needs`` comes back empty."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -57,31 +61,35 @@ def _lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     return (gx.view(x.shape) if needs[0] else gx), *rest
 
 
+_lora_linear_backward = torch.library.custom_op("fastadapt::lora_linear_backward", mutates_args=())(_run_backward)
+
+
 @_lora_linear_backward.register_fake
 def _(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, backend):
     shapes = (x.shape, lora_A.shape, lora_B.shape, weight.shape[:1], weight.shape)
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
-    ctx.backend = _select(x, weight, lora_A, lora_B, bias).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    nx, nw, na, nb, _, nbias, _, _ = ctx.needs_input_grad
+    nx, nw, na, nb, _, nbias = ctx.needs_input_grad[:6]
     needs = [nx, na, nb, nbias, nw]
-    grads = torch.ops.fastadapt.lora_linear_backward(
-        gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs, ctx.backend)
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.lora_linear_backward
+    grads = run(gy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs, ctx.backend)
     gx, gA, gB, gbias, gw = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, gA, gB, None, gbias, None, None
 
 
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
+_LoRALinear = _eager.function("LoRALinear", _forward, _setup_context, _backward)
 _autocast.register("lora_linear")
 
 
@@ -141,8 +149,11 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
-    y, _ = torch.ops.fastadapt.lora_linear(
-        x, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+    inputs = (x, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+    if _eager.fast_path(x, weight, lora_A, lora_B, bias):
+        y, _ = _eager.run(_LoRALinear, _select, *inputs, autocast_device=x.device.type)
+    else:
+        y, _ = torch.ops.fastadapt.lora_linear(*inputs)
     return y
 
 
@@ -160,5 +171,14 @@ def _triton_why_not(x, weight, lora_A, lora_B, bias):
 _KERNELS = "fastadapt.kernels.lora"
 dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
+
+
+def _composite(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    keep = dropout_keep(_seed(seed), (x.shape[:-1].numel(), x.shape[-1]), dropout_p, x.device)
+    y = reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias,
+                              None if keep is None else keep.view(x.shape), dropout_p)
+    return y, None  # u is what the fused backward keeps; autograd keeps its own
+
+
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
-                  backward=reference.backward)
+                  backward=reference.backward, composite=_composite)

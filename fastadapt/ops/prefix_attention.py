@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastadapt import _checks, dispatch
+from fastadapt.ops import _eager
 from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.reference import prefix_attention as reference
 
@@ -31,15 +32,20 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _select(q, k, v, k_p, v_p, key_padding_mask) -> dispatch.Implementation:
+def _select(q, k, v, k_p, v_p, gate, key_padding_mask, *_) -> dispatch.Implementation:
     return dispatch.select(OP, q=q, k=k, v=v, k_p=k_p, v_p=v_p, key_padding_mask=key_padding_mask)
+
+
+def _forward(impl, *inputs):
+    return impl.forward(*inputs)
 
 
 @torch.library.custom_op("fastadapt::prefix_attention", mutates_args=())
 def _prefix_attention(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, gate: Optional[Tensor],
                       key_padding_mask: Optional[Tensor], scale: float, causal: bool,
                       joint: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _select(q, k, v, k_p, v_p, key_padding_mask).forward(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
+    inputs = (q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_prefix_attention.register_fake
@@ -49,8 +55,7 @@ def _(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint):
     return q.new_empty((B, H, Sq, D)), stats, stats.new_empty((0,) if joint else (B, H, Sq, 2))
 
 
-@torch.library.custom_op("fastadapt::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor,
+def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor,
                                gate: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor,
                                stats: Tensor, stats_p: Tensor, scale: float, causal: bool, joint: bool,
                                needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -62,6 +67,10 @@ def _prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
+_prefix_attention_backward = torch.library.custom_op("fastadapt::prefix_attention_backward",
+                                                    mutates_args=())(_run_backward)
+
+
 @_prefix_attention_backward.register_fake
 def _(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal, joint, needs, backend):
     shapes = (q.shape, k.shape, v.shape, k_p.shape, v_p.shape)
@@ -70,19 +79,20 @@ def _(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scal
     return tuple(grads)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint = inputs
     out, stats, stats_p = output
     ctx.save_for_backward(q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p)
     ctx.scale, ctx.causal, ctx.joint = scale, causal, joint
-    ctx.backend = _select(q, k, v, k_p, v_p, key_padding_mask).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, dout, _dstats, _dstats_p):
     q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:6])
     needs[5] = needs[5] and not ctx.joint
-    grads = torch.ops.fastadapt.prefix_attention_backward(
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.prefix_attention_backward
+    grads = run(
         dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, ctx.scale, ctx.causal, ctx.joint,
         needs, ctx.backend)
     dq, dk, dv, dk_p, dv_p, dgate = (g if need else None for g, need in zip(grads, needs))
@@ -90,6 +100,7 @@ def _backward(ctx, dout, _dstats, _dstats_p):
 
 
 _prefix_attention.register_autograd(_backward, setup_context=_setup_context)
+_PrefixAttention = _eager.function("PrefixAttention", _forward, _setup_context, _backward)
 
 
 def _effective_gate(gate, gate_tanh: bool, heads: int, dtype: torch.dtype) -> Tensor:
@@ -182,8 +193,11 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     # Broadcast views, no copies: the kernels read through strides (batch stride 0).
     prefix_k = prefix_k.expand(B, -1, -1, -1)
     prefix_v = prefix_v.expand(B, -1, -1, -1)
-    out, _, _ = torch.ops.fastadapt.prefix_attention(
-        q, k, v, prefix_k, prefix_v, g, key_padding_mask, scale, causal, joint)
+    inputs = (q, k, v, prefix_k, prefix_v, g, key_padding_mask, scale, causal, joint)
+    if _eager.fast_path(*inputs[:7]):
+        out, _, _ = _eager.run(_PrefixAttention, _select, *inputs)
+    else:
+        out, _, _ = torch.ops.fastadapt.prefix_attention(*inputs)
     return out
 
 

@@ -63,7 +63,7 @@ def _layer_fallbacks(module) -> str:
     return "; ".join(conditions)
 
 
-def _call_reason(module, x, active, args, kwargs) -> str | None:
+def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
     """Why this call must run PEFT's own forward (None: the fused op serves it)."""
     if args or kwargs:
         return "mixed-batch adapter_names" if "adapter_names" in kwargs else "extra forward arguments"
@@ -72,9 +72,8 @@ def _call_reason(module, x, active, args, kwargs) -> str | None:
         return f"LoRA variant adapter(s) {variants} (DoRA, ...) active"
     if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
         return "several active adapters with dropout in training (each adapter draws its own mask)"
-    weight_dtype = module.get_base_layer().weight.dtype
-    if autocast_dtype(x) is None and x.dtype != weight_dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {weight_dtype} outside autocast"
+    if compute_dtype is None and x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
     return None
 
 
@@ -83,15 +82,17 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or not active:
         return type(self).forward(self, x, *args, **kwargs)  # the base layer alone: nothing to fuse
     name, report = report_of(self)
-    reason = _call_reason(self, x, active, args, kwargs)
+    base = self.get_base_layer()
+    weight = base.weight
+    compute_dtype = autocast_dtype(x)
+    reason = _call_reason(self, x, active, args, kwargs, weight, compute_dtype)
     if reason is not None:
         report.fall_back(name, reason)
         return type(self).forward(self, x, *args, **kwargs)
     report.fused()
-    base = self.get_base_layer()
-    # Conv1D keeps its weight as (in, out): the op takes the transposed view, no copy.
-    weight = base.weight if type(base) is nn.Linear else base.weight.t()
-    dtype = autocast_dtype(x) or x.dtype
+    if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
+        weight = weight.t()
+    dtype = compute_dtype or x.dtype
     lora_B = [self.lora_B[a] for a in active]
     if len(active) == 1:
         lora_A, scaling = self.lora_A[active[0]].weight, self.scaling[active[0]]

@@ -23,9 +23,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def fast_path(*tensors: torch.Tensor | None) -> bool:
-    """True when nothing is tracing the call: eager mode, plain tensors, no dispatch or function mode."""
+    """True when nothing is tracing or transforming the call: eager mode, plain tensors, no dispatch
+    or function mode, no torch.func transform."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 

@@ -89,6 +89,19 @@ def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+def split_rows(M: int, tiles: int, block_m: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """(splits, rows per split) of a reduction over M rows whose output has ``tiles`` tiles:
+    ``splits`` if given, else enough programs to fill the GPU, 1 on the CPU or when deterministic
+    algorithms are requested (more than one split accumulates with atomics)."""
+    if splits is None:
+        if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            splits = 1
+        else:
+            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(device.index or 0) // tiles))
+    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
+    return triton.cdiv(max(M, 1), rows_per_split), rows_per_split
+
+
 @functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from fastadapt.backends import triton_interpret
 from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, mma, pow2_block,
-                                      sm_count)
+                                      split_rows)
 
 
 @triton.jit
@@ -239,14 +239,8 @@ def lora_reduce(pm, x, scale: float, out, *, dropout_p: float = 0.0, seed: int =
     C = x.shape[1]
     block_r = pow2_block(R)
     block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
-    tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
-    if splits is None:
-        if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-            splits = 1
-        else:
-            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(x.device.index or 0) // tiles))
-    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
-    splits = triton.cdiv(max(M, 1), rows_per_split)
+    splits, rows_per_split = split_rows(M, triton.cdiv(C, block_c) * triton.cdiv(R, block_r), block_m, x.device,
+                                        splits)
     if splits > 1:
         out.zero_()
     _lora_reduce_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)](

@@ -1,11 +1,11 @@
-"""fastadapt: fused kernels for parameter-efficient fine-tuning (LoRA, bottleneck adapters, gated prefix attention)."""
+"""fastadapt: fused kernels for parameter-efficient fine-tuning (LoRA, DoRA, bottleneck adapters, gated prefix attention)."""
 
 from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove_adapter, save_adapter,
                                 set_active, set_active_adapter)
 from fastadapt.dispatch import BackendUnavailableError, use_backend
 from fastadapt.integrations import FallbackError, PatchReport, patch, unpatch
 from fastadapt.llama_adapter import add_adaption_prompt
-from fastadapt.ops import bottleneck_adapter, lora_linear, prefix_attention
+from fastadapt.ops import bottleneck_adapter, dora_linear, lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "add_adapter",
     "add_adaption_prompt",
     "bottleneck_adapter",
+    "dora_linear",
     "list_adapters",
     "load_adapter",
     "lora_linear",

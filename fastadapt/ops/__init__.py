@@ -1,6 +1,7 @@
 """Custom ops (``torch.ops.fastadapt.*``) with autograd and dispatch, one module per op."""
 
 from fastadapt.ops.bottleneck import bottleneck_adapter
+from fastadapt.ops.dora import dora_linear
 from fastadapt.ops.lora import lora_linear
 from fastadapt.ops.prefix_attention import prefix_attention
 
@@ -8,4 +9,4 @@ from fastadapt.ops.prefix_attention import prefix_attention
 # the extension is built when dispatch first asks them (fastadapt/_native.py).
 from fastadapt.ops import _native_backends  # noqa: E402,F401  (isort: after the ops it registers)
 
-__all__ = ["bottleneck_adapter", "lora_linear", "prefix_attention"]
+__all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "prefix_attention"]

@@ -36,16 +36,21 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def register(op_name: str) -> None:
-    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA."""
+def register(op_name: str, keep: frozenset[int] = frozenset()) -> None:
+    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
+
+    ``keep``: positions of arguments that stay in their own dtype (DoRA's float32 magnitude), as
+    PyTorch keeps its fp32-policy operands.
+    """
     op = getattr(torch.ops.fastadapt, op_name).default
     for device_type, key in _DEVICE_KEYS.items():
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
         def kernel(_keyset, *args, device_type=device_type, excluded=excluded):
             dtype = torch.get_autocast_dtype(device_type)
+            args = [a if i in keep else cast(a, device_type, dtype) for i, a in enumerate(args)]
             # Autocast off for the op itself, as torch.library.register_autocast does.
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*(cast(a, device_type, dtype) for a in args))
+                return op(*args)
 
         _lib.impl(op_name, kernel, key, with_keyset=True)

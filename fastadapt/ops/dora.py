@@ -86,7 +86,7 @@ def _backward(ctx, gy, _gu, _gP, _gn):
 
 
 _dora_linear.register_autograd(_backward, setup_context=_setup_context)
-_autocast.register(OP)
+_autocast.register(OP, keep=frozenset({4}))  # the magnitude stays float32 (dora_linear)
 
 
 def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
@@ -101,10 +101,10 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
         x: (..., in_features), float16 / bfloat16 / float32 (float64 runs on the reference).
         weight: (out_features, in_features), the frozen base weight, any strides (a transposed
             view of a GPT-2 ``Conv1D`` weight needs no copy); same dtype as ``x`` outside autocast.
-        lora_A: (r, in_features); lora_B: (out_features, r); magnitude: (out_features,) (PEFT's
-            ``lora_magnitude_vector[name].weight``). They are computed in the compute dtype with
-            float32 accumulation, whatever their own dtype (PEFT keeps them in float32), and
-            their grads come back in their own dtype.
+        lora_A: (r, in_features); lora_B: (out_features, r) (PEFT's layouts): computed in the
+            compute dtype with float32 accumulation, whatever their own dtype (PEFT keeps them in
+            float32); magnitude: (out_features,) (PEFT's ``lora_magnitude_vector[name].weight``),
+            used in float32 (float64 for float64 inputs). Their grads come back in their own dtype.
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), finite.
         bias: (out_features,) or None.
         dropout_p: dropout probability on the adapter's input, applied only when ``training``;
@@ -153,8 +153,11 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
+    # The magnitude stays in float32 (PEFT's m / n is float32 over a half base): rounding it to the
+    # compute dtype would scale every output and every gradient by a rounded g.
     y, *_ = torch.ops.fastadapt.dora_linear(
-        x, weight, lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype), scaling, bias, p, seed)
+        x, weight, lora_A.to(dtype), lora_B.to(dtype), magnitude.to(torch.promote_types(dtype, torch.float32)),
+        scaling, bias, p, seed)
     return y
 
 
@@ -164,8 +167,10 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
 
 def _triton_why_not(x, weight, lora_A, lora_B, magnitude, bias):
     reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
-    if len({t.dtype for t in (x, weight, lora_A, lora_B, magnitude, bias) if t is not None}) > 1:
-        reasons.append("x, weight, lora_A, lora_B, magnitude and bias must share one dtype")
+    if len({t.dtype for t in (x, weight, lora_A, lora_B, bias) if t is not None}) > 1:
+        reasons.append("x, weight, lora_A, lora_B and bias must share one dtype")
+    if magnitude.dtype != torch.float32:
+        reasons.append(f"magnitude must be float32, got {magnitude.dtype}")
     return reasons
 
 

@@ -25,7 +25,8 @@ def _tiny_llama():
 def _lora_config(**kw):
     kw.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     kw.setdefault("lora_alpha", 8)
-    return peft.LoraConfig(r=4, init_lora_weights=False, **kw)
+    kw.setdefault("init_lora_weights", False)
+    return peft.LoraConfig(r=4, **kw)
 
 
 def _pair(second_adapter=False, **kw):
@@ -87,26 +88,26 @@ def test_report_says_what_was_left_alone_and_why_and_what_falls_back():
     torch.manual_seed(0)
     model = peft.get_peft_model(_tiny_llama(), _lora_config(target_modules=["q_proj", "embed_tokens"],
                                                             modules_to_save=["lm_head"]))
-    model.add_adapter("dora", _lora_config(target_modules=["q_proj"], use_dora=True))
+    model.add_adapter("mica", _lora_config(target_modules=["q_proj"], init_lora_weights="mica"))
     report = fastadapt.patch(model)
     assert any("embedding" in why for _, why in report.skipped), str(report)
     assert any("modules_to_save" in why for _, why in report.skipped), str(report)
     # The report names the call-time conditions that will still run PEFT's forward, per layer.
-    assert len(report.fallbacks) == 2 and all("LoRA variant adapter ['dora']" in c for _, c in report.fallbacks)
+    assert len(report.fallbacks) == 2 and all("LoRA variant adapter ['mica']" in c for _, c in report.fallbacks)
     assert "still run the library's forward when" in str(report)
     assert any(why == "already patched" for _, why in fastadapt.patch(model).skipped)
     ids = torch.randint(0, 64, (1, 5))
     model(input_ids=ids)
     assert report.calls == {"fused": 2}
-    # The DoRA adapter runs PEFT's own forward, still matches it, warns once and is counted.
+    # The MiCA adapter (a LoRA variant) runs PEFT's own forward, still matches it, warns once and is counted.
     reference = copy.deepcopy(model)
     fastadapt.unpatch(reference)
     for m in (model, reference):
-        m.set_adapter("dora")
+        m.set_adapter("mica")
     with pytest.warns(UserWarning, match=r"q_proj runs the library's own forward.*LoRA variant"):
         out = model(input_ids=ids).logits
     assert rel_err(out, reference(input_ids=ids).logits) < 1e-6
-    assert report.calls["fallback: LoRA variant adapter(s) ['dora'] (DoRA, ...) active"] == 2
+    assert report.calls["fallback: LoRA variant adapter(s) ['mica'] (other than DoRA) active"] == 2
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -116,11 +117,11 @@ def test_report_says_what_was_left_alone_and_why_and_what_falls_back():
 def test_strict_patch_raises_on_a_fallback():
     torch.manual_seed(0)
     model = peft.get_peft_model(_tiny_llama(), _lora_config(target_modules=["q_proj"]))
-    model.add_adapter("dora", _lora_config(target_modules=["q_proj"], use_dora=True))
+    model.add_adapter("mica", _lora_config(target_modules=["q_proj"], init_lora_weights="mica"))
     fastadapt.patch(model, strict=True)
     ids = torch.randint(0, 64, (1, 5))
     model(input_ids=ids)  # the plain adapter is fused
-    model.set_adapter("dora")
+    model.set_adapter("mica")
     with pytest.raises(fastadapt.FallbackError, match="q_proj.*LoRA variant adapter"):
         model(input_ids=ids)
 
@@ -344,3 +345,90 @@ def test_generation_in_inference_mode():
             outs.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
     assert report.calls["fused"] == 14 * 6 and len(report.calls) == 1
+
+
+# --- DoRA (use_dora=True) runs fastadapt::dora_linear ---
+
+
+def _dora_pair(model=None, **kw):
+    """(patched later, PEFT) copies of a DoRA model whose magnitudes are moved off their initial
+    value, the weight norm (where g = m / n = 1 would hide a wrong norm)."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model if model is not None else _tiny_llama(), _lora_config(use_dora=True, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
+    return model, copy.deepcopy(model)
+
+
+def test_dora_model_matches_peft_logits_and_grads():
+    ours, theirs = _dora_pair()
+    report = fastadapt.patch(ours, strict=True)
+    assert len(report.patched) == 14 and all("fastadapt::dora_linear" in what for _, what in report.patched)
+    ids = torch.randint(0, 64, (2, 9))
+    a, b = _step(ours, ids), _step(theirs, ids)
+    assert sum("lora_magnitude_vector" in name for name in a[1]) == 14
+    _assert_same(a, b)
+    assert report.calls == {"fused": 14}
+    merged = ours.merge_and_unload()
+    assert rel_err(merged(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("setup", ["autocast_bf16", "bf16_base_fp32_adapters"])
+def test_dora_half_precision_setups_match_peft(setup):
+    torch.manual_seed(0)
+    base = _tiny_llama().to(torch.bfloat16) if setup == "bf16_base_fp32_adapters" else None
+    ours, theirs = _dora_pair(base)
+    truth = copy.deepcopy(theirs).double()
+    report = fastadapt.patch(ours, strict=True)
+    ids = torch.randint(0, 64, (2, 7))
+    _lora_grads_vs_truth(ours, theirs, truth, ids, autocast=torch.bfloat16 if setup == "autocast_bf16" else None)
+    assert report.calls == {"fused": 14}
+
+
+def test_dora_gpt2_conv1d_fan_in_fan_out():
+    torch.manual_seed(0)
+    ours, theirs = _dora_pair(_tiny_gpt2(), fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"])
+    report = fastadapt.patch(ours, strict=True)
+    assert len(report.patched) == 8 and all("Conv1D" in what for _, what in report.patched), str(report)
+    ids = torch.randint(0, 64, (2, 9))
+    _assert_same(_step(ours, ids), _step(theirs, ids))
+    assert report.calls == {"fused": 8}
+
+
+def test_dora_dropout_trains_and_eval_matches():
+    ours, theirs = _dora_pair(lora_dropout=0.1)
+    report = fastadapt.patch(ours, strict=True)
+    ids = torch.randint(0, 64, (2, 7))
+    ours.train()
+    a, b = ours(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert not torch.equal(a, b)  # a fresh mask per call
+    ours.eval()
+    theirs.eval()
+    assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+    assert report.calls == {"fused": 42}
+
+
+def test_dora_with_another_active_adapter_falls_back_and_says_so():
+    # PEFT applies a DoRA adapter to the output of the adapters before it: not one fused call.
+    ours, _ = _dora_pair(target_modules=["q_proj"])
+    ours.add_adapter("plain", _lora_config(target_modules=["q_proj"]))
+    theirs = copy.deepcopy(ours)
+    report = fastadapt.patch(ours)
+    assert all("fastadapt::lora_linear, fastadapt::dora_linear (DoRA adapter(s) ['default'])" in what
+               for _, what in report.patched), str(report)
+    assert all("DoRA adapter ['default'] is active together" in c for _, c in report.fallbacks), str(report)
+    ids = torch.randint(0, 64, (1, 5))
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["default", "plain"])
+    with pytest.warns(UserWarning, match="DoRA adapter"):
+        out = ours(input_ids=ids).logits
+    assert rel_err(out, theirs(input_ids=ids).logits) < 1e-6
+    assert report.calls == {"fallback: DoRA adapter(s) ['default'] active together with other adapters "
+                            "(PEFT applies each to the sum before it)": 2}
+    for name in ("plain", "default"):  # each alone is fused
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        _assert_same(_step(ours, ids), _step(theirs, ids))
+    assert report.calls["fused"] == 4

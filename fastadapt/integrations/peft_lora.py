@@ -5,11 +5,13 @@ Patching replaces the instance's ``forward`` only: PEFT keeps its parameters, ad
 serves what real training setups run: autocast (the HF Trainer's ``bf16=True`` / ``fp16=True``),
 float32 adapters on a half-precision base (PEFT's ``autocast_adapter_dtype``), GPT-2 / GPT-J
 ``Conv1D`` bases (``fan_in_fan_out``), several active adapters (summed, as PEFT sums them),
-``lora_bias`` and rsLoRA. What it does not serve runs PEFT's own forward, which the patch report
-lists per layer, the first such call warns about, and ``patch(model, strict=True)`` refuses:
-LoRA variants (DoRA, ...), mixed-batch ``adapter_names``, several active adapters with dropout in
-training (each adapter draws its own mask), and an input whose dtype differs from the base
-weight's outside autocast (PEFT's own forward raises there).
+``lora_bias`` and rsLoRA; and DoRA (``use_dora=True``) on ``fastadapt::dora_linear`` when its
+adapter is the only active one. What it does not serve runs PEFT's own forward, which the patch
+report lists per layer, the first such call warns about, and ``patch(model, strict=True)`` refuses:
+LoRA variants other than DoRA, a DoRA adapter active together with others (PEFT applies each
+DoRA adapter to the output of the ones before it), mixed-batch ``adapter_names``, several active
+adapters with dropout in training (each adapter draws its own mask), and an input whose dtype
+differs from the base weight's outside autocast (PEFT's own forward raises there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.ops._autocast import autocast_dtype
+from fastadapt.ops.dora import dora_linear
 from fastadapt.ops.lora import lora_linear
 
 _MARK = "_fastadapt_lora_patched"
@@ -48,6 +51,12 @@ def _static_reasons(module, lora_layer) -> list[str]:
     return []
 
 
+def _dora_adapters(module) -> list[str]:
+    """The adapters of ``module`` that are DoRA (PEFT's ``DoraLinearVariant``, nothing derived)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+    return sorted(a for a, v in module.lora_variant.items() if type(v) is DoraLinearVariant)
+
+
 def _dropout_p(module, name: str) -> float:
     dropout = module.lora_dropout[name]
     return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
@@ -56,8 +65,12 @@ def _dropout_p(module, name: str) -> float:
 def _layer_fallbacks(module) -> str:
     """The call-time conditions under which this patched layer still runs PEFT's forward."""
     conditions = [_ALWAYS]
-    if module.lora_variant:
-        conditions.append(f"a LoRA variant adapter {sorted(module.lora_variant)} is active")
+    dora = _dora_adapters(module)
+    others = sorted(set(module.lora_variant) - set(dora))
+    if others:
+        conditions.append(f"a LoRA variant adapter {others} is active")
+    if dora and len(module.lora_A) > 1:
+        conditions.append(f"a DoRA adapter {dora} is active together with other adapters")
     if len(module.lora_A) > 1 and any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
         conditions.append("several adapters are active together with dropout in training")
     return "; ".join(conditions)
@@ -67,9 +80,14 @@ def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str 
     """Why this call must run PEFT's own forward (None: the fused op serves it)."""
     if args or kwargs:
         return "mixed-batch adapter_names" if "adapter_names" in kwargs else "extra forward arguments"
-    variants = [a for a in active if a in module.lora_variant]
+    dora = [a for a in active if a in _dora_adapters(module)] if module.lora_variant else []
+    variants = [a for a in active if a in module.lora_variant and a not in dora]
     if variants:
-        return f"LoRA variant adapter(s) {variants} (DoRA, ...) active"
+        return f"LoRA variant adapter(s) {variants} (other than DoRA) active"
+    if dora and len(active) > 1:
+        return f"DoRA adapter(s) {dora} active together with other adapters (PEFT applies each to the sum before it)"
+    if dora and module.lora_B[dora[0]].bias is not None:
+        return "lora_bias on a DoRA adapter"
     if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
         return "several active adapters with dropout in training (each adapter draws its own mask)"
     if compute_dtype is None and x.dtype != weight.dtype:
@@ -92,6 +110,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     report.fused()
     if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
         weight = weight.t()
+    if active[0] in self.lora_variant:  # DoRA, the only active adapter (_call_reason)
+        adapter = active[0]
+        return dora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                           self.lora_magnitude_vector[adapter].weight, self.scaling[adapter], base.bias,
+                           dropout_p=_dropout_p(self, adapter), training=self.training)
     dtype = compute_dtype or x.dtype
     lora_B = [self.lora_B[a] for a in active]
     if len(active) == 1:
@@ -145,8 +168,12 @@ class _PeftLoraPatcher:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
             base = type(module.get_base_layer()).__name__
+            dora = _dora_adapters(module)
+            ops = [] if len(dora) == len(module.lora_A) else ["fastadapt::lora_linear"]
+            if dora:
+                ops.append(f"fastadapt::dora_linear (DoRA adapter(s) {dora})")
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
-                         what=f"peft LoRA {base} -> fastadapt::lora_linear", fallbacks=_layer_fallbacks(module))
+                         what=f"peft LoRA {base} -> {', '.join(ops)}", fallbacks=_layer_fallbacks(module))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():

@@ -196,6 +196,31 @@ def _lora_grid():
         common.dropout_keep(1, (129, 123), 0.1, "meta")
 
 
+def _dora_grid():
+    from fastadapt.kernels import dora
+    # As LoRA's: decode M=1, odd sizes, aligned sizes, r past 64 (the norm's r loop).
+    shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64), (7, 123, 80, 128))
+    for dname, *_ in DTYPES:
+        for M, K, N, R in shapes:
+            for bias in (False, True):
+                for p in (0.0, 0.1):
+                    with _setting(f"dora M={M} K={K} N={N} r={R} bias={bias} p={p}", dname) as dt:
+                        x = _meta(M, K, dtype=dt)
+                        W, A, B = _meta(N, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
+                        m, b = _meta(N, dtype=torch.float32), _meta(N, dtype=dt) if bias else None
+                        y, u, pre, n = dora.forward(x, W, A, B, m, 0.5, b, p, 1)
+                        dora.backward(y, x, W, A, B, m, u, pre, n, 0.5, p, 1, (True,) * 5 + (False,))
+                        # Split M reductions (atomics) are chosen from the SM count of a CUDA device.
+                        dora.dora_colsum(y, pre, n, _meta(N, dtype=torch.float32),
+                                         _meta(N, dtype=torch.float32) if bias else None, splits=3)
+        with _setting("dora non-contiguous x, transposed weight", dname) as dt:
+            x = _meta(300, 96, dtype=dt).t()
+            W = _meta(300, 64, dtype=dt).t()
+            args = (x, W, _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt), _meta(64, dtype=torch.float32))
+            y, u, pre, n = dora.forward(*args, 2.0, None, 0.1, 1)
+            dora.backward(y, *args, u, pre, n, 2.0, 0.1, 1, (True,) * 5 + (False,))
+
+
 def _bottleneck_grid():
     from fastadapt.kernels import bottleneck as bn
     d = 4096
@@ -262,6 +287,7 @@ def record() -> list[Launch]:
     _recorded.clear()
     with _intercept():
         _lora_grid()
+        _dora_grid()
         _bottleneck_grid()
         _prefix_grid()
     return list(_recorded)

@@ -111,6 +111,28 @@ void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor&
   c.probability("dropout_p", dropout_p);
 }
 
+void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const Tensor& magnitude, const OptTensor& bias, double dropout_p) {
+  const ArgCheck c("fastadapt_C::dora_forward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("magnitude", magnitude, {s.N}, at::kFloat);
+  c("bias", bias, {s.N}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
+void check_dora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& u,
+                         const Tensor& pre, const Tensor& norm, double dropout_p) {
+  const ArgCheck c("fastadapt_C::dora_backward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("magnitude", magnitude, {s.N}, at::kFloat);
+  c("u", u, {s.M, s.r}, x.scalar_type());
+  c("pre", pre, {s.M, s.N}, x.scalar_type());
+  c("norm", norm, {s.N}, at::kFloat);
+  c.probability("dropout_p", dropout_p);
+}
+
 void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p) {
   const ArgCheck c("fastadapt_C::dropout_keep", like, device);
   c("like", like, {kAnySize, kAnySize}, like.scalar_type());
@@ -217,6 +239,13 @@ TORCH_LIBRARY(fastadapt_C, m) {
         "float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
         "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backend signatures of fastadapt/ops/dora.py: (y, u, pre, norm), and the gradients of
+  // (x, lora_A, lora_B, magnitude, bias, weight), empty where not asked for in `needs`. CPU only.
+  m.def("dora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, "
+        "Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+        "Tensor u, Tensor pre, Tensor norm, float scaling, float dropout_p, int seed, bool[6] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
   // GRAD_NAMES order (empty where not needed or the input is absent).
   m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
@@ -240,6 +269,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("dropout_keep", &fastadapt::dropout_keep_cpu);
   m.impl("lora_forward", &fastadapt::lora_forward_cpu);
   m.impl("lora_backward", &fastadapt::lora_backward_cpu);
+  m.impl("dora_forward", &fastadapt::dora_forward_cpu);
+  m.impl("dora_backward", &fastadapt::dora_backward_cpu);
   m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cpu);
   m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cpu);
   m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);

@@ -19,6 +19,12 @@ void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& w
                         const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p);
 void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
                          const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p);
+void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const Tensor& magnitude, const std::optional<Tensor>& bias,
+                        double dropout_p);
+void check_dora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& u,
+                         const Tensor& pre, const Tensor& norm, double dropout_p);
 void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p);
 void check_bottleneck_forward(
     c10::DeviceType device, const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,
@@ -49,6 +55,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs);
 Tensor dropout_keep_cpu(const Tensor& like, double p, int64_t seed);
+
+// DoRA linear (csrc/dora.cpp, CPU only); math in fastadapt/reference/dora.py.
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_forward_cpu(const Tensor& x, const Tensor& weight,
+                                                            const Tensor& lora_A, const Tensor& lora_B,
+                                                            const Tensor& magnitude, double scaling,
+                                                            const std::optional<Tensor>& bias, double dropout_p,
+                                                            int64_t seed);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& magnitude, const Tensor& u, const Tensor& pre, const Tensor& norm, double scaling,
+    double dropout_p, int64_t seed, std::array<bool, 6> needs);
 
 // Bottleneck adapter (csrc/bottleneck.cpp); math in fastadapt/reference/bottleneck.py.
 std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(

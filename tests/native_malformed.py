@@ -31,6 +31,18 @@ def _lora_backward(ops, p=0.0, **bad):
     return ops.lora_backward(t["gy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], t["u"], 1.0, p, 0, [True] * 5)
 
 
+def _dora_forward(ops, p=0.0, **bad):
+    t = {**_lora(), "magnitude": torch.rand(N), **bad}
+    return ops.dora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 1.0, t["bias"], p, 0)
+
+
+def _dora_backward(ops, p=0.0, **bad):
+    t = {**_lora(), "magnitude": torch.rand(N), "gy": torch.randn(M, N), "u": torch.randn(M, R),
+         "pre": torch.randn(M, N), "norm": torch.rand(N) + 0.5, **bad}
+    return ops.dora_backward(t["gy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["u"], t["pre"],
+                             t["norm"], 1.0, p, 0, [True] * 6)
+
+
 def _bottleneck():
     return dict(z=torch.randn(M, D), residual=torch.randn(M, D), down_weight=torch.randn(BN, D),
                 down_bias=torch.randn(BN), up_weight=torch.randn(D, BN), up_bias=torch.randn(D), scale=torch.randn(D),
@@ -96,6 +108,23 @@ CASES = [
     ("lora backward u short", lambda ops: _lora_backward(ops, u=torch.randn(M, R - 1)),
      r"u must have shape \(5, 3\)"),
     ("lora backward u dtype", lambda ops: _lora_backward(ops, u=torch.randn(M, R).half()), r"u must be Float"),
+    ("dora magnitude short", lambda ops: _dora_forward(ops, magnitude=torch.rand(N - 1)),
+     r"magnitude must have shape \(8,\)"),
+    ("dora magnitude half", lambda ops: _dora_forward(ops, magnitude=torch.rand(N).half()), r"magnitude must be Float"),
+    ("dora weight in_features", lambda ops: _dora_forward(ops, weight=torch.randn(N, K - 1)),
+     r"weight must have shape \(\*, 16\)"),
+    ("dora bias short", lambda ops: _dora_forward(ops, bias=torch.randn(N - 1)), r"bias must have shape \(8,\)"),
+    ("dora dropout_p 1", lambda ops: _dora_forward(ops, p=1.0), r"dropout_p must be in \[0, 1\)"),
+    ("dora backward pre short", lambda ops: _dora_backward(ops, pre=torch.randn(M - 1, N)),
+     r"pre must have shape \(5, 8\)"),
+    ("dora backward norm short", lambda ops: _dora_backward(ops, norm=torch.rand(N - 1)),
+     r"norm must have shape \(8,\)"),
+    ("dora backward norm dtype", lambda ops: _dora_backward(ops, norm=torch.rand(N).double()), r"norm must be Float"),
+    ("dora backward u short", lambda ops: _dora_backward(ops, u=torch.randn(M, R - 1)), r"u must have shape \(5, 3\)"),
+    ("dora backward gy short", lambda ops: _dora_backward(ops, gy=torch.randn(M, N - 1)),
+     r"gy must have shape \(5, 8\)"),
+    ("dora backward magnitude short", lambda ops: _dora_backward(ops, magnitude=torch.rand(N + 1)),
+     r"magnitude must have shape \(8,\)"),
     ("dropout_keep 1-D", lambda ops: ops.dropout_keep(torch.empty(7), 0.5, 1), r"like must have shape \(\*, \*\)"),
     ("dropout_keep p", lambda ops: ops.dropout_keep(torch.empty(2, 7), 1.5, 1), r"p must be in \[0, 1\)"),
     ("bottleneck ln_before_weight short", lambda ops: _bottleneck_forward(ops, ln_before_weight=torch.randn(D - 1)),
@@ -170,6 +199,8 @@ CASES = [
 VALID = [
     ("lora forward", lambda ops: _lora_forward(ops, p=0.2)),
     ("lora backward", lambda ops: _lora_backward(ops, p=0.2)),
+    ("dora forward", lambda ops: _dora_forward(ops, p=0.2)),
+    ("dora backward", lambda ops: _dora_backward(ops, p=0.2)),
     ("bottleneck forward", lambda ops: _bottleneck_forward(ops)),
     ("bottleneck backward", lambda ops: _bottleneck_backward(ops)),
     ("prefix forward", lambda ops: _prefix_forward(ops)),

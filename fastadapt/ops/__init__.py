@@ -5,7 +5,7 @@ from fastadapt.ops.dora import dora_linear
 from fastadapt.ops.lora import lora_linear
 from fastadapt.ops.prefix_attention import prefix_attention
 
-# The native backends "cpp" and "cuda" of all three ops (csrc/): registering them builds nothing;
+# The native backends "cpp" and "cuda" of the ops (csrc/; DoRA: cpp only): registering them builds nothing;
 # the extension is built when dispatch first asks them (fastadapt/_native.py).
 from fastadapt.ops import _native_backends  # noqa: E402,F401  (isort: after the ops it registers)
 

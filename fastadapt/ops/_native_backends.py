@@ -75,6 +75,30 @@ for _backend in ("cuda", "cpp"):
                       backward=_lora_backward, slower=_cpp_lora_slower if _backend == "cpp" else None)
 
 
+# --- DoRA linear (csrc/dora.cpp; no CUDA kernel: on CUDA the Triton backend or the reference serves) ---
+
+
+def _dora_why_not(x, weight, lora_A, lora_B, magnitude, bias):
+    reasons = _lora_why_not("cpp")(x, weight, lora_A, lora_B, bias)
+    if magnitude.dtype != torch.float32:
+        reasons.append(f"magnitude must be float32, got {magnitude.dtype}")
+    return reasons
+
+
+def _dora_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p, seed, needs):
+    needs = [bool(n) for n in needs]
+    grads = _native.ops().dora_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p,
+                                        seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _dora_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
+    return _native.ops().dora_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed)
+
+
+dispatch.register("dora_linear", "cpp", why_not=_dora_why_not, forward=_dora_forward, backward=_dora_backward)
+
+
 # --- Bottleneck adapter (csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu) ---
 
 

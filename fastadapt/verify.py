@@ -42,6 +42,21 @@ def _lora_cases() -> list[OpCase]:
     return [case((4, 33), 96, 80, 8), case((129,), 123, 65, 1)]
 
 
+def _dora_cases() -> list[OpCase]:
+    import fastadapt
+    from fastadapt.reference import dora as reference
+
+    def case(lead, k, n, r):
+        def make():
+            return [torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(r, k) / k**0.5,
+                    torch.randn(n, r) / r**0.5, torch.rand(n) + 0.5, torch.randn(n)]
+        return OpCase("dora_linear", f"x {tuple(lead)}x{k}, W {n}x{k}, r={r}, magnitude, bias", make,
+                      lambda *t: fastadapt.dora_linear(*t[:5], 0.5, t[5]),
+                      lambda *t: reference.dora_linear(*t[:5], 0.5, t[5]), (1,))
+
+    return [case((4, 33), 96, 80, 8), case((129,), 123, 65, 1)]
+
+
 def _bottleneck_cases() -> list[OpCase]:
     import fastadapt
     from fastadapt.reference import bottleneck as reference
@@ -103,7 +118,7 @@ def _prefix_attention_cases() -> list[OpCase]:
 
 def op_cases() -> dict[str, list[OpCase]]:
     """Each op's verification cases, odd shapes first-to-last (the first is the demo's)."""
-    return {"lora_linear": _lora_cases(), "bottleneck_adapter": _bottleneck_cases(),
+    return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "bottleneck_adapter": _bottleneck_cases(),
             "prefix_attention": _prefix_attention_cases()}
 
 

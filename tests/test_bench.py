@@ -21,11 +21,11 @@ def test_smoke_run_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["command"] == f"fastadapt bench --quick --smoke --device cpu --out {tmp_path}"
     checked = {(r["check"], r["backend"]) for r in results["verify"]}
-    for op in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
+    for op in ("lora_linear", "dora_linear", "bottleneck_adapter", "prefix_attention"):
         assert {(op, b) for b in ("triton", "cpp", "reference")} <= checked
     assert any(r["check"].startswith("PEFT LoRA Llama") for r in results["verify"])
     assert all(r["status"] == "ok" for r in results["verify"])
-    assert {c["op"] for c in results["cases"]} == {"lora", "bottleneck", "prefix", "model"}
+    assert {c["op"] for c in results["cases"]} == {"lora", "dora", "bottleneck", "prefix", "model"}
     for case in results["cases"]:
         assert case["status"] == "ok", case
         # Triton's interpreter is never timed: the CPU's fused variant is the C++ backend.
@@ -33,7 +33,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert report.floor_ms(case) > 0
     md = (tmp_path / "RESULTS.md").read_text()
     assert results["meta"]["device_name"] in md and "## Verification against float64" in md
-    assert "lora: fwd+bwd M=64 96x80 r=8" in md
+    assert "lora: fwd+bwd M=64 96x80 r=8" in md and "dora: fwd+bwd M=64 96x80 r=8" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "ratio_to_floor.png").stat().st_size > 0
     assert (tmp_path / "lora_vs_m.png").stat().st_size > 0

@@ -47,7 +47,7 @@ class Built:
 
 @dataclass
 class Case:
-    op: str                      # lora | bottleneck | prefix | model
+    op: str                      # lora | dora | bottleneck | prefix | model
     name: str
     params: dict
     tier: str
@@ -60,9 +60,9 @@ def fused_name(backend: str) -> str:
     return f"{FUSED_PREFIX}{backend}]"
 
 
-def _fused(env: Env, step: Callable[[], None]) -> dict[str, Callable[[], None]]:
-    """One variant per fused backend: ``step`` forced onto that backend."""
-    from fastadapt import use_backend
+def _fused(env: Env, step: Callable[[], None], op: str | None = None) -> dict[str, Callable[[], None]]:
+    """One variant per fused backend (of those ``op`` has, if given): ``step`` forced onto that backend."""
+    from fastadapt import dispatch, use_backend
 
     def under(backend):
         def run():
@@ -70,7 +70,8 @@ def _fused(env: Env, step: Callable[[], None]) -> dict[str, Callable[[], None]]:
                 step()
         return run
 
-    return {fused_name(b): under(b) for b in env.backends}
+    backends = [b for b in env.backends if op is None or b in dispatch._REGISTRY.get(op, {})]
+    return {fused_name(b): under(b) for b in backends or ["reference"]}
 
 
 def _compiled(env: Env, fn):
@@ -82,8 +83,9 @@ def _compiled(env: Env, fn):
 # LoRA
 
 
-def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: float):
-    """A real PEFT ``lora.Linear`` around a frozen copy of ``weight`` (adapters in the weight's dtype)."""
+def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: float, dora: bool = False):
+    """A real PEFT ``lora.Linear`` around a frozen copy of ``weight`` (adapters in the weight's dtype;
+    ``dora``: ``use_dora=True``, with its magnitude)."""
     import peft
 
     n, k = weight.shape
@@ -91,7 +93,7 @@ def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: floa
     model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype))
     model.proj.weight.data.copy_(weight)
     cfg = peft.LoraConfig(r=r, lora_alpha=scaling * r, lora_dropout=dropout, target_modules=["proj"],
-                          init_lora_weights=False)
+                          init_lora_weights=False, use_dora=dora)
     return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False).base_model.model.proj
 
 
@@ -161,6 +163,39 @@ def lora_decode(M: int, K: int, N: int, r: int, tier: str) -> Case:
         return Built(variants, "floor: merged matmul")
 
     return Case("lora", f"inference M={M} {K}x{N} r={r} unmerged", dict(kind="decode", M=M, K=K, N=N, r=r),
+                tier, build)
+
+
+def dora_train(M: int, K: int, N: int, r: int, p: float, tier: str) -> Case:
+    """DoRA forward + backward (grads of x, A, B and the magnitude; W frozen) against PEFT's DoRA
+    layer and our own plain LoRA at the same shape (the issue's target: DoRA within 1.2x of it).
+    The floor: the frozen ``x W^T`` and its ``dx = dy W``."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        # PEFT initialises the magnitude to the weight norm; a trained one is not.
+        magnitude = (torch.rand(N, device=env.device) + 0.5).requires_grad_()
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        layer = _peft_lora_layer(weight, r, scaling, p, dora=True)
+        leaves = [x, lora_A, lora_B, magnitude, *(q for q in layer.parameters() if q.requires_grad)]
+
+        def step(f):
+            return forward_backward(f, leaves, grad_y)
+
+        variants = _fused(env, step(lambda: fastadapt.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling,
+                                                                  dropout_p=p)), op="dora_linear")
+        variants["peft DoRA"] = step(lambda: layer(x))
+        variants["fastadapt LoRA (no DoRA)"] = step(
+            lambda: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, dropout_p=p))
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    drop = f", dropout {p}" if p else ""
+    return Case("dora", f"fwd+bwd M={M} {K}x{N} r={r}{drop}", dict(kind="train", M=M, K=K, N=N, r=r, p=p),
                 tier, build)
 
 
@@ -414,7 +449,10 @@ def all_cases(scale: str) -> list[Case]:
             prefix(8, 32, 32, 512, 128, 30, True, "quick"),
             prefix_peft_layer(4, 2048, 4096, 32, 10, "quick"),
             lora_train(8192, 4096, 4096, 16, 0.05, "quick"),
+            dora_train(8192, 4096, 4096, 16, 0.0, "quick"),
             lora_train(8192, 4096, 11008, 16, 0.0, "quick"),
+            dora_train(8192, 4096, 11008, 16, 0.0, "default"),
+            dora_train(8192, 4096, 4096, 16, 0.05, "default"),
             lora_train(8192, 4096, 11008, 16, 0.05, "default"),
             lora_train(2048, 4096, 4096, 16, 0.0, "quick"),
             lora_decode(1, 4096, 4096, 16, "quick"),
@@ -437,6 +475,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(2048, 1024, 1024, 16, 0.0, "quick"),
             lora_train(2048, 1024, 1024, 16, 0.1, "quick"),
             lora_train(2048, 1024, 2816, 16, 0.0, "default"),
+            dora_train(2048, 1024, 1024, 16, 0.0, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick", trainer=True),
             bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
@@ -453,6 +492,7 @@ def all_cases(scale: str) -> list[Case]:
         return [
             lora_train(64, 96, 80, 8, 0.0, "quick"),
             lora_train(64, 96, 80, 8, 0.1, "default"),
+            dora_train(64, 96, 80, 8, 0.0, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True),
             bottleneck(64, 96, 16, "seq_bn", False, "quick"),

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from fastadapt import _checks, dispatch
-from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.ops import _autocast
+from fastadapt.ops import lora
 from fastadapt.ops.lora import _seed
 from fastadapt.reference import dora as reference
 
@@ -122,37 +122,10 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
         g = magnitude / n
         F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight) + g * scaling * (xd @ lora_A.T) @ lora_B.T
     """
-    _checks.tensor("x", x, min_ndim=1)
-    _checks.tensor("weight", weight, ndim=2)
-    _checks.tensor("lora_A", lora_A, ndim=2)
-    _checks.tensor("lora_B", lora_B, ndim=2)
     _checks.tensor("magnitude", magnitude, ndim=1)
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-    scaling = _checks.finite_float("scaling", scaling)
-    dropout_p = _checks.probability("dropout_p", dropout_p)
-    _checks.same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
-    dtype = _autocast.autocast_dtype(x)
-    if dtype is None:
-        _checks.same_dtype(x=x, weight=weight, bias=bias)
-        dtype = x.dtype
-    n_out, n_in = weight.shape
-    rank = lora_A.shape[0]
-    _checks.dim_equal("x.shape[-1] (in_features)", x.shape[-1], n_in)
-    if rank == 0:
-        raise ValueError("lora_A has rank 0: r must be at least 1")
-    _checks.dim_equal("lora_A.shape[1] (in_features)", lora_A.shape[1], n_in)
-    _checks.dim_equal("lora_B.shape[0] (out_features)", lora_B.shape[0], n_out)
-    _checks.dim_equal("lora_B.shape[1] (r)", lora_B.shape[1], rank)
-    _checks.dim_equal("magnitude.shape[0] (out_features)", magnitude.shape[0], n_out)
-    if bias is not None:
-        _checks.dim_equal("bias.shape[0] (out_features)", bias.shape[0], n_out)
-    if n_in == 0 or n_out == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
-
-    p = dropout_p if training else 0.0
-    # Drawn on the CPU generator: no device sync, and torch.compile traces it.
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
+    dtype, scaling, p, seed = lora.check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
+    _checks.same_device(x=x, magnitude=magnitude)
+    _checks.dim_equal("magnitude.shape[0] (out_features)", magnitude.shape[0], weight.shape[0])
     # The magnitude stays in float32 (PEFT's m / n is float32 over a half base): rounding it to the
     # compute dtype would scale every output and every gradient by a rounded g.
     y, *_ = torch.ops.fastadapt.dora_linear(
@@ -166,9 +139,7 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
 
 
 def _triton_why_not(x, weight, lora_A, lora_B, magnitude, bias):
-    reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
-    if len({t.dtype for t in (x, weight, lora_A, lora_B, bias) if t is not None}) > 1:
-        reasons.append("x, weight, lora_A, lora_B and bias must share one dtype")
+    reasons = lora._triton_why_not(x, weight, lora_A, lora_B, bias)
     if magnitude.dtype != torch.float32:
         reasons.append(f"magnitude must be float32, got {magnitude.dtype}")
     return reasons

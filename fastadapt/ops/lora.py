@@ -119,6 +119,18 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
         F.linear(x, weight, bias) + (F.dropout(x, dropout_p, training) @ lora_A.T) @ lora_B.T * scaling
     """
+    dtype, scaling, p, seed = check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
+    inputs = (x, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+    if _eager.fast_path(x, weight, lora_A, lora_B, bias):
+        y, _ = _eager.run(_LoRALinear, _select, *inputs, autocast_device=x.device.type)
+    else:
+        y, _ = torch.ops.fastadapt.lora_linear(*inputs)
+    return y
+
+
+def check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
+    """The argument checks of :func:`lora_linear` (and of ``dora_linear``, which adds its
+    magnitude's): returns (compute dtype, scaling, dropout p in effect, dropout seed or None)."""
     _checks.tensor("x", x, min_ndim=1)
     _checks.tensor("weight", weight, ndim=2)
     _checks.tensor("lora_A", lora_A, ndim=2)
@@ -149,12 +161,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
-    inputs = (x, weight, lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
-    if _eager.fast_path(x, weight, lora_A, lora_B, bias):
-        y, _ = _eager.run(_LoRALinear, _select, *inputs, autocast_device=x.device.type)
-    else:
-        y, _ = torch.ops.fastadapt.lora_linear(*inputs)
-    return y
+    return dtype, scaling, p, seed
 
 
 # ---------------------------------------------------------------------------------------------

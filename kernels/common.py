@@ -45,6 +45,34 @@ def cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over an (M, N) output in the grouped launch order of the
+    Triton matmul tutorial: GROUP_M row blocks run together and share their columns of W in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_n)) % group_size, (pid % (GROUP_M * num_n)) // group_size
+
+
+@triton.jit
+def rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_ur, stride_uc, stride_vr, stride_vc, acc,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + U[rows, :R] @ V[:R, cols]``: a rank-R product over one output tile, R in BLOCK_R chunks."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ut = tl.load(u_ptr + rows64[:, None] * stride_ur + rr[None, :] * stride_uc,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vc,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
 def dropout_scale(seed, rows, cols, n_cols, p):
     """``1/(1-p)`` where element (row, col) of an (., n_cols) tensor is kept, else 0.
 

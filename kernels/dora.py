@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import (cast, dot_constexprs, dropout_keep, dropout_scale, fit_shared_memory, mma,
-                                      pow2_block, split_rows)
+from fastadapt.kernels.common import (cast, dot_constexprs, dropout_keep, dropout_scale, fit_shared_memory,
+                                      grouped_tile, mma, pow2_block, rank_product, split_rows)
 from fastadapt.kernels.lora import _INTERPRET_MATMUL, _matmul_configs, _matmul_shared_bytes, lora_down, lora_reduce
 
 
@@ -49,14 +49,7 @@ def _dora_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     # x (M, K), w = W^T (K, N), a = A^T (K, R), u = s D(x) A^T (M, R), v = B^T (R, N).
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,15 +58,8 @@ def _dora_forward_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
+                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         undropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -94,15 +80,8 @@ def _dora_forward_kernel(
             xt = cast(xd32, x_ptr.dtype.element_ty, UPCAST)
         acc = mma(xt, wt, acc, UPCAST, PRECISION)
         # (s B A)^T over this tile, then the squares of W + s B A summed per column.
-        ba = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            at = tl.load(a_ptr + ks64[:, None] * stride_ak + rr[None, :] * stride_ar,
-                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            ba = mma(at, vt, ba, UPCAST, PRECISION)
+        ba = rank_product(a_ptr, v_ptr, ks64, cols64, k_ok, col_ok, R, stride_ak, stride_ar, stride_vr, stride_vn,
+                          tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
         full = wt.to(tl.float32) + scaling * ba
         sq += tl.sum(full * full, axis=0)
 
@@ -134,14 +113,7 @@ def _dora_grad_x_kernel(
 ):
     # out[M, N] = gx; x = gy (M, K = out_features), w = W (K, N = in_features), u = gu (M, R),
     # v = A (R, N), g (K,) float32.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,15 +122,8 @@ def _dora_grad_x_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
+                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         plain = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

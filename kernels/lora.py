@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, mma, pow2_block,
-                                      split_rows)
+from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, grouped_tile, mma,
+                                      pow2_block, rank_product, split_rows)
 
 
 @triton.jit
@@ -72,16 +72,7 @@ def _lora_matmul_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order (Triton matmul tutorial): GROUP_M row blocks share their W columns in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -91,15 +82,8 @@ def _lora_matmul_kernel(
 
     # Seed the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
     # per tile, and adding it here means the frozen K loop below runs unchanged.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
+                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         acc = acc * dropout_scale(seed, rows, cols, N, p)
 

@@ -88,7 +88,7 @@ def test_case_selection_by_tier_and_op():
         assert len(names) == len(set(names)), f"{scale}: duplicate case names"
         assert [c.name for c in quick] == [c.name for c in default if c.tier == "quick"]
         assert len(quick) < len(default) <= len(full)
-        assert {c.op for c in quick} == {"lora", "bottleneck", "prefix", "model"}
+        assert {c.op for c in quick} == {"lora", "dora", "bottleneck", "prefix", "model"}
     assert {c.op for c in cases.select("cuda", "full", ["prefix"])} == {"prefix"}
     with pytest.raises(ValueError, match="tier"):
         cases.select("cuda", "slow")

@@ -43,3 +43,25 @@ def backends_for(op: str, device: str) -> list[str]:
 def nan_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so that an element the kernel skips fails the test."""
     return torch.full_like(t, float("nan"))
+
+
+def assert_backward_on_forward_backend(op: str, backend: str, device: str, call, raw, gy, names) -> None:
+    """Dropout masks are regenerated from the seed by each backend's own generator: a backward run
+    under another forced backend must still be the forward backend's. ``call(*leaves)`` runs the
+    op with dropout on leaves made from ``raw``; the grads of every backward backend must agree."""
+    others = [b for b in backends_for(op, device) if b != backend]
+    if not others:
+        pytest.skip("one backend only")
+    grads = []
+    for backward_backend in (backend, *others):
+        leaves = [t.detach().clone().requires_grad_() for t in raw]
+        torch.manual_seed(1234)
+        with dispatch.use_backend(backend):
+            y = call(*leaves)
+        with dispatch.use_backend(backward_backend):
+            y.backward(gy)
+        grads.append([t.grad for t in leaves])
+    for other, g in zip(others, grads[1:]):
+        for name, mine, first in zip(names, g, grads[0]):
+            if first is not None:
+                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_close, backends_for, nan_like, rel_err
+from harness import DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, nan_like, rel_err
 from test_lora import _leaf
 
 import fastadapt
@@ -211,26 +211,9 @@ def test_adapter_weights_in_float32_with_half_input(dtype):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_backward_runs_on_the_forward_backend(backend, device):
-    # Dropout masks are regenerated from the seed by each backend's own generator: a backward run
-    # under another forced backend must still be the forward backend's.
-    others = [b for b, d in BACKEND_DEVICE if d == device and b != backend]
-    if not others:
-        pytest.skip("one backend only")
-    raw = _inputs((2, 9), 48, 32, 4, torch.float32, device)
-    gy = torch.randn(2, 9, 32, device=device)
-    grads = []
-    for backward_backend in (backend, *others):
-        leaves = [_leaf(t) for t in raw]
-        torch.manual_seed(1234)
-        with dispatch.use_backend(backend):
-            y = fastadapt.dora_linear(*leaves[:5], 0.5, leaves[5], dropout_p=0.3)
-        with dispatch.use_backend(backward_backend):
-            y.backward(gy)
-        grads.append([t.grad for t in leaves])
-    for other, g in zip(others, grads[1:]):
-        for name, mine, first in zip(NAMES, g, grads[0]):
-            if first is not None:
-                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+    assert_backward_on_forward_backend(
+        "dora_linear", backend, device, lambda *t: fastadapt.dora_linear(*t[:5], 0.5, t[5], dropout_p=0.3),
+        _inputs((2, 9), 48, 32, 4, torch.float32, device), torch.randn(2, 9, 32, device=device), NAMES)
 
 
 def test_opcheck():

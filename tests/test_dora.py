@@ -216,6 +216,29 @@ def test_backward_runs_on_the_forward_backend(backend, device):
         _inputs((2, 9), 48, 32, 4, torch.float32, device), torch.randn(2, 9, 32, device=device), NAMES)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dropout_p,autocast", [(0.0, False), (0.3, False), (0.0, True)])
+def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
+    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # the custom op: the same backend functions, the same autocast rule (magnitude kept float32),
+    # so the same bits.
+    tensors = _inputs((3, 5), 48, 40, 6, torch.float32, device)
+    results = []
+    for eager in (True, False):
+        x, lora_A, lora_B, m, b = (_leaf(t) for t in (tensors[0], *tensors[2:]))
+        torch.manual_seed(11)
+        with dispatch.use_backend(backend), torch.autocast(device, torch.bfloat16, enabled=autocast):
+            if eager:
+                y = fastadapt.dora_linear(x, tensors[1], lora_A, lora_B, m, 0.5, b, dropout_p=dropout_p)
+            else:
+                seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
+                y = torch.ops.fastadapt.dora_linear(x, tensors[1], lora_A, lora_B, m, 0.5, b, dropout_p, seed)[0]
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, lora_A.grad, lora_B.grad, m.grad, b.grad])
+    for name, mine, op in zip(["y", "x", "lora_A", "lora_B", "magnitude", "bias"], *results):
+        torch.testing.assert_close(mine, op, rtol=0, atol=0, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_opcheck():
     x, weight, lora_A, lora_B, m, b = _inputs((2, 5), 16, 8, 3, torch.float32, "cpu")
     for bias in (b, None):

@@ -52,13 +52,15 @@ def function(name: str, forward: Callable, setup_context: Callable, backward: Ca
                                                    "op_forward": staticmethod(forward)})
 
 
-def run(fn: type, select: Callable[..., dispatch.Implementation], *inputs, autocast_device: str | None = None):
+def run(fn: type, select: Callable[..., dispatch.Implementation], *inputs, autocast_device: str | None = None,
+        keep: frozenset[int] = frozenset()):
     """The outputs of ``fn`` (from :func:`function`) for ``inputs`` on the backend ``select(*inputs)``
-    picks. With ``autocast_device``, the op's autocast rule (:mod:`fastadapt.ops._autocast`) is
-    applied here, outside the Function, so autograd records the casts as it does for the custom op."""
+    picks. With ``autocast_device``, the op's autocast rule (:mod:`fastadapt.ops._autocast`, with
+    the positions it keeps) is applied here, outside the Function, so autograd records the casts
+    as it does for the custom op."""
     if autocast_device is not None and torch.is_autocast_enabled(autocast_device):
         dtype = torch.get_autocast_dtype(autocast_device)
-        inputs = tuple(_autocast.cast(a, autocast_device, dtype) for a in inputs)
+        inputs = tuple(a if i in keep else _autocast.cast(a, autocast_device, dtype) for i, a in enumerate(inputs))
         with torch.autocast(autocast_device, enabled=False):
             return _apply(fn, select, inputs)
     return _apply(fn, select, inputs)

@@ -15,26 +15,29 @@ import torch
 from torch import Tensor
 
 from fastadapt import _checks, dispatch
-from fastadapt.ops import _autocast
-from fastadapt.ops import lora
+from fastadapt.ops import _autocast, _eager, lora
 from fastadapt.ops.lora import _seed
 from fastadapt.reference import dora as reference
 
 OP = "dora_linear"
 
 
-def _select(x, weight, lora_A, lora_B, magnitude, bias) -> dispatch.Implementation:
+def _select(x, weight, lora_A, lora_B, magnitude, scaling, bias, *_) -> dispatch.Implementation:
     return dispatch.select(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
+
+
+def _forward(impl, x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
+    x2d = x.reshape(-1, x.shape[-1])
+    y, u, P, n = impl.forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, _seed(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), u, P, n
 
 
 @torch.library.custom_op("fastadapt::dora_linear", mutates_args=())
 def _dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
                  bias: Optional[Tensor], dropout_p: float,
                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x2d = x.reshape(-1, x.shape[-1])
-    impl = _select(x, weight, lora_A, lora_B, magnitude, bias)
-    y, u, P, n = impl.forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, _seed(seed))
-    return y.view(*x.shape[:-1], weight.shape[0]), u, P, n
+    inputs = (x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_dora_linear.register_fake
@@ -45,10 +48,9 @@ def _(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
     return x.new_empty(*x.shape[:-1], N), x.new_empty(M, lora_A.shape[0]), x.new_empty(M, N), n
 
 
-@torch.library.custom_op("fastadapt::dora_linear_backward", mutates_args=())
-def _dora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-                          u: Tensor, P: Tensor, n: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                          needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                  u: Tensor, P: Tensor, n: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                  needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(gx, gA, gB, gmagnitude, gbias, gweight) on ``backend``, the forward's; a gradient not asked
     for in ``needs`` comes back empty."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -59,6 +61,9 @@ def _dora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     return (gx.view(x.shape) if needs[0] else gx), *rest
 
 
+_dora_linear_backward = torch.library.custom_op("fastadapt::dora_linear_backward", mutates_args=())(_run_backward)
+
+
 @_dora_linear_backward.register_fake
 def _(gy, x, weight, lora_A, lora_B, magnitude, u, P, n, scaling, dropout_p, seed, needs, backend):
     likes = (x, lora_A, lora_B, magnitude, gy, weight)
@@ -66,27 +71,30 @@ def _(gy, x, weight, lora_A, lora_B, magnitude, u, P, n, scaling, dropout_p, see
     return tuple(like.new_empty(shape) if need else x.new_empty(0) for like, shape, need in zip(likes, shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed = inputs
     _, u, P, n = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, u, P, n, seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
-    ctx.backend = _select(x, weight, lora_A, lora_B, magnitude, bias).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu, _gP, _gn):
     x, weight, lora_A, lora_B, magnitude, u, P, n, seed = ctx.saved_tensors
-    nx, nw, na, nb, nm, _, nbias, _, _ = ctx.needs_input_grad
+    nx, nw, na, nb, nm, _, nbias = ctx.needs_input_grad[:7]
     needs = [nx, na, nb, nm, nbias, nw]
-    grads = torch.ops.fastadapt.dora_linear_backward(
-        gy, x, weight, lora_A, lora_B, magnitude, u, P, n, ctx.scaling, ctx.dropout_p, seed, needs, ctx.backend)
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.dora_linear_backward
+    grads = run(gy, x, weight, lora_A, lora_B, magnitude, u, P, n, ctx.scaling, ctx.dropout_p, seed, needs,
+                ctx.backend)
     gx, gA, gB, gm, gbias, gw = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, gA, gB, gm, None, gbias, None, None
 
 
+_KEEP = frozenset({4})  # autocast leaves the magnitude in float32 (dora_linear)
 _dora_linear.register_autograd(_backward, setup_context=_setup_context)
-_autocast.register(OP, keep=frozenset({4}))  # the magnitude stays float32 (dora_linear)
+_DoRALinear = _eager.function("DoRALinear", _forward, _setup_context, _backward)
+_autocast.register(OP, keep=_KEEP)
 
 
 def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
@@ -128,9 +136,12 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     _checks.dim_equal("magnitude.shape[0] (out_features)", magnitude.shape[0], weight.shape[0])
     # The magnitude stays in float32 (PEFT's m / n is float32 over a half base): rounding it to the
     # compute dtype would scale every output and every gradient by a rounded g.
-    y, *_ = torch.ops.fastadapt.dora_linear(
-        x, weight, lora_A.to(dtype), lora_B.to(dtype), magnitude.to(torch.promote_types(dtype, torch.float32)),
-        scaling, bias, p, seed)
+    inputs = (x, weight, lora_A.to(dtype), lora_B.to(dtype), magnitude.to(torch.promote_types(dtype, torch.float32)),
+              scaling, bias, p, seed)
+    if _eager.fast_path(x, weight, lora_A, lora_B, magnitude, bias):
+        y, *_ = _eager.run(_DoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
+    else:
+        y, *_ = torch.ops.fastadapt.dora_linear(*inputs)
     return y
 
 

@@ -36,8 +36,13 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def register(op_name: str) -> None:
-    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA."""
+def register(op_name: str, keep: tuple[int, ...] = ()) -> None:
+    """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
+
+    ``keep``: positions of arguments that stay in their own dtype (per-adapter scalings and
+    dropout probabilities: metadata, not operands of a product), as PyTorch keeps its fp32-policy
+    operands.
+    """
     op = getattr(torch.ops.fastadapt, op_name).default
     for device_type, key in _DEVICE_KEYS.items():
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
@@ -46,6 +51,6 @@ def register(op_name: str) -> None:
             dtype = torch.get_autocast_dtype(device_type)
             # Autocast off for the op itself, as torch.library.register_autocast does.
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*(cast(a, device_type, dtype) for a in args))
+                return op(*(a if i in keep else cast(a, device_type, dtype) for i, a in enumerate(args)))
 
         _lib.impl(op_name, kernel, key, with_keyset=True)

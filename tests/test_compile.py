@@ -54,8 +54,8 @@ def test_every_launch_compiles_for_sm90_and_sm80():
 
 
 def _kernel_modules():
-    from fastadapt.kernels import bottleneck, common, lora, prefix_attention
-    return bottleneck, common, lora, prefix_attention
+    from fastadapt.kernels import bottleneck, common, lora, multi_lora, prefix_attention
+    return bottleneck, common, lora, multi_lora, prefix_attention
 
 
 def _written_and_read(fn, params: list[str] | None = None, seen=None) -> tuple[set, set, set]:

@@ -262,7 +262,7 @@ def test_triton_launchers_write_every_element():
     x, weight, A, B, _ = _inputs((M,), K, N, RANKS, torch.float32, "cpu")
     ids = _ids("some_base", M, len(RANKS), "cpu", torch.Generator().manual_seed(2))
     ranks, scalings = torch.tensor(RANKS, dtype=torch.int32), torch.tensor([0.5, 1.0, 1.5, 2.0])
-    u, _ = reference.forward(x.double(), weight.double(), A.double(), B.double(), scalings.double(), ranks, ids,
+    _, u = reference.forward(x.double(), weight.double(), A.double(), B.double(), scalings.double(), ranks, ids,
                              None, None, 0)
     gy = torch.randn(M, N)
     expected = torch.stack([gy.double().t() @ torch.where((ids == a)[:, None], u, 0.0) for a in range(4)])

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastadapt import _checks, dispatch
+from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.ops import _autocast
 from fastadapt.reference import multi_lora as reference
 
@@ -242,5 +243,15 @@ def multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tenso
 # Backends
 
 
+def _triton_why_not(x, weight, A_stack, B_stack, bias):
+    reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
+    if len({t.dtype for t in (x, weight, A_stack, B_stack, bias) if t is not None}) > 1:
+        reasons.append("x, weight, A_stack, B_stack and bias must share one dtype")
+    return reasons
+
+
+_KERNELS = "fastadapt.kernels.multi_lora"
+dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+                  backward=dispatch.lazy(_KERNELS, "backward"))
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)

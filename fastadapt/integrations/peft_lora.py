@@ -5,9 +5,17 @@ Patching replaces the instance's ``forward`` only: PEFT keeps its parameters, ad
 serves what real training setups run: autocast (the HF Trainer's ``bf16=True`` / ``fp16=True``),
 float32 adapters on a half-precision base (PEFT's ``autocast_adapter_dtype``), GPT-2 / GPT-J
 ``Conv1D`` bases (``fan_in_fan_out``), several active adapters (summed, as PEFT sums them),
-``lora_bias`` and rsLoRA. What it does not serve runs PEFT's own forward, which the patch report
-lists per layer, the first such call warns about, and ``patch(model, strict=True)`` refuses:
-LoRA variants (DoRA, ...), mixed-batch ``adapter_names``, several active adapters with dropout in
+``lora_bias`` and rsLoRA.
+
+Mixed batches (``model(..., adapter_names=[one name per sequence])``, ``"__base__"`` for the base
+model) run ``fastadapt::multi_lora_linear``: one call per layer for every adapter of the batch,
+in inference and, unlike PEFT, in training too: patching lets the ``LoraModel`` accept
+``adapter_names`` in training mode, so several adapters train at once on one batch, each on its
+own sequences, with its own dropout.
+
+What it does not serve runs PEFT's own forward, which the patch report lists per layer, the first
+such call warns about, and ``patch(model, strict=True)`` refuses: LoRA variants (DoRA, ...),
+``adapter_names`` naming an adapter with ``lora_bias``, several active adapters with dropout in
 training (each adapter draws its own mask), and an input whose dtype differs from the base
 weight's outside autocast (PEFT's own forward raises there).
 """
@@ -17,15 +25,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import contextlib
+import functools
+
+import torch.nn.functional as F
+
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.lora import lora_linear
+from fastadapt.ops.multi_lora import multi_lora_linear
 
 _MARK = "_fastadapt_lora_patched"
+_MODEL_MARK = "_fastadapt_lora_mixed_training"
 
 # The call-time conditions every patched layer shares (the report adds each layer's own).
-_ALWAYS = ("mixed-batch adapter_names (or other extra forward arguments); "
-           "an input dtype other than the base weight's outside autocast")
+_ALWAYS = ("extra forward arguments other than adapter_names; adapter_names naming a LoRA variant or "
+           "lora_bias adapter; an input dtype other than the base weight's outside autocast")
 
 
 def _conv1d_class():
@@ -63,21 +78,82 @@ def _layer_fallbacks(module) -> str:
     return "; ".join(conditions)
 
 
-def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
-    """Why this call must run PEFT's own forward (None: the fused op serves it)."""
-    if args or kwargs:
-        return "mixed-batch adapter_names" if "adapter_names" in kwargs else "extra forward arguments"
-    variants = [a for a in active if a in module.lora_variant]
-    if variants:
-        return f"LoRA variant adapter(s) {variants} (DoRA, ...) active"
-    if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
-        return "several active adapters with dropout in training (each adapter draws its own mask)"
+def _dtype_reason(x, weight, compute_dtype) -> str | None:
     if compute_dtype is None and x.dtype != weight.dtype:
         return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
     return None
 
 
+def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
+    """Why this call must run PEFT's own forward (None: the fused op serves it)."""
+    if args or kwargs:
+        return "extra forward arguments"
+    variants = [a for a in active if a in module.lora_variant]
+    if variants:
+        return f"LoRA variant adapter(s) {variants} (DoRA, ...) active"
+    if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
+        return "several active adapters with dropout in training (each adapter draws its own mask)"
+    return _dtype_reason(x, weight, compute_dtype)
+
+
+def _mixed_batch_reason(module, x, present, weight, compute_dtype) -> str | None:
+    """Why this mixed-batch call must run PEFT's own forward (None: the fused op serves it)."""
+    variants = [a for a in present if a in module.lora_variant]
+    if variants:
+        return f"adapter_names names LoRA variant adapter(s) {variants} (DoRA, ...)"
+    biased = [a for a in present if module.lora_B[a].bias is not None]
+    if biased:
+        return f"adapter_names names lora_bias adapter(s) {biased} (a bias per adapter's rows)"
+    return _dtype_reason(x, weight, compute_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, kept: each layer of each step asks for the same ids and
+    per-adapter metadata, and building them from Python costs a host-to-device copy each time (a
+    synchronisation on CUDA). Never written to by the op."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's mixed-batch forward (one adapter name per sequence, ``"__base__"`` for none) as one
+    ``fastadapt::multi_lora_linear`` call, in inference or training."""
+    self._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own checks and errors
+    names = tuple(adapter_names)
+    # Adapters this layer does not have run the base layer alone, as in PEFT.
+    present = [a for a in self.lora_A if a in set(names)]
+    name, report = report_of(self)
+    base = self.get_base_layer()
+    weight = base.weight
+    compute_dtype = autocast_dtype(x)
+    reason = _mixed_batch_reason(self, x, present, weight, compute_dtype)
+    if not present or reason is not None:
+        if reason is not None:
+            report.fall_back(name, reason)
+        return type(self).forward(self, x, adapter_names=adapter_names)
+    report.fused()
+    if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
+        weight = weight.t()
+    dtype = compute_dtype or x.dtype
+    ranks = [self.r[a] for a in present]
+    r_max = max(ranks)
+    # Padded stacks in the compute dtype; autograd takes each adapter's gradient back through them.
+    A_stack = torch.stack([F.pad(self.lora_A[a].weight.to(dtype), (0, 0, 0, r_max - r)) for a, r in zip(present, ranks)])
+    B_stack = torch.stack([F.pad(self.lora_B[a].weight.to(dtype), (0, r_max - r)) for a, r in zip(present, ranks)])
+    index = {a: i for i, a in enumerate(present)}
+    device = x.device
+    ids = _on_device(tuple(index.get(n, -1) for n in names), torch.int64, device)
+    scalings = _on_device(tuple(float(self.scaling[a]) for a in present), torch.float32, device)
+    dropout = tuple(_dropout_p(self, a) for a in present)
+    return multi_lora_linear(x, weight, A_stack, B_stack, scalings, ids, base.bias,
+                             dropout_p=_on_device(dropout, torch.float32, device) if any(dropout) else 0.0,
+                             training=self.training, ranks=_on_device(tuple(ranks), torch.int32, device))
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not self.disable_adapters and not args and kwargs.keys() == {"adapter_names"} \
+            and kwargs["adapter_names"] is not None:
+        return _mixed_batch_forward(self, x, kwargs["adapter_names"])
     active = [a for a in self.active_adapters if a in self.lora_A]
     if self.disable_adapters or self.merged or not active:
         return type(self).forward(self, x, *args, **kwargs)  # the base layer alone: nothing to fuse
@@ -121,6 +197,30 @@ def _modules_to_save_class():
     return ModulesToSaveWrapper
 
 
+@contextlib.contextmanager
+def _forward_hooks_in_training(self, *args, **kwargs):
+    """``LoraModel._enable_peft_forward_hooks``, which hands ``adapter_names`` to every LoRA layer,
+    without its refusal in training mode: PEFT refuses because its mixed-batch loop was written for
+    inference; the patched layers train every adapter of the batch (fused). Only this object's own
+    ``training`` flag is lowered, while PEFT checks it; its submodules keep theirs."""
+    with contextlib.ExitStack() as stack:
+        training = self.training
+        self.training = False
+        try:
+            stack.enter_context(type(self)._enable_peft_forward_hooks(self, *args, **kwargs))
+        finally:
+            self.training = training
+        yield
+
+
+def _lora_model_class():
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except ImportError:
+        return None
+    return LoraModel
+
+
 class _PeftLoraPatcher:
     name = "peft-lora"
 
@@ -146,13 +246,23 @@ class _PeftLoraPatcher:
                 continue
             base = type(module.get_base_layer()).__name__
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
-                         what=f"peft LoRA {base} -> fastadapt::lora_linear", fallbacks=_layer_fallbacks(module))
+                         what=f"peft LoRA {base} -> fastadapt::lora_linear (adapter_names: multi_lora_linear)",
+                         fallbacks=_layer_fallbacks(module))
+        lora_model = _lora_model_class()
+        for module in model.modules():
+            # The LoraModel's own __dict__: a PeftModel forwards attribute reads to it.
+            if lora_model is not None and isinstance(module, lora_model) and _MODEL_MARK not in module.__dict__:
+                module._enable_peft_forward_hooks = _forward_hooks_in_training.__get__(module)
+                setattr(module, _MODEL_MARK, True)
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():
             if is_bound(module, _MARK):
                 unbind_forward(module, _MARK)
                 report.patched.append((name, "restored PEFT's forward"))
+            if _MODEL_MARK in module.__dict__:
+                del module._enable_peft_forward_hooks
+                delattr(module, _MODEL_MARK)
 
 
 PATCHER = _PeftLoraPatcher()

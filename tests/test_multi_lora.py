@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_close, backends_for, nan_like, rel_err
+from harness import DEVICES, DTYPES, assert_close, backends_for, gpu, nan_like, rel_err
 
 import fastadapt
 from fastadapt import dispatch
@@ -141,6 +141,36 @@ def test_shapes(backend, device, lead, n_in, n_out, ranks):
     M = torch.Size(lead).numel()
     ids = _ids("some_base", M, len(ranks), device, gen).view(lead)
     _check(backend, device, torch.float32, lead, n_in, n_out, ranks, ids)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("M", [1, 5])
+def test_decode_one_adapter_per_row(backend, device, M):
+    # Serving: a few rows, each its own adapter among many (most absent), in no order.
+    ranks = [4, 8, 2, 8, 1, 8, 3, 5]
+    ids = torch.randperm(len(ranks), generator=torch.Generator().manual_seed(M))[:M].to(device)
+    _check(backend, device, torch.float32, (M,), 48, 40, ranks, ids)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_no_host_synchronisation(backend):
+    # Grouping rows by adapter happens on the device: the forward and backward never wait for it.
+    if backend not in backends_for("multi_lora_linear", "cuda"):
+        pytest.skip(f"{backend} not available on cuda")
+    x, weight, A, B, b = _inputs((64,), 128, 96, [16, 8, 16], torch.float16, "cuda")
+    A, B, x = _leaf(A.nan_to_num()), _leaf(B.nan_to_num()), _leaf(x)
+    ids = torch.randint(-1, 3, (64,), device="cuda")
+    scalings, ranks, p = (torch.tensor(v, device="cuda") for v in ([0.5, 1.0, 2.0], [16, 8, 16], [0.1, 0.0, 0.2]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with dispatch.use_backend(backend):
+            y = fastadapt.multi_lora_linear(x, weight, A, B, scalings, ids, b, dropout_p=p, ranks=ranks)
+            y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(A.grad).all()
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)

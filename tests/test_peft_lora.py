@@ -437,3 +437,31 @@ def test_mixed_batch_training_with_dropout_per_adapter():
     grads = _lora_grads(model)
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
     assert grads["base_model.model.model.layers.0.self_attn.q_proj.lora_A.narrow.weight"].abs().sum() > 0
+
+
+def test_mixed_batch_training_refuses_gradient_checkpointing():
+    # The recomputation in the backward would run without adapter_names: refused, not silently wrong.
+    model = _mixed_adapters()
+    fastadapt.patch(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 64, (len(NAMES), 5))
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, adapter_names=NAMES)
+    model.eval()
+    with torch.no_grad():  # inference recomputes nothing
+        model(input_ids=ids, adapter_names=NAMES)
+
+
+def test_mixed_batch_ids_made_in_inference_mode_serve_training_later():
+    from fastadapt.integrations import peft_lora
+    peft_lora._on_device.cache_clear()  # the ids and metadata are first made under inference mode
+    model = _mixed_adapters()
+    report = fastadapt.patch(model)
+    ids = torch.randint(0, 64, (len(NAMES), 5))
+    model.eval()
+    with torch.inference_mode():
+        model(input_ids=ids, adapter_names=NAMES)
+    model.train()
+    model(input_ids=ids, adapter_names=NAMES).logits.float().pow(2).mean().backward()
+    assert report.calls == {"fused": 28}

@@ -111,8 +111,10 @@ def _mixed_batch_reason(module, x, present, weight, compute_dtype) -> str | None
 def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a tensor on ``device``, kept: each layer of each step asks for the same ids and
     per-adapter metadata, and building them from Python costs a host-to-device copy each time (a
-    synchronisation on CUDA). Never written to by the op."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    synchronisation on CUDA). Never written to by the op. Made outside inference mode, whatever the
+    caller's: an inference tensor could not be saved for a later training step's backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
@@ -121,7 +123,8 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
     self._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own checks and errors
     names = tuple(adapter_names)
     # Adapters this layer does not have run the base layer alone, as in PEFT.
-    present = [a for a in self.lora_A if a in set(names)]
+    named = set(names)
+    present = [a for a in self.lora_A if a in named]
     name, report = report_of(self)
     base = self.get_base_layer()
     weight = base.weight
@@ -202,7 +205,16 @@ def _forward_hooks_in_training(self, *args, **kwargs):
     """``LoraModel._enable_peft_forward_hooks``, which hands ``adapter_names`` to every LoRA layer,
     without its refusal in training mode: PEFT refuses because its mixed-batch loop was written for
     inference; the patched layers train every adapter of the batch (fused). Only this object's own
-    ``training`` flag is lowered, while PEFT checks it; its submodules keep theirs."""
+    ``training`` flag is lowered, while PEFT checks it; its submodules keep theirs.
+
+    Refused with gradient checkpointing: PEFT hands ``adapter_names`` to the layers only inside
+    this context, and a checkpointed layer's recomputation in the backward runs after it, with no
+    adapter_names, so it would recompute other activations than the forward's (silently)."""
+    if kwargs.get("adapter_names") is not None and self.training and torch.is_grad_enabled() \
+            and any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+        raise ValueError("adapter_names in training with gradient checkpointing is not supported: the backward's "
+                         "recomputation of a checkpointed layer would run without adapter_names. Disable gradient "
+                         "checkpointing (model.gradient_checkpointing_disable()) for mixed-adapter training.")
     with contextlib.ExitStack() as stack:
         training = self.training
         self.training = False

@@ -46,7 +46,12 @@ def row_dropout_p(adapter_ids: torch.Tensor, dropout_p: torch.Tensor | None):
 
 
 def _dropped(x, keep, p_rows):
-    return x if keep is None else x * keep.to(x.dtype) / (1.0 - p_rows.to(x.dtype))
+    """keep * x / (1 - p), computed in float32 (float64 for float64 x) and rounded once to x's
+    dtype, as eager dropout does with its scalar."""
+    if keep is None:
+        return x
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(wide) * keep.to(wide) / (1.0 - p_rows.to(wide))).to(x.dtype)
 
 
 def _per_adapter_rows(adapter_ids, n):

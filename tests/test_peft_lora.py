@@ -454,8 +454,8 @@ def test_mixed_batch_training_refuses_gradient_checkpointing():
 
 
 def test_mixed_batch_ids_made_in_inference_mode_serve_training_later():
-    from fastadapt.integrations import peft_lora
-    peft_lora._on_device.cache_clear()  # the ids and metadata are first made under inference mode
+    from fastadapt.nn import multi_lora
+    multi_lora._cached.cache_clear()  # the ids and metadata are first made under inference mode
     model = _mixed_adapters()
     report = fastadapt.patch(model)
     ids = torch.randint(0, 64, (len(NAMES), 5))

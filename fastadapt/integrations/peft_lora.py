@@ -26,14 +26,11 @@ import torch
 from torch import nn
 
 import contextlib
-import functools
-
-import torch.nn.functional as F
 
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.nn.multi_lora import mixed_batch
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.lora import lora_linear
-from fastadapt.ops.multi_lora import multi_lora_linear
 
 _MARK = "_fastadapt_lora_patched"
 _MODEL_MARK = "_fastadapt_lora_mixed_training"
@@ -107,23 +104,12 @@ def _mixed_batch_reason(module, x, present, weight, compute_dtype) -> str | None
     return _dtype_reason(x, weight, compute_dtype)
 
 
-@functools.lru_cache(maxsize=256)
-def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, kept: each layer of each step asks for the same ids and
-    per-adapter metadata, and building them from Python costs a host-to-device copy each time (a
-    synchronisation on CUDA). Never written to by the op. Made outside inference mode, whatever the
-    caller's: an inference tensor could not be saved for a later training step's backward."""
-    with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-
 def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
     """PEFT's mixed-batch forward (one adapter name per sequence, ``"__base__"`` for none) as one
     ``fastadapt::multi_lora_linear`` call, in inference or training."""
     self._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own checks and errors
-    names = tuple(adapter_names)
+    named = set(adapter_names)
     # Adapters this layer does not have run the base layer alone, as in PEFT.
-    named = set(names)
     present = [a for a in self.lora_A if a in named]
     name, report = report_of(self)
     base = self.get_base_layer()
@@ -137,20 +123,9 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
     report.fused()
     if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
         weight = weight.t()
-    dtype = compute_dtype or x.dtype
-    ranks = [self.r[a] for a in present]
-    r_max = max(ranks)
-    # Padded stacks in the compute dtype; autograd takes each adapter's gradient back through them.
-    A_stack = torch.stack([F.pad(self.lora_A[a].weight.to(dtype), (0, 0, 0, r_max - r)) for a, r in zip(present, ranks)])
-    B_stack = torch.stack([F.pad(self.lora_B[a].weight.to(dtype), (0, r_max - r)) for a, r in zip(present, ranks)])
-    index = {a: i for i, a in enumerate(present)}
-    device = x.device
-    ids = _on_device(tuple(index.get(n, -1) for n in names), torch.int64, device)
-    scalings = _on_device(tuple(float(self.scaling[a]) for a in present), torch.float32, device)
-    dropout = tuple(_dropout_p(self, a) for a in present)
-    return multi_lora_linear(x, weight, A_stack, B_stack, scalings, ids, base.bias,
-                             dropout_p=_on_device(dropout, torch.float32, device) if any(dropout) else 0.0,
-                             training=self.training, ranks=_on_device(tuple(ranks), torch.int32, device))
+    adapters = {a: (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], _dropout_p(self, a))
+                for a in present}
+    return mixed_batch(x, weight, base.bias, adapters, adapter_names, self.training)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

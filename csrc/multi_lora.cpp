@@ -23,17 +23,22 @@
 namespace fastadapt {
 namespace {
 
-// Rows of each adapter (ascending), read from the ids: rows[a] for a in [0, n).
-std::vector<std::vector<int64_t>> rows_by_adapter(const Tensor& ids, int64_t n) {
+// fn(a, idx, rows, r, p) for each adapter a with rows in the batch: its rows (ascending, as a
+// vector and as an index tensor), its rank and its dropout probability.
+template <typename Fn>
+void for_each_adapter(const Tensor& ids, const Tensor& ranks, const std::optional<Tensor>& dropout_p, Fn fn) {
+  const int64_t n = ranks.size(0);
   std::vector<std::vector<int64_t>> rows(n);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t m = 0; m < ids.size(0); ++m)
     if (id[m] >= 0) rows[id[m]].push_back(m);
-  return rows;
-}
-
-Tensor index_of(std::vector<int64_t>& rows) {
-  return at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong);
+  const int32_t* rk = ranks.data_ptr<int32_t>();
+  const float* p = dropout_p.has_value() && dropout_p->defined() ? dropout_p->data_ptr<float>() : nullptr;
+  for (int64_t a = 0; a < n; ++a) {
+    if (rows[a].empty()) continue;
+    const Tensor idx = at::from_blob(rows[a].data(), {static_cast<int64_t>(rows[a].size())}, at::kLong);
+    fn(a, idx, rows[a], static_cast<int64_t>(rk[a]), p ? static_cast<double>(p[a]) : 0.0);
+  }
 }
 
 // The inverted-dropout scale keep / (1 - p) of the gathered rows (original row indices `rows`)
@@ -59,25 +64,19 @@ std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x_in, const Tens
                                                   const Tensor& adapter_ids, const std::optional<Tensor>& bias,
                                                   const std::optional<Tensor>& dropout_p, int64_t seed) {
   check_multi_lora_forward(c10::kCPU, x_in, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p);
-  const int64_t M = x_in.size(0), N = weight.size(0), n = A_stack.size(0), R = A_stack.size(1);
+  const int64_t M = x_in.size(0), R = A_stack.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
-  const bool has_p = dropout_p.has_value() && dropout_p->defined();
   const Tensor x = cpu::rows_contiguous(x_in);
   Tensor u = at::zeros({M, R}, x.options());
   Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  auto rows = rows_by_adapter(adapter_ids, n);
   const float* s = scalings.data_ptr<float>();
-  const int32_t* rk = ranks.data_ptr<int32_t>();
-  for (int64_t a = 0; a < n; ++a) {
-    if (rows[a].empty()) continue;
-    const Tensor idx = index_of(rows[a]);
-    const int64_t r = rk[a];
-    const double p = has_p ? dropout_p->data_ptr<float>()[a] : 0.0;
-    Tensor ua = at::mm(dropped(x.index_select(0, idx), rows[a], p, seed), A_stack[a].narrow(0, 0, r).t());
+  for_each_adapter(adapter_ids, ranks, dropout_p, [&](int64_t a, const Tensor& idx, const std::vector<int64_t>& rows,
+                                                      int64_t r, double p) {
+    Tensor ua = at::mm(dropped(x.index_select(0, idx), rows, p, seed), A_stack[a].narrow(0, 0, r).t());
     ua.mul_(s[a]);
     y.index_add_(0, idx, at::mm(ua, B_stack[a].narrow(1, 0, r).t()));
     u.narrow(1, 0, r).index_copy_(0, idx, ua);
-  }
+  });
   return {y, u};
 }
 
@@ -87,9 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
     const std::optional<Tensor>& dropout_p, int64_t seed, std::array<bool, 5> needs) {
   check_multi_lora_backward(c10::kCPU, gy_in, x_in, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids,
                             dropout_p);
-  const int64_t n = A_stack.size(0);
   const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
-  const bool has_p = dropout_p.has_value() && dropout_p->defined();
   const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
   const auto opts = x.options();
   Tensor gx = at::empty({0}, opts), gA = at::empty({0}, opts), gB = at::empty({0}, opts);
@@ -100,23 +97,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
   if (need_A) gA = at::zeros(A_stack.sizes(), opts.dtype(A_stack.scalar_type()));
   if (need_B) gB = at::zeros(B_stack.sizes(), opts.dtype(B_stack.scalar_type()));
   if (!need_x && !need_A && !need_B) return {gx, gA, gB, gbias, gweight};
-  auto rows = rows_by_adapter(adapter_ids, n);
   const float* s = scalings.data_ptr<float>();
-  const int32_t* rk = ranks.data_ptr<int32_t>();
-  for (int64_t a = 0; a < n; ++a) {
-    if (rows[a].empty()) continue;
-    const Tensor idx = index_of(rows[a]);
-    const int64_t r = rk[a];
-    const double p = has_p ? dropout_p->data_ptr<float>()[a] : 0.0;
+  for_each_adapter(adapter_ids, ranks, dropout_p, [&](int64_t a, const Tensor& idx, const std::vector<int64_t>& rows,
+                                                      int64_t r, double p) {
     const Tensor gya = gy.index_select(0, idx);
-    const Tensor A = A_stack[a].narrow(0, 0, r);
     if (need_B) gB[a].narrow(1, 0, r).copy_(at::mm(gya.t(), u.index_select(0, idx).narrow(1, 0, r)));
-    if (!need_x && !need_A) continue;
+    if (!need_x && !need_A) return;
     Tensor gua = at::mm(gya, B_stack[a].narrow(1, 0, r));
     gua.mul_(s[a]);
-    if (need_x) gx.index_add_(0, idx, dropped(at::mm(gua, A), rows[a], p, seed));
-    if (need_A) gA[a].narrow(0, 0, r).copy_(at::mm(gua.t(), dropped(x.index_select(0, idx), rows[a], p, seed)));
-  }
+    if (need_x) gx.index_add_(0, idx, dropped(at::mm(gua, A_stack[a].narrow(0, 0, r)), rows, p, seed));
+    if (need_A) gA[a].narrow(0, 0, r).copy_(at::mm(gua.t(), dropped(x.index_select(0, idx), rows, p, seed)));
+  });
   return {gx, gA, gB, gbias, gweight};
 }
 

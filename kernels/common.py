@@ -57,6 +57,42 @@ def dropout_scale(seed, rows, cols, n_cols, p):
 
 
 @triton.jit
+def down_acc(acc, x_ptr, v_ptr, rows64, row_ok, rcols, r_ok, C, seed, p,
+             stride_xm, stride_xc, stride_vc, stride_vr,
+             DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``acc + D(X[rows, :C]) @ V[:C, rcols]``: the skinny product of a LoRA down-projection, X read
+    once, the dropout of X (p, over an (., C) tensor) drawn in-register."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            # Rounded back to the input dtype before the product, as eager dropout(x) would be.
+            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows64, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
+        vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
+                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def lowrank_acc(acc, u_ptr, v_ptr, rows64, row_ok, cols64, col_ok, R,
+                stride_um, stride_ur, stride_vr, stride_vn,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + U[rows, :R] @ V[:R, cols]``: a rank-R update of an output tile."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
 def _dropout_keep_kernel(out_ptr, M, N, p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,6 +123,21 @@ def dot_constexprs(dtype: torch.dtype) -> dict:
 def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
     """A power-of-two block for a dimension of size n, in [lo, hi] (tl.dot needs >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def reduce_blocks(M: int, R: int, C: int, device: torch.device, splits: int | None = None):
+    """(BLOCK_R, BLOCK_C, BLOCK_M, rows per split) of a product that reduces M rows into an (R, C)
+    output: the rows are split across ``splits`` programs per output tile (default: enough to fill
+    the GPU, 1 when deterministic algorithms are requested), which then accumulate with atomics."""
+    block_r = pow2_block(R)
+    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
+    if splits is None:
+        if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            splits = 1
+        else:
+            tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
+            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(device.index or 0) // tiles))
+    return block_r, block_c, block_m, triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
 
 
 @functools.cache

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, mma, pow2_block,
-                                      sm_count)
+from fastadapt.kernels.common import (cast, dot_constexprs, down_acc, dropout_scale, fit_shared_memory, lowrank_acc,
+                                      mma, pow2_block, reduce_blocks)
 
 
 @triton.jit
@@ -45,18 +45,8 @@ def _lora_down_kernel(
     row_ok = rows < M
     r_ok = rcols < R
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if DROPOUT:
-            # Rounded back to the input dtype before the product, as eager dropout(x) would be.
-            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
-        vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    acc = down_acc(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, v_ptr, rows64, row_ok, rcols, r_ok, C,
+                   seed, p, stride_xm, stride_xc, stride_vc, stride_vr, DROPOUT, UPCAST, PRECISION, BLOCK_C)
     acc = acc * scale
     tl.store(out_ptr + rows64[:, None] * stride_om + rcols[None, :] * stride_or,
              cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & r_ok[None, :])
@@ -91,15 +81,8 @@ def _lora_matmul_kernel(
 
     # Seed the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
     # per tile, and adding it here means the frozen K loop below runs unchanged.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows64, row_ok, cols64, col_ok,
+                      R, stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         acc = acc * dropout_scale(seed, rows, cols, N, p)
 
@@ -237,15 +220,7 @@ def lora_reduce(pm, x, scale: float, out, *, dropout_p: float = 0.0, seed: int =
     """
     M, R = pm.shape
     C = x.shape[1]
-    block_r = pow2_block(R)
-    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
-    tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
-    if splits is None:
-        if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-            splits = 1
-        else:
-            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(x.device.index or 0) // tiles))
-    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
+    block_r, block_c, block_m, rows_per_split = reduce_blocks(M, R, C, x.device, splits)
     splits = triton.cdiv(max(M, 1), rows_per_split)
     if splits > 1:
         out.zero_()

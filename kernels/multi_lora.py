@@ -33,13 +33,14 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+from fastadapt.kernels.common import (cast, dot_constexprs, down_acc, dropout_scale, lowrank_acc, mma, pow2_block,
+                                      reduce_blocks)
 
 
 @triton.jit
 def _tile(table_ptr, perm_ptr, BLOCK: tl.constexpr):
-    """(adapter, original row of each of the tile's BLOCK sorted positions, which are real) for
-    this program's table entry; adapter < 0 for an empty entry (no row real)."""
+    """(adapter, original row of each of the tile's BLOCK sorted positions, which are real, whether
+    any is) for this program's table entry; an empty entry has no real row and stands for adapter 0."""
     entry = table_ptr + tl.program_id(0).to(tl.int64) * 3
     adapter = tl.load(entry)
     start = tl.load(entry + 1)
@@ -47,7 +48,7 @@ def _tile(table_ptr, perm_ptr, BLOCK: tl.constexpr):
     pos = start + tl.arange(0, BLOCK)
     ok = pos < end
     rows = tl.load(perm_ptr + pos, mask=ok, other=0)
-    return tl.maximum(adapter, 0).to(tl.int64), rows.to(tl.int64), ok
+    return tl.maximum(adapter, 0).to(tl.int64), rows.to(tl.int64), ok, adapter >= 0
 
 
 @triton.jit
@@ -58,27 +59,17 @@ def _multi_down_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    a, rows, row_ok = _tile(table_ptr, perm_ptr, BLOCK_M)
+    a, rows, row_ok, live = _tile(table_ptr, perm_ptr, BLOCK_M)
     rank = tl.load(rank_ptr + a)
     rcols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rcols < rank
-    # An empty entry runs no iteration (its rows are all masked: nothing to compute).
-    c_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, C, 0)
     p = 0.0
     if DROPOUT:
         p = tl.load(p_ptr + a)
-    v_base = v_ptr + a * stride_va
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(0, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if DROPOUT:
-            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
-        vt = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    # C = 0 for an empty entry: no iteration.
+    acc = down_acc(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, v_ptr + a * stride_va, rows, row_ok, rcols,
+                   r_ok, tl.where(live, C, 0), seed, p, stride_xm, stride_xc, stride_vc, stride_vr, DROPOUT, UPCAST,
+                   PRECISION, BLOCK_C)
     acc = acc * tl.load(scale_ptr + a)
     tl.store(out_ptr + rows[:, None] * stride_om + rcols[None, :] * stride_or,
              cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (rcols < rank)[None, :])
@@ -92,22 +83,14 @@ def _multi_update_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    a, rows, row_ok = _tile(table_ptr, perm_ptr, BLOCK_M)
-    rank = tl.load(rank_ptr + a)
-    r_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, rank, 0)
+    a, rows, row_ok, live = _tile(table_ptr, perm_ptr, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cols64 = cols.to(tl.int64)
-    v_base = v_ptr + a * stride_va
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, r_end, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < rank
-        ut = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_base + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    # Rank 0 for an empty entry: no iteration. Beyond the rank nothing is read.
+    rank = tl.where(live, tl.load(rank_ptr + a), 0)
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr + a * stride_va, rows, row_ok,
+                      cols64, col_ok, rank, stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         acc = acc * dropout_scale(seed, rows, cols, N, tl.load(p_ptr + a))
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols64[None, :] * stride_on
@@ -244,15 +227,7 @@ def multi_reduce(pm, x, ranks, order: RowOrder, out, *, dropout_p=None, seed: in
     """
     M, R = pm.shape
     C = x.shape[1]
-    block_r = pow2_block(R)
-    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
-    tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
-    if splits is None:
-        if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-            splits = 1
-        else:
-            splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(x.device.index or 0) // tiles))
-    rows_per_chunk = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
+    block_r, block_c, block_m, rows_per_chunk = reduce_blocks(M, R, C, x.device, splits)
     atomic = rows_per_chunk < M
     out.zero_()
     p, dropout = _dropout_args(dropout_p, ranks)

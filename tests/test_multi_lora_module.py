@@ -33,7 +33,8 @@ def test_each_sequence_as_lora_linear_on_its_own():
             assert rel_err(y[i], m.base_layer(x[i])) < 1e-6
             continue
         single = LoRALinear.from_linear(m.base_layer, adapter_name=name, **ADAPTERS[name])
-        single.load_state_dict({k: v for k, v in m.state_dict().items() if k.startswith("base_layer") or f".{name}." in k})
+        single.load_state_dict({k: v for k, v in m.state_dict().items()
+                                if k.startswith("base_layer") or f".{name}." in k})
         xi = x[i].detach().requires_grad_()
         yi = single(xi)
         assert rel_err(y[i], yi) < 1e-5

@@ -219,6 +219,30 @@ def test_dropout_drops_per_adapter(backend, device):
         assert k.std() > 0  # masks differ between rows
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_backward_runs_on_the_forward_backend(backend, device):
+    # Each backend regenerates its own dropout masks: a backward under another forced backend must
+    # still be the forward backend's.
+    others = [b for b, d in BACKEND_DEVICE if d == device and b != backend]
+    raw = _inputs((2, 9), 48, 32, [4, 2], torch.float32, device)
+    raw[2], raw[3] = raw[2].nan_to_num(), raw[3].nan_to_num()
+    ids = torch.tensor([1, 0], device=device)
+    gy = torch.randn(2, 9, 32, device=device)
+    grads = []
+    for backward_backend in (backend, *others):
+        leaves = [_leaf(t) for t in raw]
+        torch.manual_seed(1234)
+        with dispatch.use_backend(backend):
+            y = fastadapt.multi_lora_linear(*leaves[:4], [0.5, 2.0], ids, leaves[4], dropout_p=[0.3, 0.2])
+        with dispatch.use_backend(backward_backend):
+            y.backward(gy)
+        grads.append([t.grad for t in leaves])
+    for other, g in zip(others, grads[1:]):
+        for name, mine, first in zip(["x", "weight", "A_stack", "B_stack", "bias"], g, grads[0]):
+            if first is not None:
+                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+
+
 def test_reference_is_lora_per_adapter():
     # The multi-adapter reference is the single-adapter one run on each adapter's own rows.
     gen = torch.Generator().manual_seed(5)

@@ -40,6 +40,25 @@ def backends_for(op: str, device: str) -> list[str]:
     return [name for name in dispatch._REGISTRY.get(op, {}) if not device_reasons(name, device)]
 
 
+def assert_backward_on_forward_backend(backend, others, raw, forward, grad_out, names) -> None:
+    """``forward(*leaves)`` on ``backend``, then its backward under each of ``others`` forced: the
+    gradients must be those of the backward under ``backend`` itself (each backend regenerates its
+    dropout masks from the seed with its own generator, so the backward must run where the forward did)."""
+    grads = []
+    for backward_backend in (backend, *others):
+        leaves = [None if t is None else t.detach().requires_grad_() for t in raw]
+        torch.manual_seed(1234)
+        with dispatch.use_backend(backend):
+            y = forward(*leaves)
+        with dispatch.use_backend(backward_backend):
+            y.backward(grad_out)
+        grads.append([None if t is None else t.grad for t in leaves])
+    for other, g in zip(others, grads[1:]):
+        for name, mine, first in zip(names, g, grads[0]):
+            if first is not None:
+                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+
+
 def nan_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so that an element the kernel skips fails the test."""
     return torch.full_like(t, float("nan"))

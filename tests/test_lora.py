@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_close, backends_for, gpu, nan_like, rel_err
+from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, gpu, nan_like,
+                     rel_err)
 
 import fastadapt
 from fastadapt import dispatch
@@ -265,19 +266,9 @@ def test_backward_runs_on_the_forward_backend(backend, device):
         pytest.skip("one backend only")
     raw = _inputs((2, 9), 48, 32, 4, torch.float32, device)
     gy = torch.randn(2, 9, 32, device=device)
-    grads = []
-    for backward_backend in (backend, *others):
-        leaves = [_leaf(t) for t in raw]
-        torch.manual_seed(1234)
-        with dispatch.use_backend(backend):
-            y = fastadapt.lora_linear(*leaves[:4], 0.5, leaves[4], dropout_p=0.3)
-        with dispatch.use_backend(backward_backend):
-            y.backward(gy)
-        grads.append([t.grad for t in leaves])
-    for other, g in zip(others, grads[1:]):
-        for name, mine, first in zip(["x", "weight", "lora_A", "lora_B", "bias"], g, grads[0]):
-            if first is not None:
-                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+    assert_backward_on_forward_backend(
+        backend, others, raw, lambda x, w, a, b, bias: fastadapt.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.3),
+        gy, ["x", "weight", "lora_A", "lora_B", "bias"])
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)

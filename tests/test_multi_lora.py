@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_close, backends_for, gpu, nan_like, rel_err
+from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, gpu, nan_like,
+                     rel_err)
 
 import fastadapt
 from fastadapt import dispatch
@@ -228,19 +229,10 @@ def test_backward_runs_on_the_forward_backend(backend, device):
     raw[2], raw[3] = raw[2].nan_to_num(), raw[3].nan_to_num()
     ids = torch.tensor([1, 0], device=device)
     gy = torch.randn(2, 9, 32, device=device)
-    grads = []
-    for backward_backend in (backend, *others):
-        leaves = [_leaf(t) for t in raw]
-        torch.manual_seed(1234)
-        with dispatch.use_backend(backend):
-            y = fastadapt.multi_lora_linear(*leaves[:4], [0.5, 2.0], ids, leaves[4], dropout_p=[0.3, 0.2])
-        with dispatch.use_backend(backward_backend):
-            y.backward(gy)
-        grads.append([t.grad for t in leaves])
-    for other, g in zip(others, grads[1:]):
-        for name, mine, first in zip(["x", "weight", "A_stack", "B_stack", "bias"], g, grads[0]):
-            if first is not None:
-                torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+    assert_backward_on_forward_backend(
+        backend, others, raw,
+        lambda x, w, A, B, b: fastadapt.multi_lora_linear(x, w, A, B, [0.5, 2.0], ids, b, dropout_p=[0.3, 0.2]),
+        gy, ["x", "weight", "A_stack", "B_stack", "bias"])
 
 
 def test_reference_is_lora_per_adapter():

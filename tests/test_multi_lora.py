@@ -136,6 +136,7 @@ def test_id_patterns(backend, device, dtype, pattern):
     ((7,), 123, 80, [7, 3]),
     ((129,), 48, 40, [16, 16, 8]),
     ((2, 5, 7), 33, 17, [2, 5]),
+    ((9,), 40, 24, [80, 3]),  # r_max past one rank block (64)
 ])
 def test_shapes(backend, device, lead, n_in, n_out, ranks):
     gen = torch.Generator().manual_seed(0)

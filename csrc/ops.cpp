@@ -37,6 +37,45 @@ LoraDims check_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, co
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// (M, K, N, n, r_max) of a multi-adapter LoRA call; on the CPU the per-adapter values are read
+// and checked too (ids in [-1, n), ranks in [1, r_max], dropout probabilities in [0, 1)).
+struct MultiLoraDims {
+  int64_t M, K, N, n, R;
+};
+
+MultiLoraDims check_multi_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                               const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                               const Tensor& adapter_ids, const OptTensor& dropout_p) {
+  const at::ScalarType dt = x.scalar_type();
+  c("x", x, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  c("weight", weight, {kAnySize, K}, dt);
+  c("A_stack", A_stack, {kAnySize, kAnySize, K}, dt);
+  const int64_t N = weight.size(0), n = A_stack.size(0), R = A_stack.size(1);
+  c("B_stack", B_stack, {n, N, R}, dt);
+  c("scalings", scalings, {n}, at::kFloat);
+  c("ranks", ranks, {n}, at::kInt);
+  c("adapter_ids", adapter_ids, {M}, at::kLong);
+  c("dropout_p", dropout_p, {n}, at::kFloat);
+  if (x.device().is_cpu()) {
+    const Tensor ids = adapter_ids.contiguous(), rk = ranks.contiguous();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m)
+      TORCH_CHECK(id[m] >= -1 && id[m] < n, c.op(), ": adapter_ids must be in [-1, ", n, "), got ", id[m],
+                  " at row ", m);
+    const int32_t* r = rk.data_ptr<int32_t>();
+    for (int64_t a = 0; a < n; ++a)
+      TORCH_CHECK(r[a] >= 1 && r[a] <= R, c.op(), ": ranks must be in [1, r_max = ", R, "], got ", r[a],
+                  " for adapter ", a);
+    if (present(dropout_p)) {
+      const Tensor p = dropout_p->contiguous();
+      for (int64_t a = 0; a < n; ++a) c.probability("dropout_p", p.data_ptr<float>()[a]);
+    }
+  }
+  return {M, K, N, n, R};
+}
+
 // (M, d, m) of z and down_weight.
 struct BottleneckDims {
   int64_t M, d, m;
@@ -131,6 +170,23 @@ void check_dora_backward(c10::DeviceType device, const Tensor& gy, const Tensor&
   c("pre", pre, {s.M, s.N}, x.scalar_type());
   c("norm", norm, {s.N}, at::kFloat);
   c.probability("dropout_p", dropout_p);
+}
+
+void check_multi_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                              const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                              const Tensor& adapter_ids, const OptTensor& bias, const OptTensor& dropout_p) {
+  const ArgCheck c("fastadapt_C::multi_lora_forward", x, device);
+  const MultiLoraDims s = check_multi_lora(c, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, dropout_p);
+  c("bias", bias, {s.N}, x.scalar_type());
+}
+
+void check_multi_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                               const Tensor& A_stack, const Tensor& B_stack, const Tensor& u, const Tensor& scalings,
+                               const Tensor& ranks, const Tensor& adapter_ids, const OptTensor& dropout_p) {
+  const ArgCheck c("fastadapt_C::multi_lora_backward", x, device);
+  const MultiLoraDims s = check_multi_lora(c, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, dropout_p);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("u", u, {s.M, s.R}, x.scalar_type());
 }
 
 void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p) {
@@ -246,6 +302,13 @@ TORCH_LIBRARY(fastadapt_C, m) {
   m.def("dora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
         "Tensor u, Tensor pre, Tensor norm, float scaling, float dropout_p, int seed, bool[6] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backend signatures of fastadapt/ops/multi_lora.py; gradients not asked for in `needs`
+  // (x, A_stack, B_stack, bias, weight) come back as empty tensors.
+  m.def("multi_lora_forward(Tensor x, Tensor weight, Tensor A_stack, Tensor B_stack, Tensor scalings, Tensor ranks, "
+        "Tensor adapter_ids, Tensor? bias, Tensor? dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("multi_lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor A_stack, Tensor B_stack, Tensor u, "
+        "Tensor scalings, Tensor ranks, Tensor adapter_ids, Tensor? dropout_p, int seed, bool[5] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
   // GRAD_NAMES order (empty where not needed or the input is absent).
   m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
@@ -271,6 +334,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("lora_backward", &fastadapt::lora_backward_cpu);
   m.impl("dora_forward", &fastadapt::dora_forward_cpu);
   m.impl("dora_backward", &fastadapt::dora_backward_cpu);
+  m.impl("multi_lora_forward", &fastadapt::multi_lora_forward_cpu);
+  m.impl("multi_lora_backward", &fastadapt::multi_lora_backward_cpu);
   m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cpu);
   m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cpu);
   m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);

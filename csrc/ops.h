@@ -25,6 +25,13 @@ void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& w
 void check_dora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
                          const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& u,
                          const Tensor& pre, const Tensor& norm, double dropout_p);
+void check_multi_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                              const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                              const Tensor& adapter_ids, const std::optional<Tensor>& bias,
+                              const std::optional<Tensor>& dropout_p);
+void check_multi_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                               const Tensor& A_stack, const Tensor& B_stack, const Tensor& u, const Tensor& scalings,
+                               const Tensor& ranks, const Tensor& adapter_ids, const std::optional<Tensor>& dropout_p);
 void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p);
 void check_bottleneck_forward(
     c10::DeviceType device, const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,
@@ -66,6 +73,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& magnitude, const Tensor& u, const Tensor& pre, const Tensor& norm, double scaling,
     double dropout_p, int64_t seed, std::array<bool, 6> needs);
+// Multi-adapter LoRA linear (csrc/multi_lora.cpp); math in fastadapt/reference/multi_lora.py.
+std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                                                  const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                                                  const Tensor& adapter_ids, const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& dropout_p, int64_t seed);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& A_stack, const Tensor& B_stack,
+    const Tensor& u, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_ids,
+    const std::optional<Tensor>& dropout_p, int64_t seed, std::array<bool, 5> needs);
 
 // Bottleneck adapter (csrc/bottleneck.cpp); math in fastadapt/reference/bottleneck.py.
 std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(

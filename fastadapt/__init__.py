@@ -5,7 +5,7 @@ from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove
 from fastadapt.dispatch import BackendUnavailableError, use_backend
 from fastadapt.integrations import FallbackError, PatchReport, patch, unpatch
 from fastadapt.llama_adapter import add_adaption_prompt
-from fastadapt.ops import bottleneck_adapter, dora_linear, lora_linear, prefix_attention
+from fastadapt.ops import bottleneck_adapter, dora_linear, lora_linear, multi_lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "lora_linear",
+    "multi_lora_linear",
     "patch",
     "prefix_attention",
     "remove_adapter",

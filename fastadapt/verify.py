@@ -57,6 +57,35 @@ def _dora_cases() -> list[OpCase]:
     return [case((4, 33), 96, 80, 8), case((129,), 123, 65, 1)]
 
 
+def _multi_lora_cases() -> list[OpCase]:
+    import fastadapt
+    from fastadapt.reference import multi_lora as reference
+
+    def case(lead, k, n, ranks, ids):
+        r_max = max(ranks)
+        scalings = [0.5 + i for i in range(len(ranks))]
+
+        def make():
+            return [torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(len(ranks), r_max, k) / k**0.5,
+                    torch.randn(len(ranks), n, r_max) / r_max**0.5, torch.randn(n)]
+
+        def fused(x, w, A, B, b):
+            return fastadapt.multi_lora_linear(x, w, A, B, scalings, torch.tensor(ids, device=x.device), b,
+                                               ranks=ranks)
+
+        def exact(x, w, A, B, b):
+            rows = torch.tensor(ids, device=x.device).view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+            y = reference.multi_lora_linear(x.reshape(-1, k), w, A, B, torch.tensor(scalings, dtype=x.dtype,
+                                            device=x.device), torch.tensor(ranks, device=x.device), rows.reshape(-1), b)
+            return y.view(*x.shape[:-1], n)
+
+        return OpCase("multi_lora_linear", f"x {tuple(lead)}x{k}, W {n}x{k}, ranks {ranks}, ids {ids}, bias", make,
+                      fused, exact, (1,))
+
+    return [case((4, 33), 96, 80, [8, 4, 8], [2, -1, 0, 2]),
+            case((129,), 123, 65, [1, 7], [i % 3 - 1 for i in range(129)])]
+
+
 def _bottleneck_cases() -> list[OpCase]:
     import fastadapt
     from fastadapt.reference import bottleneck as reference
@@ -118,8 +147,8 @@ def _prefix_attention_cases() -> list[OpCase]:
 
 def op_cases() -> dict[str, list[OpCase]]:
     """Each op's verification cases, odd shapes first-to-last (the first is the demo's)."""
-    return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "bottleneck_adapter": _bottleneck_cases(),
-            "prefix_attention": _prefix_attention_cases()}
+    return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "multi_lora_linear": _multi_lora_cases(),
+            "bottleneck_adapter": _bottleneck_cases(), "prefix_attention": _prefix_attention_cases()}
 
 
 @dataclass

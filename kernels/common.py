@@ -58,21 +58,6 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_ur, stride_uc, stride_vr, stride_vc, acc,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``acc + U[rows, :R] @ V[:R, cols]``: a rank-R product over one output tile, R in BLOCK_R chunks."""
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        ut = tl.load(u_ptr + rows64[:, None] * stride_ur + rr[None, :] * stride_uc,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vc,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ut, vt, acc, UPCAST, PRECISION)
-    return acc
-
-
-@triton.jit
 def dropout_scale(seed, rows, cols, n_cols, p):
     """``1/(1-p)`` where element (row, col) of an (., n_cols) tensor is kept, else 0.
 
@@ -82,6 +67,42 @@ def dropout_scale(seed, rows, cols, n_cols, p):
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     keep = tl.rand(seed, offsets) >= p
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
+
+
+@triton.jit
+def down_acc(acc, x_ptr, v_ptr, rows64, row_ok, rcols, r_ok, C, seed, p,
+             stride_xm, stride_xc, stride_vc, stride_vr,
+             DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``acc + D(X[rows, :C]) @ V[:C, rcols]``: the skinny product of a LoRA down-projection, X read
+    once, the dropout of X (p, over an (., C) tensor) drawn in-register."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            # Rounded back to the input dtype before the product, as eager dropout(x) would be.
+            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows64, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
+        vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
+                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def lowrank_acc(acc, u_ptr, v_ptr, rows64, row_ok, cols64, col_ok, R,
+                stride_um, stride_ur, stride_vr, stride_vn,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + U[rows, :R] @ V[:R, cols]``: a rank-R update of an output tile."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ut = tl.load(u_ptr + rows64[:, None] * stride_um + rr[None, :] * stride_ur,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + rr[:, None] * stride_vr + cols64[None, :] * stride_vn,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(ut, vt, acc, UPCAST, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -128,6 +149,15 @@ def split_rows(M: int, tiles: int, block_m: int, device: torch.device, splits: i
             splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(device.index or 0) // tiles))
     rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
     return triton.cdiv(max(M, 1), rows_per_split), rows_per_split
+
+
+def reduce_blocks(M: int, R: int, C: int, device: torch.device, splits: int | None = None):
+    """(BLOCK_R, BLOCK_C, BLOCK_M, rows per split) of a product that reduces M rows into an (R, C)
+    output: the rows are split across programs per output tile as :func:`split_rows` chooses."""
+    block_r = pow2_block(R)
+    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
+    tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
+    return block_r, block_c, block_m, split_rows(M, tiles, block_m, device, splits)[1]
 
 
 @functools.cache

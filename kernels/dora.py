@@ -34,7 +34,7 @@ import triton.language as tl
 
 from fastadapt.backends import triton_interpret
 from fastadapt.kernels.common import (cast, dot_constexprs, dropout_keep, dropout_scale, fit_shared_memory,
-                                      grouped_tile, mma, pow2_block, rank_product, split_rows)
+                                      grouped_tile, lowrank_acc, mma, pow2_block, split_rows)
 from fastadapt.kernels.lora import _INTERPRET_MATMUL, _matmul_configs, _matmul_shared_bytes, lora_down, lora_reduce
 
 
@@ -58,8 +58,8 @@ def _dora_forward_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
-                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows64, row_ok, cols64, col_ok, R,
+                       stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         undropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -80,8 +80,8 @@ def _dora_forward_kernel(
             xt = cast(xd32, x_ptr.dtype.element_ty, UPCAST)
         acc = mma(xt, wt, acc, UPCAST, PRECISION)
         # (s B A)^T over this tile, then the squares of W + s B A summed per column.
-        ba = rank_product(a_ptr, v_ptr, ks64, cols64, k_ok, col_ok, R, stride_ak, stride_ar, stride_vr, stride_vn,
-                          tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
+        ba = lowrank_acc(tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32), a_ptr, v_ptr, ks64, k_ok, cols64, col_ok, R,
+                          stride_ak, stride_ar, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
         full = wt.to(tl.float32) + scaling * ba
         sq += tl.sum(full * full, axis=0)
 
@@ -122,8 +122,8 @@ def _dora_grad_x_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
-                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows64, row_ok, cols64, col_ok, R,
+                       stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         plain = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

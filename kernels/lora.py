@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import (cast, dot_constexprs, dropout_scale, fit_shared_memory, grouped_tile, mma,
-                                      pow2_block, rank_product, split_rows)
+from fastadapt.kernels.common import (cast, dot_constexprs, down_acc, dropout_scale, fit_shared_memory, grouped_tile,
+                                      lowrank_acc, mma, pow2_block, reduce_blocks)
 
 
 @triton.jit
@@ -45,18 +45,8 @@ def _lora_down_kernel(
     row_ok = rows < M
     r_ok = rcols < R
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if DROPOUT:
-            # Rounded back to the input dtype before the product, as eager dropout(x) would be.
-            xt = cast(xt.to(tl.float32) * dropout_scale(seed, rows, cols, C, p), x_ptr.dtype.element_ty, UPCAST)
-        vt = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_vc + rcols[None, :] * stride_vr,
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = mma(xt, vt, acc, UPCAST, PRECISION)
+    acc = down_acc(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, v_ptr, rows64, row_ok, rcols, r_ok, C,
+                   seed, p, stride_xm, stride_xc, stride_vc, stride_vr, DROPOUT, UPCAST, PRECISION, BLOCK_C)
     acc = acc * scale
     tl.store(out_ptr + rows64[:, None] * stride_om + rcols[None, :] * stride_or,
              cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & r_ok[None, :])
@@ -82,8 +72,8 @@ def _lora_matmul_kernel(
 
     # Seed the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
     # per tile, and adding it here means the frozen K loop below runs unchanged.
-    acc = rank_product(u_ptr, v_ptr, rows64, cols64, row_ok, col_ok, R, stride_um, stride_ur, stride_vr, stride_vn,
-                       tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION, BLOCK_R)
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows64, row_ok, cols64, col_ok,
+                      R, stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
     if DROPOUT:
         acc = acc * dropout_scale(seed, rows, cols, N, p)
 
@@ -221,10 +211,8 @@ def lora_reduce(pm, x, scale: float, out, *, dropout_p: float = 0.0, seed: int =
     """
     M, R = pm.shape
     C = x.shape[1]
-    block_r = pow2_block(R)
-    block_c, block_m = (32, 32) if triton_interpret() else (64, 64)
-    splits, rows_per_split = split_rows(M, triton.cdiv(C, block_c) * triton.cdiv(R, block_r), block_m, x.device,
-                                        splits)
+    block_r, block_c, block_m, rows_per_split = reduce_blocks(M, R, C, x.device, splits)
+    splits = triton.cdiv(max(M, 1), rows_per_split)
     if splits > 1:
         out.zero_()
     _lora_reduce_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)](

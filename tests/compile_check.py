@@ -221,6 +221,36 @@ def _dora_grid():
             dora.backward(y, *args, u, pre, n, 2.0, 0.1, 1, (True,) * 5 + (False,))
 
 
+def _multi_lora_grid():
+    from fastadapt.kernels import multi_lora as ml
+    # (M, K, N, n, r_max): decode M=1 with many adapters, odd sizes, aligned sizes, r past 64.
+    shapes = ((1, 4096, 4096, 16, 16), (129, 80, 123, 3, 7), (8192, 4096, 4096, 4, 16), (7, 123, 80, 2, 128))
+    for dname, *_ in DTYPES:
+        for M, K, N, n, R in shapes:
+            for bias in (False, True):
+                for dropout in (False, True):
+                    with _setting(f"multi_lora M={M} K={K} N={N} n={n} r={R} bias={bias} dropout={dropout}",
+                                  dname) as dt:
+                        x = _meta(M, K, dtype=dt)
+                        W, A, B = _meta(N, K, dtype=dt), _meta(n, R, K, dtype=dt), _meta(n, N, R, dtype=dt)
+                        b = _meta(N, dtype=dt) if bias else None
+                        scalings, ranks = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int32)
+                        p = _meta(n, dtype=torch.float32) if dropout else None
+                        ids = _meta(M, dtype=torch.int64)
+                        y, u = ml.forward(x, W, A, B, scalings, ranks, ids, b, p, 1)
+                        ml.backward(y, x, W, A, B, u, scalings, ranks, ids, p, 1, (True,) * 5)
+                        # Split chunks of each adapter's rows (atomics) are chosen from the SM count of a CUDA device.
+                        ml.multi_reduce(u, x, ranks, ml.RowOrder(ids, n), _meta(n, R, K, dtype=torch.float32),
+                                        dropout_p=p, seed=1, splits=3)
+        with _setting("multi_lora non-contiguous x", dname) as dt:
+            x = _meta(300, 96, dtype=dt).t()
+            n, ids = 3, _meta(96, dtype=torch.int64)
+            W, A, B = _meta(64, 300, dtype=dt), _meta(n, 16, 300, dtype=dt), _meta(n, 64, 16, dtype=dt)
+            scalings, ranks = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int32)
+            y, u = ml.forward(x, W, A, B, scalings, ranks, ids, None, scalings, 1)
+            ml.backward(y, x, W, A, B, u, scalings, ranks, ids, scalings, 1, (True,) * 5)
+
+
 def _bottleneck_grid():
     from fastadapt.kernels import bottleneck as bn
     d = 4096
@@ -288,6 +318,7 @@ def record() -> list[Launch]:
     with _intercept():
         _lora_grid()
         _dora_grid()
+        _multi_lora_grid()
         _bottleneck_grid()
         _prefix_grid()
     return list(_recorded)

@@ -54,13 +54,13 @@ def assert_backward_on_forward_backend(op: str, backend: str, device: str, call,
         pytest.skip("one backend only")
     grads = []
     for backward_backend in (backend, *others):
-        leaves = [t.detach().clone().requires_grad_() for t in raw]
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in raw]
         torch.manual_seed(1234)
         with dispatch.use_backend(backend):
             y = call(*leaves)
         with dispatch.use_backend(backward_backend):
             y.backward(gy)
-        grads.append([t.grad for t in leaves])
+        grads.append([None if t is None else t.grad for t in leaves])
     for other, g in zip(others, grads[1:]):
         for name, mine, first in zip(names, g, grads[0]):
             if first is not None:

@@ -43,6 +43,29 @@ def _dora_backward(ops, p=0.0, **bad):
                              t["norm"], 1.0, p, 0, [True] * 6)
 
 
+NA = 2  # multi-adapter LoRA: adapters (rank R each)
+
+
+def _multi():
+    return dict(x=torch.randn(M, K), weight=torch.randn(N, K), A_stack=torch.randn(NA, R, K),
+                B_stack=torch.randn(NA, N, R), scalings=torch.ones(NA), ranks=torch.tensor([R, 1], dtype=torch.int32),
+                adapter_ids=torch.tensor([0, 1, -1, 1, 0]), bias=torch.randn(N), dropout_p=torch.tensor([0.1, 0.0]))
+
+
+_MULTI_ORDER = ("x", "weight", "A_stack", "B_stack", "scalings", "ranks", "adapter_ids")
+
+
+def _multi_forward(ops, **bad):
+    t = {**_multi(), **bad}
+    return ops.multi_lora_forward(*(t[k] for k in _MULTI_ORDER), t["bias"], t["dropout_p"], 0)
+
+
+def _multi_backward(ops, **bad):
+    t = {**_multi(), "gy": torch.randn(M, N), "u": torch.randn(M, R), **bad}
+    return ops.multi_lora_backward(t["gy"], *(t[k] for k in _MULTI_ORDER[:4]), t["u"],
+                                   *(t[k] for k in _MULTI_ORDER[4:]), t["dropout_p"], 0, [True] * 5)
+
+
 def _bottleneck():
     return dict(z=torch.randn(M, D), residual=torch.randn(M, D), down_weight=torch.randn(BN, D),
                 down_bias=torch.randn(BN), up_weight=torch.randn(D, BN), up_bias=torch.randn(D), scale=torch.randn(D),
@@ -125,6 +148,34 @@ CASES = [
      r"gy must have shape \(5, 8\)"),
     ("dora backward magnitude short", lambda ops: _dora_backward(ops, magnitude=torch.rand(N + 1)),
      r"magnitude must have shape \(8,\)"),
+    ("multi_lora A_stack in_features", lambda ops: _multi_forward(ops, A_stack=torch.randn(NA, R, K - 1)),
+     r"A_stack must have shape \(\*, \*, 16\)"),
+    ("multi_lora B_stack adapters", lambda ops: _multi_forward(ops, B_stack=torch.randn(NA - 1, N, R)),
+     r"B_stack must have shape \(2, 8, 3\)"),
+    ("multi_lora B_stack rank", lambda ops: _multi_forward(ops, B_stack=torch.randn(NA, N, R - 1)),
+     r"B_stack must have shape \(2, 8, 3\)"),
+    ("multi_lora scalings short", lambda ops: _multi_forward(ops, scalings=torch.ones(NA - 1)),
+     r"scalings must have shape \(2,\)"),
+    ("multi_lora ranks dtype", lambda ops: _multi_forward(ops, ranks=torch.tensor([R, 1])), r"ranks must be Int"),
+    ("multi_lora rank past r_max", lambda ops: _multi_forward(ops, ranks=torch.tensor([R + 1, 1], dtype=torch.int32)),
+     r"ranks must be in \[1, r_max = 3\], got 4"),
+    ("multi_lora ids short", lambda ops: _multi_forward(ops, adapter_ids=torch.tensor([0, 1, -1, 1])),
+     r"adapter_ids must have shape \(5,\)"),
+    ("multi_lora ids dtype", lambda ops: _multi_forward(ops, adapter_ids=torch.tensor([0, 1, -1, 1, 0]).int()),
+     r"adapter_ids must be Long"),
+    ("multi_lora id past n", lambda ops: _multi_forward(ops, adapter_ids=torch.tensor([0, 1, -1, 2, 0])),
+     r"adapter_ids must be in \[-1, 2\), got 2 at row 3"),
+    ("multi_lora id below -1", lambda ops: _multi_forward(ops, adapter_ids=torch.tensor([0, -2, -1, 1, 0])),
+     r"adapter_ids must be in \[-1, 2\), got -2"),
+    ("multi_lora dropout_p 1", lambda ops: _multi_forward(ops, dropout_p=torch.tensor([0.1, 1.0])),
+     r"dropout_p must be in \[0, 1\)"),
+    ("multi_lora bias short", lambda ops: _multi_forward(ops, bias=torch.randn(N - 1)), r"bias must have shape \(8,\)"),
+    ("multi_lora backward u short", lambda ops: _multi_backward(ops, u=torch.randn(M, R - 1)),
+     r"u must have shape \(5, 3\)"),
+    ("multi_lora backward gy short", lambda ops: _multi_backward(ops, gy=torch.randn(M - 1, N)),
+     r"gy must have shape \(5, 8\)"),
+    ("multi_lora backward id past n", lambda ops: _multi_backward(ops, adapter_ids=torch.tensor([0, 1, -1, 2, 0])),
+     r"adapter_ids must be in \[-1, 2\)"),
     ("dropout_keep 1-D", lambda ops: ops.dropout_keep(torch.empty(7), 0.5, 1), r"like must have shape \(\*, \*\)"),
     ("dropout_keep p", lambda ops: ops.dropout_keep(torch.empty(2, 7), 1.5, 1), r"p must be in \[0, 1\)"),
     ("bottleneck ln_before_weight short", lambda ops: _bottleneck_forward(ops, ln_before_weight=torch.randn(D - 1)),
@@ -201,6 +252,8 @@ VALID = [
     ("lora backward", lambda ops: _lora_backward(ops, p=0.2)),
     ("dora forward", lambda ops: _dora_forward(ops, p=0.2)),
     ("dora backward", lambda ops: _dora_backward(ops, p=0.2)),
+    ("multi_lora forward", lambda ops: _multi_forward(ops)),
+    ("multi_lora backward", lambda ops: _multi_backward(ops)),
     ("bottleneck forward", lambda ops: _bottleneck_forward(ops)),
     ("bottleneck backward", lambda ops: _bottleneck_backward(ops)),
     ("prefix forward", lambda ops: _prefix_forward(ops)),

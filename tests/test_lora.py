@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, gpu,
-                     nan_like, rel_err)
+from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, gpu, nan_like,
+                     rel_err)
 
 import fastadapt
 from fastadapt import dispatch
@@ -260,7 +260,8 @@ def test_adapter_weights_in_float32_with_half_input():
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_backward_runs_on_the_forward_backend(backend, device):
     assert_backward_on_forward_backend(
-        "lora_linear", backend, device, lambda x, w, a, b, bias: fastadapt.lora_linear(x, w, a, b, 0.5, bias, 0.3),
+        "lora_linear", backend, device,
+        lambda x, w, a, b, bias: fastadapt.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.3),
         _inputs((2, 9), 48, 32, 4, torch.float32, device), torch.randn(2, 9, 32, device=device),
         ["x", "weight", "lora_A", "lora_B", "bias"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -416,7 +417,7 @@ def test_dora_with_another_active_adapter_falls_back_and_says_so():
     ours.add_adapter("plain", _lora_config(target_modules=["q_proj"]))
     theirs = copy.deepcopy(ours)
     report = fastadapt.patch(ours)
-    assert all("fastadapt::lora_linear, fastadapt::dora_linear (DoRA adapter(s) ['default'])" in what
+    assert all("fastadapt::lora_linear (adapter_names: multi_lora_linear), fastadapt::dora_linear (DoRA adapter(s) ['default'])" in what
                for _, what in report.patched), str(report)
     assert all("DoRA adapter ['default'] is active together" in c for _, c in report.fallbacks), str(report)
     ids = torch.randint(0, 64, (1, 5))
@@ -432,3 +433,123 @@ def test_dora_with_another_active_adapter_falls_back_and_says_so():
         theirs.set_adapter(name)
         _assert_same(_step(ours, ids), _step(theirs, ids))
     assert report.calls["fused"] == 4
+
+
+def _mixed_adapters(**kw):
+    """A tiny Llama with four adapters of different ranks and alphas (rsLoRA on one), all trainable."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_tiny_llama(), _lora_config(**kw))
+    model.add_adapter("wide", peft.LoraConfig(r=8, lora_alpha=32, init_lora_weights=False, target_modules=[
+        "q_proj", "v_proj", "down_proj"], **kw))
+    model.add_adapter("narrow", peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False,
+                                                target_modules=["q_proj", "k_proj", "o_proj", "up_proj"], **kw))
+    model.add_adapter("absent", _lora_config(**kw))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+NAMES = ["wide", "default", "__base__", "wide", "narrow"]
+
+
+def _lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_mixed_batch_trains_every_adapter_at_once_like_peft_per_adapter():
+    # PEFT refuses adapter_names in training; patched, one batch trains three adapters (each on its
+    # own sequences), with the logits and grads of PEFT run once per adapter on its own rows.
+    theirs = _mixed_adapters()
+    ours = copy.deepcopy(theirs)
+    report = fastadapt.patch(ours, strict=True)
+    ids = torch.randint(0, 64, (len(NAMES), 7))
+    with pytest.raises(ValueError, match="training mode"):
+        theirs(input_ids=ids, adapter_names=NAMES)
+
+    ours.train()
+    logits = ours(input_ids=ids, adapter_names=NAMES).logits
+    logits.float().pow(2).mean().backward()
+    # 14 LoRA layers, one fused call each, whichever adapters the layer has.
+    assert report.calls == {"fused": 14}, report.calls
+
+    expected = torch.empty_like(logits)
+    for name in dict.fromkeys(NAMES):
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        with contextlib.ExitStack() as stack:
+            if name == "__base__":
+                stack.enter_context(theirs.disable_adapter())
+            else:
+                theirs.set_adapter(name)
+                for n, p in theirs.named_parameters():  # set_adapter froze the others
+                    p.requires_grad_("lora_" in n)
+            out = theirs(input_ids=ids[rows]).logits
+        expected[rows] = out.detach()
+        if name != "__base__":  # the base model's rows reach no adapter
+            (out.float().pow(2).sum() / logits.numel()).backward()
+    assert rel_err(logits, expected) < 1e-5
+    ours_g, theirs_g = _lora_grads(ours), _lora_grads(theirs)
+    assert ours_g.keys() == theirs_g.keys()
+    for name, g in theirs_g.items():
+        if g is None:  # adapters absent from the batch ("absent") get no gradient, as in PEFT
+            assert ours_g[name] is None and ".absent." in name, name
+        else:
+            assert rel_err(ours_g[name], g) < 1e-5, name
+    assert sum(g is not None for g in ours_g.values()) == 2 * (14 + 2 * 3 + 2 * 4)  # A and B, 2 layers
+
+
+def test_mixed_batch_inference_takes_the_fused_path():
+    theirs = _mixed_adapters()
+    ours = copy.deepcopy(theirs)
+    report = fastadapt.patch(ours)
+    ours.eval()
+    theirs.eval()
+    ids = torch.randint(0, 64, (len(NAMES), 6))
+    with torch.no_grad():
+        out = ours(input_ids=ids, adapter_names=NAMES).logits
+        ref = theirs(input_ids=ids, adapter_names=NAMES).logits
+    assert rel_err(out, ref) < 1e-5
+    assert report.calls == {"fused": 14}
+    fastadapt.unpatch(ours)
+    ours.train()
+    with pytest.raises(ValueError, match="training mode"):  # unpatched: PEFT's refusal is back
+        ours(input_ids=ids, adapter_names=NAMES)
+
+
+def test_mixed_batch_training_with_dropout_per_adapter():
+    model = _mixed_adapters(lora_dropout=0.2)
+    report = fastadapt.patch(model, strict=True)
+    model.train()
+    ids = torch.randint(0, 64, (len(NAMES), 5))
+    model(input_ids=ids, adapter_names=NAMES).logits.float().pow(2).mean().backward()
+    assert report.calls == {"fused": 14}
+    grads = _lora_grads(model)
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert grads["base_model.model.model.layers.0.self_attn.q_proj.lora_A.narrow.weight"].abs().sum() > 0
+
+
+def test_mixed_batch_training_refuses_gradient_checkpointing():
+    # The recomputation in the backward would run without adapter_names: refused, not silently wrong.
+    model = _mixed_adapters()
+    fastadapt.patch(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 64, (len(NAMES), 5))
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, adapter_names=NAMES)
+    model.eval()
+    with torch.no_grad():  # inference recomputes nothing
+        model(input_ids=ids, adapter_names=NAMES)
+
+
+def test_mixed_batch_ids_made_in_inference_mode_serve_training_later():
+    from fastadapt.nn import multi_lora
+    multi_lora._cached.cache_clear()  # the ids and metadata are first made under inference mode
+    model = _mixed_adapters()
+    report = fastadapt.patch(model)
+    ids = torch.randint(0, 64, (len(NAMES), 5))
+    model.eval()
+    with torch.inference_mode():
+        model(input_ids=ids, adapter_names=NAMES)
+    model.train()
+    model(input_ids=ids, adapter_names=NAMES).logits.float().pow(2).mean().backward()
+    assert report.calls == {"fused": 28}

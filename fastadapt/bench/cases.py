@@ -47,7 +47,7 @@ class Built:
 
 @dataclass
 class Case:
-    op: str                      # lora | dora | bottleneck | prefix | model
+    op: str                      # lora | dora | multi_lora | bottleneck | prefix | model
     name: str
     params: dict
     tier: str
@@ -83,18 +83,34 @@ def _compiled(env: Env, fn):
 # LoRA
 
 
-def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: float, dora: bool = False):
-    """A real PEFT ``lora.Linear`` around a frozen copy of ``weight`` (adapters in the weight's dtype;
-    ``dora``: ``use_dora=True``, with its magnitude)."""
+def _peft_lora_layer(weight: torch.Tensor, r: int, scaling: float, dropout: float, adapters: int = 1,
+                     dora: bool = False):
+    """A real PEFT ``lora.Linear`` around a frozen copy of ``weight`` (adapters in the weight's dtype).
+    ``adapters`` > 1: adapters ``default``, ``a1``, ... (see :func:`_adapter_names`), all trainable;
+    ``dora``: ``use_dora=True``, with its magnitude."""
     import peft
 
     n, k = weight.shape
     model = torch.nn.Sequential()
     model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype))
     model.proj.weight.data.copy_(weight)
-    cfg = peft.LoraConfig(r=r, lora_alpha=scaling * r, lora_dropout=dropout, target_modules=["proj"],
-                          init_lora_weights=False, use_dora=dora)
-    return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False).base_model.model.proj
+
+    def config():
+        return peft.LoraConfig(r=r, lora_alpha=scaling * r, lora_dropout=dropout, target_modules=["proj"],
+                               init_lora_weights=False, use_dora=dora)
+
+    peft_model = peft.get_peft_model(model, config(), autocast_adapter_dtype=False)
+    for name in _adapter_names(range(1, adapters)):
+        peft_model.add_adapter(name, config(), autocast_adapter_dtype=False)
+    layer = peft_model.base_model.model.proj
+    for name, q in layer.named_parameters():
+        q.requires_grad_("lora_" in name)  # add_adapter leaves the new adapters frozen
+    return layer
+
+
+def _adapter_names(ids) -> list[str]:
+    """PEFT adapter names of adapter indices: ``default`` for 0 (the first adapter's name), ``a<i>``."""
+    return ["default" if i == 0 else f"a{i}" for i in ids]
 
 
 def _eager_lora(x, weight, lora_A, lora_B, scaling: float, p: float):
@@ -197,6 +213,80 @@ def dora_train(M: int, K: int, N: int, r: int, p: float, tier: str) -> Case:
     drop = f", dropout {p}" if p else ""
     return Case("dora", f"fwd+bwd M={M} {K}x{N} r={r}{drop}", dict(kind="train", M=M, K=K, N=N, r=r, p=p),
                 tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many LoRA adapters in one batch
+
+
+def _multi_tensors(env: Env, M: int, K: int, N: int, n: int, r: int):
+    kw = dict(device=env.device, dtype=env.dtype)
+    weight = torch.randn(N, K, **kw) / K**0.5
+    A = (torch.randn(n, r, K, **kw) / K**0.5).requires_grad_()
+    B = (torch.randn(n, N, r, **kw) / r**0.5).requires_grad_()
+    ids = torch.randint(0, n, (M,), device=env.device)  # rows in no order
+    scalings = torch.full((n,), 2.0, device=env.device)
+    return weight, A, B, ids, scalings
+
+
+def multi_lora_train(M: int, K: int, N: int, n: int, r: int, tier: str) -> Case:
+    """Forward + backward of n adapters trained at once, each row its own (random) adapter: fused,
+    against PEFT's mixed-batch forward (a loop over the adapters, each on its own rows) and against
+    one adapter alone on all M rows (what the fused op aims to cost). The floor: the frozen matmul."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        weight, A, B, ids, scalings = _multi_tensors(env, M, K, N, n, r)
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        layer = _peft_lora_layer(weight, r, scaling, 0.0, adapters=n)
+        names = _adapter_names(ids.tolist())
+        single_A, single_B = (A[0].detach().clone().requires_grad_(), B[0].detach().clone().requires_grad_())
+        leaves = [x, A, B, single_A, single_B, *(q for q in layer.parameters() if q.requires_grad)]
+
+        def step(f):
+            return forward_backward(f, leaves, grad_y)
+
+        variants = _fused(env, step(lambda: fastadapt.multi_lora_linear(x, weight, A, B, scalings, ids)))
+        variants["peft mixed batch (loop over adapters)"] = step(lambda: layer(x, adapter_names=names))
+        variants["one adapter alone (fastadapt lora_linear)"] = step(
+            lambda: fastadapt.lora_linear(x, weight, single_A, single_B, scaling))
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    return Case("multi_lora", f"fwd+bwd M={M} {K}x{N} {n} adapters r={r}",
+                dict(kind="train", M=M, K=K, N=N, n=n, r=r), tier, build)
+
+
+def _gather_bmm(x, weight, A, B, scalings, ids):
+    """Per-row adapters by gathering each row's weights and batched matmuls (Punica's baseline)."""
+    u = torch.bmm(x[:, None, :], A[ids].transpose(1, 2))
+    return F.linear(x, weight) + torch.bmm(u, B[ids].transpose(1, 2))[:, 0] * scalings[ids][:, None]
+
+
+def multi_lora_decode(M: int, K: int, N: int, n: int, r: int, tier: str) -> Case:
+    """Serving: M rows, one adapter each (``i % n``), forward only: fused, against gathering each
+    row's adapter weights + bmm, and PEFT's mixed-batch forward. The floor: the base layer alone."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+
+        weight, A, B, _, scalings = _multi_tensors(env, M, K, N, n, r)
+        ids = torch.arange(M, device=env.device) % n
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype)
+        layer = _peft_lora_layer(weight, r, scaling, 0.0, adapters=n)
+        names = _adapter_names(ids.tolist())
+        variants = _fused(env, forward_only(lambda: fastadapt.multi_lora_linear(x, weight, A, B, scalings, ids)))
+        variants["gather + bmm"] = forward_only(lambda: _gather_bmm(x, weight, A, B, scalings, ids))
+        variants["peft mixed batch (loop over adapters)"] = forward_only(lambda: layer(x, adapter_names=names))
+        variants["floor: base layer alone"] = forward_only(lambda: F.linear(x, weight))
+        return Built(variants, "floor: base layer alone")
+
+    return Case("multi_lora", f"inference M={M} {K}x{N} {n} adapters r={r}, one per row",
+                dict(kind="decode", M=M, K=K, N=N, n=n, r=r), tier, build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +532,12 @@ def all_cases(scale: str) -> list[Case]:
         return [
             lora_train(8192, 4096, 4096, 16, 0.0, "quick"),
             model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
+            multi_lora_train(8192, 4096, 4096, 4, 16, "quick"),
+            multi_lora_train(8192, 4096, 4096, 16, 16, "quick"),
+            multi_lora_decode(1, 4096, 4096, 16, 16, "quick"),
+            multi_lora_decode(16, 4096, 4096, 16, 16, "quick"),
+            multi_lora_decode(64, 4096, 4096, 16, 16, "quick"),
+            multi_lora_decode(4, 4096, 4096, 16, 16, "default"),
             bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
             model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick", trainer=True),
             prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
@@ -476,6 +572,8 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(2048, 1024, 1024, 16, 0.1, "quick"),
             lora_train(2048, 1024, 2816, 16, 0.0, "default"),
             dora_train(2048, 1024, 1024, 16, 0.0, "quick"),
+            multi_lora_train(2048, 1024, 1024, 4, 16, "quick"),
+            multi_lora_decode(16, 1024, 1024, 16, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick", trainer=True),
             bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
@@ -493,6 +591,8 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(64, 96, 80, 8, 0.0, "quick"),
             lora_train(64, 96, 80, 8, 0.1, "default"),
             dora_train(64, 96, 80, 8, 0.0, "quick"),
+            multi_lora_train(64, 96, 80, 4, 8, "quick"),
+            multi_lora_decode(4, 96, 80, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True),
             bottleneck(64, 96, 16, "seq_bn", False, "quick"),

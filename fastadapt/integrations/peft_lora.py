@@ -6,29 +6,41 @@ serves what real training setups run: autocast (the HF Trainer's ``bf16=True`` /
 float32 adapters on a half-precision base (PEFT's ``autocast_adapter_dtype``), GPT-2 / GPT-J
 ``Conv1D`` bases (``fan_in_fan_out``), several active adapters (summed, as PEFT sums them),
 ``lora_bias`` and rsLoRA; and DoRA (``use_dora=True``) on ``fastadapt::dora_linear`` when its
-adapter is the only active one. What it does not serve runs PEFT's own forward, which the patch
-report lists per layer, the first such call warns about, and ``patch(model, strict=True)`` refuses:
-LoRA variants other than DoRA, a DoRA adapter active together with others (PEFT applies each
-DoRA adapter to the output of the ones before it), mixed-batch ``adapter_names``, several active
-adapters with dropout in training (each adapter draws its own mask), and an input whose dtype
-differs from the base weight's outside autocast (PEFT's own forward raises there).
+adapter is the only active one.
+
+Mixed batches (``model(..., adapter_names=[one name per sequence])``, ``"__base__"`` for the base
+model) run ``fastadapt::multi_lora_linear``: one call per layer for every adapter of the batch,
+in inference and, unlike PEFT, in training too: patching lets the ``LoraModel`` accept
+``adapter_names`` in training mode, so several adapters train at once on one batch, each on its
+own sequences, with its own dropout.
+
+What it does not serve runs PEFT's own forward, which the patch report lists per layer, the first
+such call warns about, and ``patch(model, strict=True)`` refuses: LoRA variants other than DoRA,
+a DoRA adapter active together with others (PEFT applies each DoRA adapter to the output of the
+ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, several active adapters with dropout in
+training (each adapter draws its own mask), and an input whose dtype differs from the base
+weight's outside autocast (PEFT's own forward raises there).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.nn.multi_lora import mixed_batch
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.dora import dora_linear
 from fastadapt.ops.lora import lora_linear
 
 _MARK = "_fastadapt_lora_patched"
+_MODEL_MARK = "_fastadapt_lora_mixed_training"
 
 # The call-time conditions every patched layer shares (the report adds each layer's own).
-_ALWAYS = ("mixed-batch adapter_names (or other extra forward arguments); "
-           "an input dtype other than the base weight's outside autocast")
+_ALWAYS = ("extra forward arguments other than adapter_names; adapter_names naming a LoRA variant or "
+           "lora_bias adapter; an input dtype other than the base weight's outside autocast")
 
 
 def _conv1d_class():
@@ -76,10 +88,16 @@ def _layer_fallbacks(module) -> str:
     return "; ".join(conditions)
 
 
+def _dtype_reason(x, weight, compute_dtype) -> str | None:
+    if compute_dtype is None and x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
+    return None
+
+
 def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
     """Why this call must run PEFT's own forward (None: the fused op serves it)."""
     if args or kwargs:
-        return "mixed-batch adapter_names" if "adapter_names" in kwargs else "extra forward arguments"
+        return "extra forward arguments"
     dora = [a for a in active if a in _dora_adapters(module)] if module.lora_variant else []
     variants = [a for a in active if a in module.lora_variant and a not in dora]
     if variants:
@@ -90,12 +108,48 @@ def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str 
         return "lora_bias on a DoRA adapter"
     if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
         return "several active adapters with dropout in training (each adapter draws its own mask)"
-    if compute_dtype is None and x.dtype != weight.dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
-    return None
+    return _dtype_reason(x, weight, compute_dtype)
+
+
+def _mixed_batch_reason(module, x, present, weight, compute_dtype) -> str | None:
+    """Why this mixed-batch call must run PEFT's own forward (None: the fused op serves it)."""
+    variants = [a for a in present if a in module.lora_variant]
+    if variants:
+        return f"adapter_names names LoRA variant adapter(s) {variants} (DoRA, ...)"
+    biased = [a for a in present if module.lora_B[a].bias is not None]
+    if biased:
+        return f"adapter_names names lora_bias adapter(s) {biased} (a bias per adapter's rows)"
+    return _dtype_reason(x, weight, compute_dtype)
+
+
+def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's mixed-batch forward (one adapter name per sequence, ``"__base__"`` for none) as one
+    ``fastadapt::multi_lora_linear`` call, in inference or training."""
+    self._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own checks and errors
+    named = set(adapter_names)
+    # Adapters this layer does not have run the base layer alone, as in PEFT.
+    present = [a for a in self.lora_A if a in named]
+    name, report = report_of(self)
+    base = self.get_base_layer()
+    weight = base.weight
+    compute_dtype = autocast_dtype(x)
+    reason = _mixed_batch_reason(self, x, present, weight, compute_dtype)
+    if not present or reason is not None:
+        if reason is not None:
+            report.fall_back(name, reason)
+        return type(self).forward(self, x, adapter_names=adapter_names)
+    report.fused()
+    if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
+        weight = weight.t()
+    adapters = {a: (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], _dropout_p(self, a))
+                for a in present}
+    return mixed_batch(x, weight, base.bias, adapters, adapter_names, self.training)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not self.disable_adapters and not args and kwargs.keys() == {"adapter_names"} \
+            and kwargs["adapter_names"] is not None:
+        return _mixed_batch_forward(self, x, kwargs["adapter_names"])
     active = [a for a in self.active_adapters if a in self.lora_A]
     if self.disable_adapters or self.merged or not active:
         return type(self).forward(self, x, *args, **kwargs)  # the base layer alone: nothing to fuse
@@ -144,6 +198,39 @@ def _modules_to_save_class():
     return ModulesToSaveWrapper
 
 
+@contextlib.contextmanager
+def _forward_hooks_in_training(self, *args, **kwargs):
+    """``LoraModel._enable_peft_forward_hooks``, which hands ``adapter_names`` to every LoRA layer,
+    without its refusal in training mode: PEFT refuses because its mixed-batch loop was written for
+    inference; the patched layers train every adapter of the batch (fused). Only this object's own
+    ``training`` flag is lowered, while PEFT checks it; its submodules keep theirs.
+
+    Refused with gradient checkpointing: PEFT hands ``adapter_names`` to the layers only inside
+    this context, and a checkpointed layer's recomputation in the backward runs after it, with no
+    adapter_names, so it would recompute other activations than the forward's (silently)."""
+    if kwargs.get("adapter_names") is not None and self.training and torch.is_grad_enabled() \
+            and any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+        raise ValueError("adapter_names in training with gradient checkpointing is not supported: the backward's "
+                         "recomputation of a checkpointed layer would run without adapter_names. Disable gradient "
+                         "checkpointing (model.gradient_checkpointing_disable()) for mixed-adapter training.")
+    with contextlib.ExitStack() as stack:
+        training = self.training
+        self.training = False
+        try:
+            stack.enter_context(type(self)._enable_peft_forward_hooks(self, *args, **kwargs))
+        finally:
+            self.training = training
+        yield
+
+
+def _lora_model_class():
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except ImportError:
+        return None
+    return LoraModel
+
+
 class _PeftLoraPatcher:
     name = "peft-lora"
 
@@ -169,17 +256,26 @@ class _PeftLoraPatcher:
                 continue
             base = type(module.get_base_layer()).__name__
             dora = _dora_adapters(module)
-            ops = [] if len(dora) == len(module.lora_A) else ["fastadapt::lora_linear"]
+            ops = [] if len(dora) == len(module.lora_A) else ["fastadapt::lora_linear (adapter_names: multi_lora_linear)"]
             if dora:
                 ops.append(f"fastadapt::dora_linear (DoRA adapter(s) {dora})")
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"peft LoRA {base} -> {', '.join(ops)}", fallbacks=_layer_fallbacks(module))
+        lora_model = _lora_model_class()
+        for module in model.modules():
+            # The LoraModel's own __dict__: a PeftModel forwards attribute reads to it.
+            if lora_model is not None and isinstance(module, lora_model) and _MODEL_MARK not in module.__dict__:
+                module._enable_peft_forward_hooks = _forward_hooks_in_training.__get__(module)
+                setattr(module, _MODEL_MARK, True)
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():
             if is_bound(module, _MARK):
                 unbind_forward(module, _MARK)
                 report.patched.append((name, "restored PEFT's forward"))
+            if _MODEL_MARK in module.__dict__:
+                del module._enable_peft_forward_hooks
+                delattr(module, _MODEL_MARK)
 
 
 PATCHER = _PeftLoraPatcher()

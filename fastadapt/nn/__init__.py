@@ -2,7 +2,8 @@
 
 from fastadapt.nn.bottleneck import BnConfig, BottleneckAdapter, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from fastadapt.nn.lora import LoRALinear
+from fastadapt.nn.multi_lora import MultiLoRALinear
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
-__all__ = ["BnConfig", "BottleneckAdapter", "DoubleSeqBnConfig", "GatedPrefixAttention", "LoRALinear", "ParBnConfig",
-           "SeqBnConfig"]
+__all__ = ["BnConfig", "BottleneckAdapter", "DoubleSeqBnConfig", "GatedPrefixAttention", "LoRALinear",
+           "MultiLoRALinear", "ParBnConfig", "SeqBnConfig"]

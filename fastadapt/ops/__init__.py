@@ -3,10 +3,11 @@
 from fastadapt.ops.bottleneck import bottleneck_adapter
 from fastadapt.ops.dora import dora_linear
 from fastadapt.ops.lora import lora_linear
+from fastadapt.ops.multi_lora import multi_lora_linear
 from fastadapt.ops.prefix_attention import prefix_attention
 
 # The native backends "cpp" and "cuda" of the ops (csrc/; DoRA: cpp only): registering them builds nothing;
 # the extension is built when dispatch first asks them (fastadapt/_native.py).
 from fastadapt.ops import _native_backends  # noqa: E402,F401  (isort: after the ops it registers)
 
-__all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "prefix_attention"]
+__all__ = ["bottleneck_adapter", "dora_linear", "lora_linear", "multi_lora_linear", "prefix_attention"]

@@ -36,11 +36,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def register(op_name: str, keep: frozenset[int] = frozenset()) -> None:
+def register(op_name: str, keep: tuple[int, ...] = ()) -> None:
     """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
 
-    ``keep``: positions of arguments that stay in their own dtype (DoRA's float32 magnitude), as
-    PyTorch keeps its fp32-policy operands.
+    ``keep``: positions of arguments that stay in their own dtype (DoRA's float32 magnitude,
+    multi-LoRA's per-adapter scalings and dropout probabilities), as PyTorch keeps its fp32-policy
+    operands.
     """
     op = getattr(torch.ops.fastadapt, op_name).default
     for device_type, key in _DEVICE_KEYS.items():

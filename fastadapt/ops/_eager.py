@@ -53,7 +53,7 @@ def function(name: str, forward: Callable, setup_context: Callable, backward: Ca
 
 
 def run(fn: type, select: Callable[..., dispatch.Implementation], *inputs, autocast_device: str | None = None,
-        keep: frozenset[int] = frozenset()):
+        keep: tuple[int, ...] = ()):
     """The outputs of ``fn`` (from :func:`function`) for ``inputs`` on the backend ``select(*inputs)``
     picks. With ``autocast_device``, the op's autocast rule (:mod:`fastadapt.ops._autocast`, with
     the positions it keeps) is applied here, outside the Function, so autograd records the casts

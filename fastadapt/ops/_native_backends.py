@@ -99,6 +99,31 @@ def _dora_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout
 dispatch.register("dora_linear", "cpp", why_not=_dora_why_not, forward=_dora_forward, backward=_dora_backward)
 
 
+# --- Multi-adapter LoRA linear (csrc/multi_lora.cpp; no CUDA kernel: Triton serves CUDA) ---
+
+
+def _multi_lora_why_not(x, weight, A_stack, B_stack, bias):
+    reasons = _native_reasons("cpp", x.device) + dtype_reasons(x.dtype)
+    if len({t.dtype for t in (x, weight, A_stack, B_stack, bias) if t is not None}) > 1:
+        reasons.append("x, weight, A_stack, B_stack and bias must share one dtype")
+    return reasons
+
+
+def _multi_lora_forward(*args):
+    y, u = _native.ops().multi_lora_forward(*args)
+    return y, u
+
+
+def _multi_lora_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().multi_lora_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+dispatch.register("multi_lora_linear", "cpp", why_not=_multi_lora_why_not, forward=_multi_lora_forward,
+                  backward=_multi_lora_backward)
+
+
 # --- Bottleneck adapter (csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu) ---
 
 

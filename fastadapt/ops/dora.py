@@ -91,7 +91,7 @@ def _backward(ctx, gy, _gu, _gP, _gn):
     return gx, gw, gA, gB, gm, None, gbias, None, None
 
 
-_KEEP = frozenset({4})  # autocast leaves the magnitude in float32 (dora_linear)
+_KEEP = (4,)  # autocast leaves the magnitude in float32 (dora_linear)
 _dora_linear.register_autograd(_backward, setup_context=_setup_context)
 _DoRALinear = _eager.function("DoRALinear", _forward, _setup_context, _backward)
 _autocast.register(OP, keep=_KEEP)

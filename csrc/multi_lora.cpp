@@ -1,0 +1,114 @@
+// Multi-adapter LoRA linear (one adapter per row), CPU kernels (math: fastadapt/reference/multi_lora.py).
+//
+// As in csrc/lora.cpp, every matrix product is ATen's (MKL / oneDNN run them faster than float
+// loops of ours): the frozen product once over all rows, then per adapter present in the batch its
+// rows gathered (index_select), its rank-r_a products, and the update added back in place
+// (index_add_). On the CPU reading the ids costs nothing, so rows are grouped here on the host.
+// Dropout: each adapter's rows are scaled by the mask drawn from (seed, flat index of x) with that
+// adapter's probability (csrc/common.h), the same draw as fastadapt_C::dropout_keep, regenerated
+// in the backward, never stored.
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include "cpu_common.h"
+#include "ops.h"
+
+namespace fastadapt {
+namespace {
+
+// fn(a, idx, rows, r, p) for each adapter a with rows in the batch: its rows (ascending, as a
+// vector and as an index tensor), its rank and its dropout probability.
+template <typename Fn>
+void for_each_adapter(const Tensor& ids, const Tensor& ranks, const std::optional<Tensor>& dropout_p, Fn fn) {
+  const int64_t n = ranks.size(0);
+  std::vector<std::vector<int64_t>> rows(n);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < ids.size(0); ++m)
+    if (id[m] >= 0) rows[id[m]].push_back(m);
+  const int32_t* rk = ranks.data_ptr<int32_t>();
+  const float* p = dropout_p.has_value() && dropout_p->defined() ? dropout_p->data_ptr<float>() : nullptr;
+  for (int64_t a = 0; a < n; ++a) {
+    if (rows[a].empty()) continue;
+    const Tensor idx = at::from_blob(rows[a].data(), {static_cast<int64_t>(rows[a].size())}, at::kLong);
+    fn(a, idx, rows[a], static_cast<int64_t>(rk[a]), p ? static_cast<double>(p[a]) : 0.0);
+  }
+}
+
+// The inverted-dropout scale keep / (1 - p) of the gathered rows (original row indices `rows`)
+// of a (., K) tensor, float32 (rows.size(), K).
+Tensor dropout_scale(const std::vector<int64_t>& rows, int64_t K, double p, int64_t seed) {
+  const cpu::Dropout d(p, seed);
+  Tensor scale = at::empty({static_cast<int64_t>(rows.size()), K}, at::kFloat);
+  float* s = scale.data_ptr<float>();
+  for (size_t i = 0; i < rows.size(); ++i) cpu::dropout_row(d, rows[i], K, s + i * K);
+  return scale;
+}
+
+// D(t) in t's dtype (rounded after scaling, as eager dropout(x) is).
+Tensor dropped(const Tensor& t, const std::vector<int64_t>& rows, double p, int64_t seed) {
+  if (p == 0.0) return t;
+  return t.to(at::kFloat).mul(dropout_scale(rows, t.size(1), p, seed)).to(t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x_in, const Tensor& weight, const Tensor& A_stack,
+                                                  const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                                                  const Tensor& adapter_ids, const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& dropout_p, int64_t seed) {
+  check_multi_lora_forward(c10::kCPU, x_in, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p);
+  const int64_t M = x_in.size(0), R = A_stack.size(1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor x = cpu::rows_contiguous(x_in);
+  Tensor u = at::zeros({M, R}, x.options());
+  Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const float* s = scalings.data_ptr<float>();
+  for_each_adapter(adapter_ids, ranks, dropout_p, [&](int64_t a, const Tensor& idx, const std::vector<int64_t>& rows,
+                                                      int64_t r, double p) {
+    Tensor ua = at::mm(dropped(x.index_select(0, idx), rows, p, seed), A_stack[a].narrow(0, 0, r).t());
+    ua.mul_(s[a]);
+    y.index_add_(0, idx, at::mm(ua, B_stack[a].narrow(1, 0, r).t()));
+    u.narrow(1, 0, r).index_copy_(0, idx, ua);
+  });
+  return {y, u};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
+    const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& A_stack, const Tensor& B_stack,
+    const Tensor& u, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_ids,
+    const std::optional<Tensor>& dropout_p, int64_t seed, std::array<bool, 5> needs) {
+  check_multi_lora_backward(c10::kCPU, gy_in, x_in, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids,
+                            dropout_p);
+  const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
+  const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
+  const auto opts = x.options();
+  Tensor gx = at::empty({0}, opts), gA = at::empty({0}, opts), gB = at::empty({0}, opts);
+  Tensor gbias = at::empty({0}, opts), gweight = at::empty({0}, opts);
+  if (need_bias) gbias = at::sum(gy, {0}, false, at::kFloat).to(gy.scalar_type());
+  if (need_w) gweight = at::mm(gy.t(), x);
+  if (need_x) gx = at::mm(gy, weight);
+  if (need_A) gA = at::zeros(A_stack.sizes(), opts.dtype(A_stack.scalar_type()));
+  if (need_B) gB = at::zeros(B_stack.sizes(), opts.dtype(B_stack.scalar_type()));
+  if (!need_x && !need_A && !need_B) return {gx, gA, gB, gbias, gweight};
+  const float* s = scalings.data_ptr<float>();
+  for_each_adapter(adapter_ids, ranks, dropout_p, [&](int64_t a, const Tensor& idx, const std::vector<int64_t>& rows,
+                                                      int64_t r, double p) {
+    const Tensor gya = gy.index_select(0, idx);
+    if (need_B) gB[a].narrow(1, 0, r).copy_(at::mm(gya.t(), u.index_select(0, idx).narrow(1, 0, r)));
+    if (!need_x && !need_A) return;
+    Tensor gua = at::mm(gya, B_stack[a].narrow(1, 0, r));
+    gua.mul_(s[a]);
+    if (need_x) gx.index_add_(0, idx, dropped(at::mm(gua, A_stack[a].narrow(0, 0, r)), rows, p, seed));
+    if (need_A) gA[a].narrow(0, 0, r).copy_(at::mm(gua.t(), dropped(x.index_select(0, idx), rows, p, seed)));
+  });
+  return {gx, gA, gB, gbias, gweight};
+}
+
+}  // namespace fastadapt

@@ -235,6 +235,33 @@ def test_backward_runs_on_the_forward_backend(backend, device):
         raw, gy, ["x", "weight", "A_stack", "B_stack", "bias"])
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dropout_p,autocast", [(0.0, False), (0.3, False), (0.0, True)])
+def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
+    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # the custom op: the same backend functions, the same autocast rule (scalings and dropout kept
+    # float32), so the same bits.
+    tensors = _inputs((3, 5), 48, 40, [4, 2], torch.float32, device)
+    ids = torch.tensor([1, -1, 0, 1, 0] * 3, device=device)
+    scalings, ranks = torch.tensor([0.5, 2.0], device=device), torch.tensor([4, 2], dtype=torch.int32, device=device)
+    results = []
+    for eager in (True, False):
+        x, A, B, b = (_leaf(t) for t in (tensors[0], *tensors[2:]))
+        torch.manual_seed(11)
+        with dispatch.use_backend(backend), torch.autocast(device, torch.bfloat16, enabled=autocast):
+            if eager:
+                y = fastadapt.multi_lora_linear(x, tensors[1], A, B, scalings, ids.view(3, 5), b,
+                                                dropout_p=dropout_p, ranks=ranks)
+            else:
+                p = torch.full((2,), dropout_p, device=device) if dropout_p else None
+                seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
+                y = torch.ops.fastadapt.multi_lora_linear(x, tensors[1], A, B, scalings, ranks, ids, b, p, seed)[0]
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, A.grad, B.grad, b.grad])
+    for name, mine, op in zip(["y", "x", "A_stack", "B_stack", "bias"], *results):
+        torch.testing.assert_close(mine, op, rtol=0, atol=0, equal_nan=True, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_reference_is_lora_per_adapter():
     # The multi-adapter reference is the single-adapter one run on each adapter's own rows.
     gen = torch.Generator().manual_seed(5)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
-from fastadapt.ops import _autocast
+from fastadapt.ops import _autocast, _eager
 from fastadapt.reference import multi_lora as reference
 
 OP = "multi_lora_linear"
@@ -35,19 +35,23 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _select(x, weight, A_stack, B_stack, bias) -> dispatch.Implementation:
+def _select(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, *_) -> dispatch.Implementation:
     return dispatch.select(OP, x=x, weight=weight, A_stack=A_stack, B_stack=B_stack, bias=bias)
+
+
+def _forward(impl, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed):
+    x2d = x.reshape(-1, x.shape[-1])
+    y, u = impl.forward(x2d, weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias, dropout_p,
+                        _seed(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
 @torch.library.custom_op("fastadapt::multi_lora_linear", mutates_args=())
 def _multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor,
                        ranks: Tensor, adapter_ids: Tensor, bias: Optional[Tensor], dropout_p: Optional[Tensor],
                        seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    x2d = x.reshape(-1, x.shape[-1])
-    impl = _select(x, weight, A_stack, B_stack, bias)
-    y, u = impl.forward(x2d, weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias, dropout_p,
-                        _seed(seed))
-    return y.view(*x.shape[:-1], weight.shape[0]), u
+    inputs = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_multi_lora_linear.register_fake
@@ -56,8 +60,7 @@ def _(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A_stack.shape[1])
 
 
-@torch.library.custom_op("fastadapt::multi_lora_linear_backward", mutates_args=())
-def _multi_lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, u: Tensor,
+def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, u: Tensor,
                                 scalings: Tensor, ranks: Tensor, adapter_ids: Tensor, dropout_p: Optional[Tensor],
                                 seed: Optional[Tensor], needs: list[bool],
                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -71,31 +74,37 @@ def _multi_lora_linear_backward(gy: Tensor, x: Tensor, weight: Tensor, A_stack: 
     return (gx.view(x.shape) if needs[0] else gx), *rest
 
 
+_multi_lora_linear_backward = torch.library.custom_op("fastadapt::multi_lora_linear_backward",
+                                                    mutates_args=())(_run_backward)
+
+
 @_multi_lora_linear_backward.register_fake
 def _(gy, x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed, needs, backend):
     shapes = (x.shape, A_stack.shape, B_stack.shape, weight.shape[:1], weight.shape)
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, A_stack, B_stack, output[1], scalings, ranks, adapter_ids, dropout_p, seed)
-    ctx.backend = _select(x, weight, A_stack, B_stack, bias).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu):
     x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed = ctx.saved_tensors
-    nx, nw, na, nb, _, _, _, nbias, _, _ = ctx.needs_input_grad
+    nx, nw, na, nb, _, _, _, nbias = ctx.needs_input_grad[:8]
     needs = [nx, na, nb, nbias, nw]
-    grads = torch.ops.fastadapt.multi_lora_linear_backward(
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.multi_lora_linear_backward
+    grads = run(
         gy, x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed, needs, ctx.backend)
     gx, gA, gB, gbias, gw = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, gA, gB, None, None, None, gbias, None, None
 
 
 _multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
-# scalings (4) and dropout_p (8) stay float32 under autocast.
-_autocast.register(OP, keep=(4, 8))
+_MultiLoRALinear = _eager.function("MultiLoRALinear", _forward, _setup_context, _backward)
+_KEEP = (4, 8)  # scalings and dropout_p stay float32 under autocast
+_autocast.register(OP, keep=_KEEP)
 
 PerAdapter = Union[float, Sequence[float], Tensor]
 
@@ -233,9 +242,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tenso
             p_t = torch.tensor(ps, dtype=torch.float32, device=device)
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p_t is not None else None
-    y, _ = torch.ops.fastadapt.multi_lora_linear(
-        x, weight, A_stack.to(dtype), B_stack.to(dtype), scalings_t, ranks_t, adapter_ids.to(torch.int64), bias,
-        p_t, seed)
+    inputs = (x, weight, A_stack.to(dtype), B_stack.to(dtype), scalings_t, ranks_t, adapter_ids.to(torch.int64), bias,
+              p_t, seed)
+    if _eager.fast_path(x, weight, A_stack, B_stack, bias):
+        y, _ = _eager.run(_MultiLoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
+    else:
+        y, _ = torch.ops.fastadapt.multi_lora_linear(*inputs)
     return y
 
 

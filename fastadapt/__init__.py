@@ -5,7 +5,8 @@ from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove
 from fastadapt.dispatch import BackendUnavailableError, use_backend
 from fastadapt.integrations import FallbackError, PatchReport, patch, unpatch
 from fastadapt.llama_adapter import add_adaption_prompt
-from fastadapt.ops import bottleneck_adapter, dora_linear, lora_linear, multi_lora_linear, prefix_attention
+from fastadapt.ops import (QuantizedWeight, bottleneck_adapter, dora_linear, fp8_weight, lora_linear,
+                           multi_lora_linear, nf4_from_bnb, nf4_weight, prefix_attention, qlora_linear)
 
 __version__ = "0.1.0"
 
@@ -13,16 +14,21 @@ __all__ = [
     "BackendUnavailableError",
     "FallbackError",
     "PatchReport",
+    "QuantizedWeight",
     "add_adapter",
     "add_adaption_prompt",
     "bottleneck_adapter",
     "dora_linear",
+    "fp8_weight",
     "list_adapters",
     "load_adapter",
     "lora_linear",
     "multi_lora_linear",
+    "nf4_from_bnb",
+    "nf4_weight",
     "patch",
     "prefix_attention",
+    "qlora_linear",
     "remove_adapter",
     "save_adapter",
     "set_active",

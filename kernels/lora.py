@@ -53,6 +53,49 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def update_accumulator(u_ptr, v_ptr, rows, cols, M, N, R, p, seed, stride_um, stride_ur, stride_vr, stride_vn,
+                       DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``D(U @ V)`` over the tile in fp32: the accumulator a frozen K loop then adds to.
+
+    Seeding the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
+    per tile, and adding it here means the frozen K loop runs unchanged."""
+    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows.to(tl.int64), rows < M,
+                      cols.to(tl.int64), cols < N, R, stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION,
+                      BLOCK_R)
+    if DROPOUT:
+        acc = acc * dropout_scale(seed, rows, cols, N, p)
+    return acc
+
+
+@triton.jit
+def x_tile(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """The (rows, k0 + BLOCK_K) tile of x (zeros past its edges), with the K indices (int64) and
+    their mask, for a frozen K loop."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    ks64 = ks.to(tl.int64)
+    xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks64[None, :] * stride_xk,
+                 mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
+    return xt, ks64, k_ok
+
+
+@triton.jit
+def store_output(acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr):
+    """``out = acc + bias`` (``out +=`` with ACCUMULATE), rounded to out's dtype."""
+    row_ok = rows < M
+    col_ok = cols < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+
+
+@triton.jit
 def _lora_matmul_kernel(
     x_ptr, w_ptr, u_ptr, v_ptr, bias_ptr, out_ptr,
     M, N, K, R, p, seed, M_BUCKET,
@@ -65,35 +108,16 @@ def _lora_matmul_kernel(
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
+    acc = update_accumulator(u_ptr, v_ptr, rows, cols, M, N, R, p, seed, stride_um, stride_ur, stride_vr, stride_vn,
+                             DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     col_ok = cols < N
-    rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-
-    # Seed the accumulator with the rank-r update (LoRAFusion's trick): its operands are a few KB
-    # per tile, and adding it here means the frozen K loop below runs unchanged.
-    acc = lowrank_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, v_ptr, rows64, row_ok, cols64, col_ok,
-                      R, stride_um, stride_ur, stride_vr, stride_vn, UPCAST, PRECISION, BLOCK_R)
-    if DROPOUT:
-        acc = acc * dropout_scale(seed, rows, cols, N, p)
-
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        ks64 = ks.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xt, ks64, k_ok = x_tile(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
         wt = tl.load(w_ptr + ks64[:, None] * stride_wk + cols64[None, :] * stride_wn,
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(xt, wt, acc, UPCAST, PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+    store_output(acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, stride_on, HAS_BIAS, ACCUMULATE, UPCAST)
 
 
 @triton.jit
@@ -241,8 +265,13 @@ def frozen_gemm() -> str:
     return choice
 
 
-def _frozen_plus_update(x, w, u, v, bias, out, *, dropout_p=0.0, seed=0):
-    """``out = x @ w + D(u @ v) + bias`` by the strategy :func:`frozen_gemm` names."""
+def _frozen_plus_update(x, weight, transposed, u, v, bias, out, *, dropout_p=0.0, seed=0):
+    """``out = x @ W^T + D(u @ v) + bias`` (``x @ W`` when ``transposed``) for the frozen (N, K)
+    ``weight``: a tensor, by the strategy :func:`frozen_gemm` names, or an object with this
+    function as its ``frozen_plus_update`` method (a quantized weight, kernels/qlora.py)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.frozen_plus_update(x, transposed, u, v, bias, out, dropout_p=dropout_p, seed=seed)
+    w = weight if transposed else weight.t()
     if frozen_gemm() == "triton":
         return lora_matmul(x, w, u, v, bias, out, dropout_p=dropout_p, seed=seed)
     if bias is None:
@@ -253,7 +282,8 @@ def _frozen_plus_update(x, w, u, v, bias, out, *, dropout_p=0.0, seed=0):
 
 
 def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype."""
+    """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype;
+    ``weight`` is a tensor or a quantized weight (see :func:`_frozen_plus_update`)."""
     M = x.shape[0]
     N, R = lora_B.shape
     u = torch.empty((M, R), device=x.device, dtype=x.dtype)
@@ -261,7 +291,7 @@ def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     if M == 0:
         return y, u
     lora_down(x, lora_A.t(), scaling, u, dropout_p=dropout_p, seed=seed)
-    _frozen_plus_update(x, weight.t(), u, lora_B.t(), bias, y)
+    _frozen_plus_update(x, weight, False, u, lora_B.t(), bias, y)
     return y, u
 
 
@@ -277,7 +307,7 @@ def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
         lora_down(gy, lora_B, scaling, gu)
     if need_x:
         gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        _frozen_plus_update(gy, weight, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
+        _frozen_plus_update(gy, weight, True, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
     if need_A:
         gA = torch.empty((R, K), device=x.device, dtype=torch.float32)
         gA = lora_reduce(gu, x, 1.0, gA, dropout_p=dropout_p, seed=seed).to(lora_A.dtype)

@@ -40,8 +40,8 @@ def register(op_name: str, keep: tuple[int, ...] = ()) -> None:
     """Give ``fastadapt::<op_name>`` PyTorch's matmul autocast rule on the CPU and CUDA.
 
     ``keep``: positions of arguments that stay in their own dtype (DoRA's float32 magnitude,
-    multi-LoRA's per-adapter scalings and dropout probabilities), as PyTorch keeps its fp32-policy
-    operands.
+    multi-LoRA's per-adapter scalings and dropout probabilities, a quantized weight's float32 value
+    tables and scales), as PyTorch keeps its fp32-policy operands.
     """
     op = getattr(torch.ops.fastadapt, op_name).default
     for device_type, key in _DEVICE_KEYS.items():

@@ -1,0 +1,157 @@
+"""Triton kernels of LoRA on a quantized frozen base (NF4 QLoRA, FP8): the frozen product with the
+dequantization inside its tile loop.
+
+The weight is never dequantized to memory. Each K step of ``_qlora_matmul_kernel`` loads the
+tile's codes (4-bit NF4, two per byte, or e4m3 bytes) and their block scales, looks the codes up
+in the value table, multiplies in fp32 and rounds to the compute dtype (exactly bitsandbytes'
+dequantization, ``fastadapt/reference/qlora.py``), then feeds the tensor cores; the accumulator
+is seeded with the rank-r update as in ``_lora_matmul_kernel``. The same kernel runs the forward
+``y = x W^T + D(u B^T) + b`` and the backward ``gx = gy W + D(gu A)``: only the order in which the
+weight's flat index is walked differs. The low-rank products (``u``, ``gu``, ``gA``, ``gB``) are
+kernels/lora.py's, and so is the op's structure (:func:`fastadapt.kernels.lora.forward`).
+
+Codes and scales are gathered per element on the flat index ``n * K + k``, so any (N, K) and any
+blocksize are served: a block may span rows. The per-element gathers hit a 64 B (NF4) or 1 KiB
+(FP8) table and one scale per 64 elements, all L1-resident; their cost on a GPU is not measured.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastadapt.backends import triton_interpret
+from fastadapt.kernels import lora
+from fastadapt.kernels.common import cast, dot_constexprs, fit_shared_memory, grouped_tile, mma, pow2_block
+
+
+@triton.jit
+def dequantize_tile(data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
+                    blocksize, blocksize2, BITS: tl.constexpr, NESTED: tl.constexpr):
+    """The fp32 weight values at int64 flat indices ``flat``: ``code[q] * absmax[flat // blocksize]``."""
+    if BITS == 4:
+        byte = tl.load(data_ptr + flat // 2, mask=mask, other=0)
+        q = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)  # element 2j is byte j's high nibble
+    else:
+        q = tl.load(data_ptr + flat, mask=mask, other=0)
+    value = tl.load(code_ptr + q.to(tl.int32), mask=mask, other=0.0)
+    block = flat // blocksize
+    if NESTED:
+        # bnb's double quantization: the absmax is 8-bit, blockwise over blocksize2 absmax values.
+        qa = tl.load(absmax_ptr + block, mask=mask, other=0)
+        scale = (tl.load(code2_ptr + qa.to(tl.int32), mask=mask, other=0.0)
+                 * tl.load(absmax2_ptr + block // blocksize2, mask=mask, other=0.0) + tl.load(offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return value * scale
+
+
+@triton.jit
+def _qlora_matmul_kernel(
+    x_ptr, data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, u_ptr, v_ptr, bias_ptr, out_ptr,
+    M, N, K, R, p, seed, M_BUCKET, blocksize, blocksize2,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
+    stride_om, stride_on,
+    BITS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # out (M, N) = x (M, K) @ Wq + D(U @ V) + b, where Wq's element (k, n) is the quantized weight's
+    # flat index k * stride_wk + n * stride_wn (forward: n * in_features + k; backward: the transpose).
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = lora.update_accumulator(u_ptr, v_ptr, rows, cols, M, N, R, p, seed, stride_um, stride_ur, stride_vr,
+                                  stride_vn, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        xt, ks64, k_ok = lora.x_tile(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        wt = dequantize_tile(data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             ks64[:, None] * stride_wk + cols64[None, :] * stride_wn, w_mask, blocksize, blocksize2,
+                             BITS, NESTED)
+        # Rounded to the compute dtype before the product, as bnb's dequantize_4bit(..., dtype) is.
+        acc = mma(xt, cast(wt, x_ptr.dtype.element_ty, UPCAST), acc, UPCAST, PRECISION)
+    lora.store_output(acc, bias_ptr, out_ptr, rows, cols, M, N, stride_om, stride_on, HAS_BIAS, False, UPCAST)
+
+
+@triton.jit
+def _dequantize_kernel(data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
+                       blocksize, blocksize2, BITS: tl.constexpr, NESTED: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = flat < numel
+    w = dequantize_tile(data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
+                        blocksize, blocksize2, BITS, NESTED)
+    tl.store(out_ptr + flat, cast(w, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+_qlora_matmul_tuned = triton.autotune(
+    configs=lora._matmul_configs(), key=["M_BUCKET", "N", "K", "R", "BITS"],
+    prune_configs_by={"early_config_prune": fit_shared_memory(lora._matmul_shared_bytes)})(_qlora_matmul_kernel)
+
+
+def _qweight_args(q):
+    """The kernel's pointer arguments of a QuantizedWeight (absent nested parts point at absmax)."""
+    nested = q.absmax2 is not None
+    return (q.data, q.code, q.absmax, q.absmax2 if nested else q.absmax, q.code2 if nested else q.code,
+            q.offset if nested else q.code), nested
+
+
+def qlora_matmul(x, q, transposed: bool, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0):
+    """``out = x @ W^T + D(u @ v) + bias`` (``x @ W`` when ``transposed``) for x (M, K'), the
+    quantized (N, K) weight ``q`` (a :class:`fastadapt.reference.qlora.QuantizedWeight`), u (M, R),
+    v (R, N'), out (M, N')."""
+    M, n_out = out.shape
+    R = u.shape[1]
+    n_rows, n_cols = q.shape
+    # The logical (K', N') operand's strides over the weight's row-major flat index.
+    stride_wk, stride_wn = (n_cols, 1) if transposed else (1, n_cols)
+    pointers, nested = _qweight_args(q)
+    args = (x, *pointers, u, v, bias.contiguous() if bias is not None else out, out,
+            M, n_out, x.shape[1], R, dropout_p, seed, max(M, 1).bit_length(), q.blocksize, q.blocksize2,
+            x.stride(0), x.stride(1), stride_wk, stride_wn, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1))
+    meta = dict(BITS=q.bits, NESTED=nested, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
+                BLOCK_R=pow2_block(R), **dot_constexprs(x.dtype))
+
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+
+    if triton_interpret():
+        _qlora_matmul_kernel[grid(lora._INTERPRET_MATMUL)](*args, **meta, **lora._INTERPRET_MATMUL)
+    else:
+        _qlora_matmul_tuned[grid](*args, **meta)
+    return out
+
+
+def dequantize(q, out):
+    """The whole weight into ``out`` (N, K) with the kernels' own tile code: what the tests compare
+    bit for bit with bitsandbytes' dequantization."""
+    pointers, nested = _qweight_args(q)
+    block = 1024
+    _dequantize_kernel[(triton.cdiv(out.numel(), block),)](*pointers, out, out.numel(), q.blocksize, q.blocksize2,
+                                                           BITS=q.bits, NESTED=nested, BLOCK=block,
+                                                           UPCAST=dot_constexprs(out.dtype)["UPCAST"])
+    return out
+
+
+class _Frozen:
+    """The quantized weight as kernels/lora.py's frozen operand (see its ``_frozen_plus_update``)."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def frozen_plus_update(self, x, transposed, u, v, bias, out, *, dropout_p=0.0, seed=0):
+        return qlora_matmul(x, self.q, transposed, u, v, bias, out, dropout_p=dropout_p, seed=seed)
+
+
+def forward(x, q, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """Fused forward for 2-D x (M, K): (y (M, N), u (M, r))."""
+    return lora.forward(x, _Frozen(q), lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+def backward(gy, x, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    """Fused backward: (gx, gA, gB, gbias), ``None`` where ``needs`` says not needed."""
+    return lora.backward(gy, x, _Frozen(q), lora_A, lora_B, u, scaling, dropout_p, seed, (*needs, False))[:4]

@@ -1,0 +1,284 @@
+"""fastadapt.qlora_linear (LoRA on an NF4 or FP8 frozen base) against the float64 reference: the
+dequantization bit for bit, the output and every gradient, on every backend that can run here (the
+Triton kernels through the interpreter on CPU); and bitsandbytes' own layout where it is installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import DEVICES, DTYPES, assert_close, backends_for, rel_err
+
+import fastadapt
+from fastadapt import dispatch
+from fastadapt.ops.dropout import dropout_keep
+from fastadapt.reference import lora as lora_reference
+from fastadapt.reference import qlora as reference
+
+BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("qlora_linear", d)]
+FORMATS = ["nf4", "nf4-nested", "fp8-tensor", "fp8-channel"]
+CASES = [  # (leading shape of x, in, out, r): K=80 and N*K % 64 != 0 put blocks across rows
+    ((1,), 64, 48, 1),
+    ((7,), 80, 123, 7),
+    ((2, 5, 7), 128, 80, 16),
+    ((3, 11), 96, 40, 64),
+]
+
+
+def _quantized(fmt: str, n_out: int, n_in: int, device, blocksize: int = 64) -> fastadapt.QuantizedWeight:
+    """A random quantized weight of about unit-variance rows / sqrt(n_in): random codes and scales,
+    every table entry and every part of the layout exercised (no quantizer needed)."""
+    numel = n_out * n_in
+    if fmt.startswith("fp8"):
+        data = torch.randint(0, 256, (n_out, n_in), dtype=torch.uint8, device=device)
+        data[(data & 0x7F) == 0x7F] = 0x38  # e4m3fn's NaN codes -> 1.0
+        scale = torch.rand(1 if fmt == "fp8-tensor" else n_out, device=device) / (4 * n_in**0.5) + 0.01
+        return fastadapt.fp8_weight(data.view(torch.float8_e4m3fn), scale)
+    data = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device)
+    blocks = -(-numel // blocksize)
+    if fmt == "nf4":
+        absmax = torch.rand(blocks, device=device) * 2 / n_in**0.5 + 0.1 / n_in**0.5
+        return fastadapt.nf4_weight(data, absmax, (n_out, n_in), blocksize=blocksize)
+    code2 = torch.randn(256, device=device).sort().values / 3
+    return fastadapt.nf4_weight(data, torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device),
+                                (n_out, n_in), blocksize=blocksize,
+                                absmax2=torch.rand(-(-blocks // 256), device=device) / n_in**0.5, code2=code2,
+                                offset=torch.tensor(1.5 / n_in**0.5, device=device))
+
+
+def _leaf(t, dtype=None):
+    return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+
+
+def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, bias=True):
+    q = _quantized(fmt, n_out, n_in, device)
+    x = torch.randn(*lead, n_in, dtype=dtype, device=device)
+    lora_A = torch.randn(r, n_in, dtype=dtype, device=device) / n_in**0.5
+    lora_B = torch.randn(n_out, r, dtype=dtype, device=device) / r**0.5
+    b = torch.randn(n_out, dtype=dtype, device=device) if bias else None
+    ours = [_leaf(t) for t in (x, lora_A, lora_B, b)]
+    torch.manual_seed(1234)  # the op draws its dropout seed from the default CPU generator
+    with dispatch.use_backend(backend):
+        y = fastadapt.qlora_linear(ours[0], q, *ours[1:3], 0.5, ours[3], dropout_p=dropout_p)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(1234)
+        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        keep = dropout_keep(backend, seed, (x.numel() // n_in, n_in), dropout_p, device).view(x.shape)
+    # The truth: exact math on the weight dequantized to the compute dtype (bnb's rounding).
+    weight = reference.dequantize(q, dtype)
+
+    def reference_run(cast):
+        ts = [_leaf(t, cast) for t in (x, lora_A, lora_B, b)]
+        out = lora_reference.lora_linear(ts[0], weight.to(cast), ts[1], ts[2], 0.5, ts[3], keep, dropout_p)
+        out.backward(gy.to(cast))
+        return out, ts
+
+    y64, ref64 = reference_run(torch.float64)
+    y_pt, ref_pt = reference_run(dtype)
+    assert y.dtype == dtype and y.shape == (*lead, n_out)
+    assert_close("y", y, y64, dtype, device, y_pt)
+    for name, mine, r64, rpt in zip(["x", "lora_A", "lora_B", "bias"], ours, ref64, ref_pt):
+        if mine is not None:
+            assert mine.grad is not None and mine.grad.dtype == dtype, f"grad {name}"
+            assert_close(f"grad {name}", mine.grad, r64.grad, dtype, device, rpt.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("lead,n_in,n_out,r", CASES)
+def test_matches_reference(backend, device, dtype, fmt, lead, n_in, n_out, r):
+    _check(backend, device, dtype, fmt, lead, n_in, n_out, r)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["nf4-nested", "fp8-channel"])
+def test_dropout_same_mask_forward_and_backward(backend, device, dtype, fmt):
+    _check(backend, device, dtype, fmt, (37,), 80, 48, 16, dropout_p=0.3, bias=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_dequantization_is_exact(device, dtype, fmt):
+    # The tile code of the GEMMs, run over the whole weight: bit for bit the reference's.
+    if "triton" not in backends_for("qlora_linear", device):
+        pytest.skip("triton backend not available here")
+    from fastadapt.kernels import qlora as kernels
+    for n_out, n_in, blocksize in ((123, 80, 64), (7, 9, 32), (64, 4096, 64)):
+        q = _quantized(fmt, n_out, n_in, device, blocksize)
+        out = torch.full((n_out, n_in), float("nan"), dtype=dtype, device=device)
+        assert torch.equal(kernels.dequantize(q, out), reference.dequantize(q, dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_eval_mode_and_empty_batch(backend, device):
+    q = _quantized("nf4", 32, 64, device)
+    A, B = torch.randn(4, 64, device=device), torch.randn(32, 4, device=device)
+    x = torch.randn(9, 64, device=device)
+    with dispatch.use_backend(backend):
+        y = fastadapt.qlora_linear(x, q, A, B, 2.0, dropout_p=0.5, training=False)
+        empty = fastadapt.qlora_linear(x[:0], q, A, B, 2.0)
+    w = reference.dequantize(q, torch.float64)
+    assert rel_err(y, lora_reference.lora_linear(x.double(), w, A.double(), B.double(), 2.0)) < 1e-5
+    assert empty.shape == (0, 32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_tables_in_float32(backend, device, autocast_dtype):
+    # The region casts x, the adapters and the bias, never the weight's fp32 tables and scales.
+    q = _quantized("nf4-nested", 48, 80, device)
+    x, A, B, b = (_leaf(torch.randn(*s, device=device)) for s in ((3, 7, 80), (7, 80), (48, 7), (48,)))
+    with dispatch.use_backend(backend), torch.autocast(device, autocast_dtype):
+        y = fastadapt.qlora_linear(x, q, A, B, 0.5, b)
+    assert y.dtype == autocast_dtype
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    exact = [_leaf(t.to(autocast_dtype), torch.float64) for t in (x, A, B, b)]
+    y64 = lora_reference.lora_linear(exact[0], reference.dequantize(q, autocast_dtype).double(), *exact[1:3], 0.5,
+                                     exact[3])
+    y64.backward(gy.double())
+    assert_close("y", y, y64, autocast_dtype, device)
+    for name, mine, ref in zip(["x", "lora_A", "lora_B", "bias"], (x, A, B, b), exact):
+        assert mine.grad.dtype == torch.float32
+        assert_close(f"grad {name}", mine.grad, ref.grad, autocast_dtype, device)
+
+
+def test_float32_adapters_on_half_input():
+    q = _quantized("nf4", 32, 64, "cpu")
+    x = torch.randn(11, 64, dtype=torch.bfloat16)
+    A32, B32 = _leaf(torch.randn(4, 64)), _leaf(torch.randn(32, 4))
+    y = fastadapt.qlora_linear(x, q, A32, B32, 2.0)
+    y.sum().backward()
+    assert y.dtype == torch.bfloat16 and A32.grad.dtype == B32.grad.dtype == torch.float32
+
+
+def _args():
+    q = _quantized("nf4-nested", 8, 64, "cpu")
+    return [torch.randn(5, 64), q, torch.randn(2, 64), torch.randn(8, 2), torch.randn(8)]
+
+
+def _replace(**fields):
+    return lambda a: a.__setitem__(1, a[1]._replace(**fields))
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: a.__setitem__(0, a[0][..., :-1]), ValueError, "in_features"),
+    (lambda a: a.__setitem__(2, a[2][:, :-1]), ValueError, r"lora_A.shape\[1\]"),
+    (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, r"lora_B.shape\[0\]"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), ValueError, "bias"),
+    (lambda a: a.__setitem__(1, "w"), TypeError, "QuantizedWeight"),
+    (lambda a: a.__setitem__(1, a[1]._replace(data=a[1].data[:-1])), ValueError, "weight.data has 255 bytes"),
+    (lambda a: a.__setitem__(1, a[1]._replace(data=a[1].data.float())), TypeError, "weight.data must be torch.uint8"),
+    (lambda a: a.__setitem__(1, a[1]._replace(code=a[1].code[:8])), ValueError, r"weight.code.numel\(\) is 8"),
+    (lambda a: a.__setitem__(1, a[1]._replace(absmax=a[1].absmax[:-1])), ValueError, "absmax.numel"),
+    (lambda a: a.__setitem__(1, a[1]._replace(absmax=a[1].absmax.float())), TypeError, "absmax must be torch.uint8"),
+    (lambda a: a.__setitem__(1, a[1]._replace(offset=None)), ValueError, "absmax2, code2 and offset"),
+    (lambda a: a.__setitem__(1, a[1]._replace(code2=a[1].code2[:255])), ValueError, "code2.numel"),
+    (lambda a: a.__setitem__(1, a[1]._replace(blocksize=0)), ValueError, "blocksize must be a positive int"),
+    (lambda a: a.__setitem__(1, a[1]._replace(bits=3)), ValueError, "bits must be 4"),
+    (lambda a: a.__setitem__(1, a[1]._replace(shape=(8, 0))), ValueError, "non-empty"),
+])
+def test_bad_input(mutate, error, match):
+    args = _args()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        fastadapt.qlora_linear(*args[:4], 1.0, args[4])
+
+
+def test_bad_fp8_weight():
+    w = torch.randn(8, 16).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"scale must have 1 element .* got \(3,\)"):
+        fastadapt.fp8_weight(w, torch.ones(3))
+    with pytest.raises(TypeError, match="scale must be float32"):
+        fastadapt.fp8_weight(w, torch.ones(8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fastadapt.fp8_weight(w.to(torch.float8_e5m2), torch.ones(1))
+    with pytest.raises(ValueError, match="contiguous"):
+        fastadapt.fp8_weight(w.t(), torch.ones(1))
+
+
+def test_opcheck():
+    q = _quantized("nf4-nested", 8, 64, "cpu")
+    x, A, B, b = (torch.randn(*s) for s in ((2, 5, 64), (3, 64), (8, 3), (8,)))
+    parts = (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits)
+    for bias in (b, None):
+        for p, seed in ((0.0, None), (0.2, torch.tensor(7))):
+            args = (x.requires_grad_(), *parts, 8, A.requires_grad_(), B.requires_grad_(), 0.5, bias, p, seed)
+            torch.library.opcheck(torch.ops.fastadapt.qlora_linear.default, args)
+    backend = dispatch.select("qlora_linear", x=x, lora_A=A, lora_B=B, bias=None).backend
+    for needs in ([True, True, True, True], [False, True, True, False]):
+        torch.library.opcheck(torch.ops.fastadapt.qlora_linear_backward.default,
+                              (torch.randn(2, 5, 8), x.detach(), *parts, A.detach(), B.detach(), torch.randn(10, 3),
+                               0.5, 0.0, None, needs, backend))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    q = _quantized("fp8-channel", 48, 64, "cpu")
+    A, B = _leaf(torch.randn(4, 64)), _leaf(torch.randn(48, 4))
+    x = torch.randn(2, 7, 64, requires_grad=True)
+
+    def f(x):
+        return fastadapt.qlora_linear(x, q, A, B, 0.5)
+
+    def f_dropout(x):
+        return fastadapt.qlora_linear(x, q, A, B, 0.5, dropout_p=0.1)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert rel_err(y, f(x)) < 1e-6
+    y.sum().backward()
+    assert A.grad is not None and x.grad is not None
+    # The dropout seed is drawn inside the graph.
+    torch.compile(f_dropout, fullgraph=True, backend="aot_eager")(x).sum().backward()
+
+
+# --- bitsandbytes' own layout (where it is installed) ---------------------------------------------
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quant"])
+def test_dequantization_is_bitsandbytes(dtype, nested):
+    # bnb's CPU dequantize kernel is right only when K is a multiple of the blocksize (see
+    # fastadapt/reference/qlora.py); there our dequantization equals it bit for bit, and
+    # nf4_from_bnb reads Params4bit / QuantState in place.
+    bnbf = _bnb()
+    import bitsandbytes as bnb
+    w = torch.randn(80, 192, dtype=dtype)
+    param = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=nested, blocksize=64)
+    param = param.to("cpu")  # quantizes
+    q = fastadapt.nf4_from_bnb(param)
+    assert q.nested == nested and q.data.data_ptr() == param.data.data_ptr()
+    expected = bnbf.dequantize_4bit(param.data, param.quant_state)
+    assert expected.dtype == dtype
+    assert torch.equal(reference.dequantize(q, dtype), expected)
+
+
+def test_layout_is_bitsandbytes_quantizers_where_blocks_span_rows():
+    # At K=80, 64-blocks span rows: bnb's quantizer (flat blocks, as on CUDA) must give back the
+    # very bytes and absmax when it re-quantizes our dequantization of its output.
+    bnbf = _bnb()
+    w = torch.randn(37, 80)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    q = fastadapt.nf4_weight(packed, state.absmax, (37, 80), code=state.code)
+    again, state2 = bnbf.quantize_4bit(reference.dequantize(q, torch.float32), blocksize=64, quant_type="nf4")
+    assert torch.equal(again, packed) and torch.equal(state2.absmax, state.absmax)
+    assert rel_err(reference.dequantize(q, torch.float32), w) < 0.1  # NF4's own error, ~0.09
+
+
+def test_nf4_from_bnb_refuses_what_it_cannot_read():
+    _bnb()
+    import bitsandbytes as bnb
+    param = bnb.nn.Params4bit(torch.randn(8, 64), requires_grad=False, quant_type="fp4").to("cpu")
+    with pytest.raises(ValueError, match="'fp4' is not served"):
+        fastadapt.nf4_from_bnb(param)
+    with pytest.raises(ValueError, match="no quant_state"):
+        fastadapt.nf4_from_bnb(torch.nn.Parameter(torch.randn(2, 2)))

@@ -6,7 +6,8 @@ serves what real training setups run: autocast (the HF Trainer's ``bf16=True`` /
 float32 adapters on a half-precision base (PEFT's ``autocast_adapter_dtype``), GPT-2 / GPT-J
 ``Conv1D`` bases (``fan_in_fan_out``), several active adapters (summed, as PEFT sums them),
 ``lora_bias`` and rsLoRA; and DoRA (``use_dora=True``) on ``fastadapt::dora_linear`` when its
-adapter is the only active one.
+adapter is the only active one. QLoRA layers (bitsandbytes NF4 bases,
+:mod:`fastadapt.integrations.peft_qlora`) run ``fastadapt::qlora_linear`` (plain LoRA adapters only).
 
 Mixed batches (``model(..., adapter_names=[one name per sequence])``, ``"__base__"`` for the base
 model) run ``fastadapt::multi_lora_linear``: one call per layer for every adapter of the batch,
@@ -29,7 +30,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, peft_qlora, report_of, unbind_forward
 from fastadapt.nn.multi_lora import mixed_batch
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.dora import dora_linear
@@ -55,6 +56,8 @@ def _static_reasons(module, lora_layer) -> list[str]:
     """Why a PEFT LoRA layer can never take the fused path (checked once, at patch time)."""
     if isinstance(module, lora_layer.Embedding):
         return ["LoRA on an embedding runs PEFT's forward (a gather plus a rank-r lookup: no GEMM to fuse into)"]
+    if peft_qlora.is_qlora(module):
+        return peft_qlora.static_reasons(module)
     if type(module) is not lora_layer.Linear:
         return [f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear"]
     base = module.get_base_layer()
@@ -76,6 +79,13 @@ def _dropout_p(module, name: str) -> float:
 
 def _layer_fallbacks(module) -> str:
     """The call-time conditions under which this patched layer still runs PEFT's forward."""
+    if peft_qlora.is_qlora(module):
+        conditions = [peft_qlora.ALWAYS]
+        if module.lora_variant:
+            conditions.append(f"a LoRA variant adapter {sorted(module.lora_variant)} (DoRA included) is active")
+        if len(module.lora_A) > 1 and any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
+            conditions.append("several adapters are active together with dropout in training")
+        return "; ".join(conditions)
     conditions = [_ALWAYS]
     dora = _dora_adapters(module)
     others = sorted(set(module.lora_variant) - set(dora))
@@ -96,8 +106,12 @@ def _dtype_reason(x, weight, compute_dtype) -> str | None:
 
 def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
     """Why this call must run PEFT's own forward (None: the fused op serves it)."""
+    qlora = peft_qlora.is_qlora(module)
     if args or kwargs:
-        return "extra forward arguments"
+        return "mixed-batch adapter_names on a QLoRA layer" if qlora and "adapter_names" in kwargs \
+            else "extra forward arguments"
+    if qlora and any(a in module.lora_variant for a in active):
+        return f"LoRA variant adapter(s) {[a for a in active if a in module.lora_variant]} (DoRA, ...) on a QLoRA layer"
     dora = [a for a in active if a in _dora_adapters(module)] if module.lora_variant else []
     variants = [a for a in active if a in module.lora_variant and a not in dora]
     if variants:
@@ -108,6 +122,8 @@ def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str 
         return "lora_bias on a DoRA adapter"
     if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
         return "several active adapters with dropout in training (each adapter draws its own mask)"
+    if qlora:
+        return peft_qlora.call_reason(module.get_base_layer(), x, compute_dtype)
     return _dtype_reason(x, weight, compute_dtype)
 
 
@@ -147,8 +163,9 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    qlora = peft_qlora.is_qlora(self)
     if not self.disable_adapters and not args and kwargs.keys() == {"adapter_names"} \
-            and kwargs["adapter_names"] is not None:
+            and kwargs["adapter_names"] is not None and not qlora:
         return _mixed_batch_forward(self, x, kwargs["adapter_names"])
     active = [a for a in self.active_adapters if a in self.lora_A]
     if self.disable_adapters or self.merged or not active:
@@ -162,7 +179,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         report.fall_back(name, reason)
         return type(self).forward(self, x, *args, **kwargs)
     report.fused()
-    if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
+    if type(base) is not nn.Linear and not qlora:  # Conv1D keeps (in, out): the op takes the transposed view
         weight = weight.t()
     if active[0] in self.lora_variant:  # DoRA, the only active adapter (_call_reason)
         adapter = active[0]
@@ -186,6 +203,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         extra = sum(b * s for b, s in lora_bias)
         bias = (extra if bias is None else bias + extra).to(dtype)
     # One dropout per call: several adapters reach here only without active dropout.
+    if qlora:
+        return peft_qlora.fused(base, x, lora_A, up, scaling, bias, _dropout_p(self, active[0]), self.training)
     return lora_linear(x, weight, lora_A, up, scaling, bias, dropout_p=_dropout_p(self, active[0]),
                        training=self.training)
 
@@ -259,6 +278,8 @@ class _PeftLoraPatcher:
             ops = [] if len(dora) == len(module.lora_A) else ["fastadapt::lora_linear (adapter_names: multi_lora_linear)"]
             if dora:
                 ops.append(f"fastadapt::dora_linear (DoRA adapter(s) {dora})")
+            if peft_qlora.is_qlora(module):
+                ops = ["fastadapt::qlora_linear (NF4 read in place)"]
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"peft LoRA {base} -> {', '.join(ops)}", fallbacks=_layer_fallbacks(module))
         lora_model = _lora_model_class()

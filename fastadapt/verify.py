@@ -86,6 +86,31 @@ def _multi_lora_cases() -> list[OpCase]:
             case((129,), 123, 65, [1, 7], [i % 3 - 1 for i in range(129)])]
 
 
+def _qlora_cases() -> list[OpCase]:
+    import fastadapt
+    from fastadapt.reference import lora, qlora
+
+    def case(fmt, lead, k, n, r):
+        # The quantized weight is drawn once, on the CPU, and moved to the inputs' device; the exact
+        # side runs on its float64 dequantization (bnb's fp32 product, not rounded to the dtype).
+        weight = qlora.random_weight(fmt, n, k)
+
+        def on(device):
+            return weight._replace(**{f: getattr(weight, f).to(device) for f in ("data", "code", "absmax", "absmax2",
+                                                                                   "code2", "offset")
+                                      if getattr(weight, f) is not None})
+
+        def make():
+            return [torch.randn(*lead, k), torch.randn(r, k) / k**0.5, torch.randn(n, r) / r**0.5, torch.randn(n)]
+
+        return OpCase("qlora_linear", f"x {tuple(lead)}x{k}, {fmt} W {n}x{k}, r={r}, bias", make,
+                      lambda x, a, b, bias: fastadapt.qlora_linear(x, on(x.device), a, b, 0.5, bias),
+                      lambda x, a, b, bias: lora.lora_linear(x, qlora.dequantize(on(x.device), x.dtype), a, b, 0.5,
+                                                             bias))
+
+    return [case("nf4-nested", (4, 33), 128, 80, 8), case("fp8-channel", (129,), 80, 65, 1)]
+
+
 def _bottleneck_cases() -> list[OpCase]:
     import fastadapt
     from fastadapt.reference import bottleneck as reference
@@ -148,6 +173,7 @@ def _prefix_attention_cases() -> list[OpCase]:
 def op_cases() -> dict[str, list[OpCase]]:
     """Each op's verification cases, odd shapes first-to-last (the first is the demo's)."""
     return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "multi_lora_linear": _multi_lora_cases(),
+            "qlora_linear": _qlora_cases(),
             "bottleneck_adapter": _bottleneck_cases(), "prefix_attention": _prefix_attention_cases()}
 
 

@@ -87,9 +87,21 @@ def _dequantize_kernel(data_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, o
     tl.store(out_ptr + flat, cast(w, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
+def _qlora_shared_bytes(cfg, named_args, kwargs):
+    # Fitted over 15 sm_90 compiles of this kernel (Triton 3.9; fp32 / bf16, NF4, nested NF4, FP8;
+    # 7 tile shapes) as an upper bound on each: per stage, 1.5 x the x tile (its layout conversion)
+    # plus the gathered codes and scales, 4 bytes per weight element beyond its dequantized value
+    # (8 with bnb's double-quantized absmax). E.g. bf16 128x128x32, 4 stages: NF4 139264 B
+    # compiled (estimate 147456), nested 188416 (212992), FP8 131072 (147456).
+    c = cfg.kwargs
+    es = named_args["x_ptr"].element_size()
+    extra = 8 if kwargs["NESTED"] else 4
+    return cfg.num_stages * c["BLOCK_K"] * (3 * c["BLOCK_M"] * es // 2 + c["BLOCK_N"] * (es + extra))
+
+
 _qlora_matmul_tuned = triton.autotune(
-    configs=lora._matmul_configs(), key=["M_BUCKET", "N", "K", "R", "BITS"],
-    prune_configs_by={"early_config_prune": fit_shared_memory(lora._matmul_shared_bytes)})(_qlora_matmul_kernel)
+    configs=lora._matmul_configs(), key=["M_BUCKET", "N", "K", "R", "BITS", "NESTED"],
+    prune_configs_by={"early_config_prune": fit_shared_memory(_qlora_shared_bytes)})(_qlora_matmul_kernel)
 
 
 def _qweight_args(q):

@@ -251,6 +251,31 @@ def _multi_lora_grid():
             ml.backward(y, x, W, A, B, u, scalings, ranks, ids, scalings, 1, (True,) * 5)
 
 
+def _qlora_grid():
+    from fastadapt.kernels import qlora
+    from fastadapt.reference.qlora import QuantizedWeight
+    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes.
+    shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64))
+    for dname, *_ in DTYPES:
+        for M, K, N, R in shapes:
+            for bits, nested in ((4, False), (4, True), (8, False)):
+                for bias, p in ((False, 0.0), (True, 0.1)):
+                    with _setting(f"qlora M={M} K={K} N={N} r={R} bits={bits} nested={nested} bias={bias} p={p}",
+                                  dname) as dt:
+                        blocksize = 64 if bits == 4 else K
+                        blocks = -(-N * K // blocksize)
+                        f32 = (lambda *s: _meta(*s, dtype=torch.float32))
+                        q = QuantizedWeight(_meta((N * K * bits + 7) // 8, dtype=torch.uint8), f32(2 ** bits),
+                                            _meta(blocks, dtype=torch.uint8) if nested else f32(blocks),
+                                            f32(-(-blocks // 256)) if nested else None, f32(256) if nested else None,
+                                            f32(1) if nested else None, blocksize, 256, bits, (N, K))
+                        x, A, B = _meta(M, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
+                        y, u = qlora.forward(x, q, A, B, 0.5, _meta(N, dtype=dt) if bias else None, p, 1)
+                        qlora.backward(y, x, q, A, B, u, 0.5, p, 1, (True,) * 4)
+                        if M == 1:
+                            qlora.dequantize(q, _meta(N, K, dtype=dt))
+
+
 def _bottleneck_grid():
     from fastadapt.kernels import bottleneck as bn
     d = 4096
@@ -319,6 +344,7 @@ def record() -> list[Launch]:
         _lora_grid()
         _dora_grid()
         _multi_lora_grid()
+        _qlora_grid()
         _bottleneck_grid()
         _prefix_grid()
     return list(_recorded)

@@ -25,24 +25,7 @@ CASES = [  # (leading shape of x, in, out, r): K=80 and N*K % 64 != 0 put blocks
 
 
 def _quantized(fmt: str, n_out: int, n_in: int, device, blocksize: int = 64) -> fastadapt.QuantizedWeight:
-    """A random quantized weight of about unit-variance rows / sqrt(n_in): random codes and scales,
-    every table entry and every part of the layout exercised (no quantizer needed)."""
-    numel = n_out * n_in
-    if fmt.startswith("fp8"):
-        data = torch.randint(0, 256, (n_out, n_in), dtype=torch.uint8, device=device)
-        data[(data & 0x7F) == 0x7F] = 0x38  # e4m3fn's NaN codes -> 1.0
-        scale = torch.rand(1 if fmt == "fp8-tensor" else n_out, device=device) / (4 * n_in**0.5) + 0.01
-        return fastadapt.fp8_weight(data.view(torch.float8_e4m3fn), scale)
-    data = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device)
-    blocks = -(-numel // blocksize)
-    if fmt == "nf4":
-        absmax = torch.rand(blocks, device=device) * 2 / n_in**0.5 + 0.1 / n_in**0.5
-        return fastadapt.nf4_weight(data, absmax, (n_out, n_in), blocksize=blocksize)
-    code2 = torch.randn(256, device=device).sort().values / 3
-    return fastadapt.nf4_weight(data, torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device),
-                                (n_out, n_in), blocksize=blocksize,
-                                absmax2=torch.rand(-(-blocks // 256), device=device) / n_in**0.5, code2=code2,
-                                offset=torch.tensor(1.5 / n_in**0.5, device=device))
+    return reference.random_weight(fmt, n_out, n_in, device, blocksize)
 
 
 def _leaf(t, dtype=None):
@@ -189,6 +172,15 @@ def test_bad_input(mutate, error, match):
     mutate(args)
     with pytest.raises(error, match=match):
         fastadapt.qlora_linear(*args[:4], 1.0, args[4])
+
+
+@pytest.mark.parametrize("per", ["tensor", "channel", "channel-column"])
+def test_fp8_dequantization_is_torchs(per):
+    # fp8_weight's table and scale layouts against torch's own e4m3 conversion.
+    w = (torch.randn(37, 80) * 100).to(torch.float8_e4m3fn)
+    scale = {"tensor": torch.rand(()), "channel": torch.rand(37), "channel-column": torch.rand(37, 1)}[per]
+    expected = (w.float() * scale.reshape(-1, 1) if scale.dim() else w.float() * scale).to(torch.bfloat16)
+    assert torch.equal(reference.dequantize(fastadapt.fp8_weight(w, scale), torch.bfloat16), expected)
 
 
 def test_bad_fp8_weight():

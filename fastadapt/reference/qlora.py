@@ -93,6 +93,31 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return (q.code[codes.long()] * block_scales(q)[blocks]).reshape(q.shape).to(dtype)
 
 
+def random_weight(fmt: str, n_out: int, n_in: int, device=None, blocksize: int = 64) -> QuantizedWeight:
+    """A random quantized (n_out, n_in) weight with rows of norm about 1 and every code used, built
+    without a quantizer (for tests and benchmarks): ``fmt`` is "nf4", "nf4-nested" (bnb's double
+    quantization), "fp8-tensor" or "fp8-channel" (the scale's granularity)."""
+    numel = n_out * n_in
+    if fmt.startswith("fp8"):
+        data = torch.randint(0, 256, (n_out, n_in), dtype=torch.uint8, device=device)
+        data[(data & 0x7F) == 0x7F] = 0x38  # e4m3fn's NaN codes -> 1.0
+        scale = torch.rand(1 if fmt == "fp8-tensor" else n_out, device=device) / (4 * n_in**0.5) + 0.01
+        blocksize = numel if fmt == "fp8-tensor" else n_in
+        return QuantizedWeight(data.reshape(-1), fp8_code(device), scale, None, None, None, blocksize, 256, 8,
+                               (n_out, n_in))
+    if fmt not in ("nf4", "nf4-nested"):
+        raise ValueError(f"unknown format {fmt!r}")
+    data = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device)
+    blocks = -(-numel // blocksize)
+    if fmt == "nf4":
+        absmax = torch.rand(blocks, device=device) * 2 / n_in**0.5 + 0.1 / n_in**0.5
+        return QuantizedWeight(data, nf4_code(device), absmax, None, None, None, blocksize, 256, 4, (n_out, n_in))
+    code2 = torch.randn(256, device=device).sort().values / 3
+    return QuantizedWeight(data, nf4_code(device), torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device),
+                           torch.rand(-(-blocks // 256), device=device) / n_in**0.5, code2,
+                           torch.tensor(1.5 / n_in**0.5, device=device), blocksize, 256, 4, (n_out, n_in))
+
+
 def forward(x2d, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     """Backend forward: (y, u) for 2-D ``x2d`` and a :class:`QuantizedWeight`."""
     weight = dequantize(qweight, x2d.dtype)

@@ -189,6 +189,34 @@ void check_multi_lora_backward(c10::DeviceType device, const Tensor& gy, const T
   c("u", u, {s.M, s.R}, x.scalar_type());
 }
 
+void check_qlora_weight(c10::DeviceType device, const QuantizedWeight& q, int64_t out_features, int64_t in_features) {
+  const ArgCheck c("fastadapt_C::qlora", q.data, device);
+  const char* op = c.op();
+  TORCH_CHECK(q.bits == 4 || q.bits == 8, op, ": bits must be 4 (NF4) or 8 (FP8), got ", q.bits);
+  TORCH_CHECK(out_features > 0 && in_features > 0, op, ": the weight shape must be non-empty, got (", out_features,
+              ", ", in_features, ")");
+  TORCH_CHECK(q.blocksize > 0, op, ": blocksize must be positive, got ", q.blocksize);
+  const int64_t numel = out_features * in_features, blocks = (numel + q.blocksize - 1) / q.blocksize;
+  const bool nested = present(q.absmax2);
+  // Flat buffers: each must hold exactly what the kernel indexes, contiguous.
+  auto flat = [&](const char* name, const Tensor& t, int64_t n, at::ScalarType dt) {
+    c(name, t.reshape(-1), {n}, dt);
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  flat("data", q.data, (numel * q.bits + 7) / 8, at::kByte);
+  flat("code", q.code, int64_t{1} << q.bits, at::kFloat);
+  flat("absmax", q.absmax, blocks, nested ? at::kByte : at::kFloat);
+  if (nested) {
+    TORCH_CHECK(present(q.code2) && present(q.offset), op, ": a double-quantized weight needs absmax2, code2 and offset");
+    TORCH_CHECK(q.blocksize2 > 0, op, ": blocksize2 must be positive, got ", q.blocksize2);
+    flat("absmax2", *q.absmax2, (blocks + q.blocksize2 - 1) / q.blocksize2, at::kFloat);
+    flat("code2", *q.code2, 256, at::kFloat);
+    flat("offset", *q.offset, 1, at::kFloat);
+  } else {
+    TORCH_CHECK(!present(q.code2) && !present(q.offset), op, ": code2 / offset given without absmax2");
+  }
+}
+
 void check_dropout_keep(c10::DeviceType device, const Tensor& like, double p) {
   const ArgCheck c("fastadapt_C::dropout_keep", like, device);
   c("like", like, {kAnySize, kAnySize}, like.scalar_type());
@@ -309,6 +337,16 @@ TORCH_LIBRARY(fastadapt_C, m) {
   m.def("multi_lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor A_stack, Tensor B_stack, Tensor u, "
         "Tensor scalings, Tensor ranks, Tensor adapter_ids, Tensor? dropout_p, int seed, bool[5] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backend signatures of fastadapt/ops/qlora.py (the quantized weight as its parts), and the
+  // dequantized weight alone, for the tests; gradients (x, lora_A, lora_B, bias).
+  m.def("qlora_dequantize(Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int blocksize2, int bits, int out_features, int in_features, ScalarType dtype) -> Tensor");
+  m.def("qlora_forward(Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, int out_features, Tensor lora_A, Tensor lora_B, "
+        "float scaling, Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("qlora_backward(Tensor gy, Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, float dropout_p, int seed, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
   // GRAD_NAMES order (empty where not needed or the input is absent).
   m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
@@ -336,6 +374,9 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("dora_backward", &fastadapt::dora_backward_cpu);
   m.impl("multi_lora_forward", &fastadapt::multi_lora_forward_cpu);
   m.impl("multi_lora_backward", &fastadapt::multi_lora_backward_cpu);
+  m.impl("qlora_dequantize", &fastadapt::qlora_dequantize_cpu);
+  m.impl("qlora_forward", &fastadapt::qlora_forward_cpu);
+  m.impl("qlora_backward", &fastadapt::qlora_backward_cpu);
   m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_cpu);
   m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_cpu);
   m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);

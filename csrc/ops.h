@@ -83,6 +83,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
     const Tensor& u, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_ids,
     const std::optional<Tensor>& dropout_p, int64_t seed, std::array<bool, 5> needs);
 
+// A quantized frozen weight (NF4 / FP8) as fastadapt/reference/qlora.py lays it out: codes in
+// `data` (uint8; 2 per byte at 4 bits), the value table `code`, block scales `absmax` (uint8 and
+// decoded through absmax2 / code2 / offset when double-quantized).
+struct QuantizedWeight {
+  Tensor data, code, absmax;
+  std::optional<Tensor> absmax2, code2, offset;
+  int64_t blocksize, blocksize2, bits;
+};
+void check_qlora_weight(c10::DeviceType device, const QuantizedWeight& q, int64_t out_features, int64_t in_features);
+
+// LoRA on a quantized base (csrc/qlora.cpp); math in fastadapt/reference/qlora.py.
+Tensor qlora_dequantize_cpu(const Tensor& data, const Tensor& code, const Tensor& absmax,
+                            const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2,
+                            const std::optional<Tensor>& offset, int64_t blocksize, int64_t blocksize2, int64_t bits,
+                            int64_t out_features, int64_t in_features, at::ScalarType dtype);
+std::tuple<Tensor, Tensor> qlora_forward_cpu(const Tensor& x, const Tensor& data, const Tensor& code,
+                                             const Tensor& absmax, const std::optional<Tensor>& absmax2,
+                                             const std::optional<Tensor>& code2, const std::optional<Tensor>& offset,
+                                             int64_t blocksize, int64_t blocksize2, int64_t bits, int64_t out_features,
+                                             const Tensor& lora_A, const Tensor& lora_B, double scaling,
+                                             const std::optional<Tensor>& bias, double dropout_p, int64_t seed);
+std::tuple<Tensor, Tensor, Tensor, Tensor> qlora_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& data, const Tensor& code, const Tensor& absmax,
+    const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2, const std::optional<Tensor>& offset,
+    int64_t blocksize, int64_t blocksize2, int64_t bits, const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+    double scaling, double dropout_p, int64_t seed, std::array<bool, 4> needs);
+
 // Bottleneck adapter (csrc/bottleneck.cpp); math in fastadapt/reference/bottleneck.py.
 std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(
     const Tensor& z, const std::optional<Tensor>& residual, const Tensor& down_weight,

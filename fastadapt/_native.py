@@ -42,7 +42,8 @@ _HERE = Path(__file__).resolve().parent
 # Installed (pip install ., a wheel): fastadapt/csrc; a checkout (pip install -e .): csrc/ beside the package.
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 # One translation unit per op plus the registration file (ops.cpp).
-CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "bottleneck.cpp", "prefix_attention.cpp")
+CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "qlora.cpp", "bottleneck.cpp",
+               "prefix_attention.cpp")
 CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")
 HEADERS = ("common.h", "cpu_common.h", "ops.h", "cuda_common.cuh")
 CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees

@@ -84,18 +84,25 @@ def test_dropout_same_mask_forward_and_backward(backend, device, dtype, fmt):
     _check(backend, device, dtype, fmt, (37,), 80, 48, 16, dropout_p=0.3, bias=False)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKEND_DEVICE if b != "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_kernel_dequantization_is_exact(device, dtype, fmt):
-    # The tile code of the GEMMs, run over the whole weight: bit for bit the reference's.
-    if "triton" not in backends_for("qlora_linear", device):
-        pytest.skip("triton backend not available here")
-    from fastadapt.kernels import qlora as kernels
+def test_backend_dequantization_is_exact(backend, device, dtype, fmt):
+    # The Triton GEMMs' tile code run over the whole weight, and the C++ backend's dequantization:
+    # bit for bit the reference's.
+    if backend == "triton":
+        from fastadapt.kernels import qlora as kernels
+
+        def dequantize(q):
+            return kernels.dequantize(q, torch.full(q.shape, float("nan"), dtype=dtype, device=device))
+    else:
+        from fastadapt.ops import _native_backends
+
+        def dequantize(q):
+            return _native_backends.qlora_dequantize(q, dtype)
     for n_out, n_in, blocksize in ((123, 80, 64), (7, 9, 32), (64, 4096, 64)):
         q = _quantized(fmt, n_out, n_in, device, blocksize)
-        out = torch.full((n_out, n_in), float("nan"), dtype=dtype, device=device)
-        assert torch.equal(kernels.dequantize(q, out), reference.dequantize(q, dtype))
+        assert torch.equal(dequantize(q), reference.dequantize(q, dtype))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -274,3 +281,24 @@ def test_nf4_from_bnb_refuses_what_it_cannot_read():
         fastadapt.nf4_from_bnb(param)
     with pytest.raises(ValueError, match="no quant_state"):
         fastadapt.nf4_from_bnb(torch.nn.Parameter(torch.randn(2, 2)))
+
+
+@pytest.mark.parametrize("field,bad,match", [
+    ("data", lambda t: t[:-1], r"data must have shape \(256,\), got \[255\]"),
+    ("absmax", lambda t: t.float(), "absmax must be Float|absmax must be Byte"),
+    ("code2", lambda t: t[:128], r"code2 must have shape \(256,\)"),
+    ("offset", lambda t: None, "needs absmax2, code2 and offset"),
+    ("blocksize", lambda t: 0, "blocksize must be positive"),
+    ("bits", lambda t: 2, "bits must be 4"),
+])
+def test_native_backend_checks_its_arguments(field, bad, match):
+    # The native ops are callable directly: each checks what it indexes, naming the argument.
+    if "cpp" not in backends_for("qlora_linear", "cpu"):
+        pytest.skip("cpp backend not available here")
+    from fastadapt import _native
+    from fastadapt.ops._native_backends import _qlora_weight_args
+    q = _quantized("nf4-nested", 8, 64, "cpu")
+    q = q._replace(**{field: bad(getattr(q, field))})
+    x, A, B = torch.randn(5, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(RuntimeError, match=match):
+        _native.ops().qlora_forward(x, *_qlora_weight_args(q), 8, A, B, 1.0, None, 0.0, 0)

@@ -124,6 +124,41 @@ dispatch.register("multi_lora_linear", "cpp", why_not=_multi_lora_why_not, forwa
                   backward=_multi_lora_backward)
 
 
+# --- LoRA on a quantized base (csrc/qlora.cpp; CPU only) ---
+
+
+def _qlora_weight_args(q):
+    return (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits)
+
+
+def _qlora_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    y, u = _native.ops().qlora_forward(x2d, *_qlora_weight_args(q), q.shape[0], lora_A, lora_B, scaling, bias,
+                                       dropout_p, seed)
+    return y, u
+
+
+def _qlora_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    needs = [bool(n) for n in needs]
+    grads = _native.ops().qlora_backward(gy, x2d, *_qlora_weight_args(q), lora_A, lora_B, u, scaling, dropout_p,
+                                         seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def qlora_dequantize(q, dtype: torch.dtype) -> torch.Tensor:
+    """The cpp backend's dequantized (N, K) weight, for the tests."""
+    return _native.ops().qlora_dequantize(*_qlora_weight_args(q), *q.shape, dtype)
+
+
+def _qlora_why_not(x, lora_A, lora_B, bias):
+    reasons = _native_reasons("cpp", x.device) + dtype_reasons(x.dtype)
+    if len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) > 1:
+        reasons.append("x, lora_A, lora_B and bias must share one dtype")
+    return reasons
+
+
+dispatch.register("qlora_linear", "cpp", why_not=_qlora_why_not, forward=_qlora_forward, backward=_qlora_backward)
+
+
 # --- Bottleneck adapter (csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu) ---
 
 

@@ -9,6 +9,7 @@ are named ``fastadapt[<backend>]``, the floor ``floor: ...``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -290,6 +291,100 @@ def multi_lora_decode(M: int, K: int, N: int, n: int, r: int, tier: str) -> Case
 
 
 # ---------------------------------------------------------------------------------------------
+# QLoRA (LoRA on an NF4 base)
+
+
+class _DequantizeThenMatmul(torch.autograd.Function):
+    """Unsloth's QLoRA autograd: the frozen weight dequantized in the forward and again in the
+    backward (never kept), the products in torch (cuBLAS on a GPU), the rank-r update added by addmm_."""
+
+    @staticmethod
+    def forward(ctx, x, dequantize, lora_A, lora_B, scaling):
+        xa = x @ lora_A.t()
+        y = x @ dequantize().t()
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.dequantize, ctx.scaling = dequantize, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, lora_A, lora_B, xa = ctx.saved_tensors
+        gu = gy @ lora_B
+        gx = gy @ ctx.dequantize()
+        gx.addmm_(gu, lora_A, alpha=ctx.scaling)
+        return gx, None, (gu.t() @ x) * ctx.scaling, (gy.t() @ xa) * ctx.scaling, None
+
+
+def _peft_qlora_layer(dense: torch.Tensor, r: int, scaling: float):
+    """PEFT's QLoRA layer (``peft.tuners.lora.bnb.Linear4bit``) on bitsandbytes' NF4 quantization of
+    ``dense`` (double-quantized absmax, compute dtype and adapters in dense's dtype); None without
+    bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    import peft
+
+    n, k = dense.shape
+    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dense.dtype, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(dense.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                    compress_statistics=True)
+    base = base.to(dense.device)  # quantizes
+    cfg = peft.LoraConfig(r=r, lora_alpha=scaling * r, init_lora_weights=False)
+    layer = peft_bnb.Linear4bit(base, "default", config=cfg, r=r, lora_alpha=scaling * r, init_lora_weights=False)
+    layer.lora_A.to(dense.device, dense.dtype)  # in place; the 4-bit base stays as it is
+    layer.lora_B.to(dense.device, dense.dtype)
+    return layer
+
+
+def qlora_train(M: int, K: int, N: int, r: int, tier: str) -> Case:
+    """Forward + backward (grads of x, A, B) of LoRA on an NF4 base (bitsandbytes' layout, double-
+    quantized absmax) against PEFT + bitsandbytes and against dequantize-then-matmul (unsloth's
+    recipe); the floor: the frozen matmul fwd+bwd on the dense weight in the timing dtype."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import fastadapt
+        from fastadapt import dispatch
+        from fastadapt.reference import qlora as qref
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        layer = _peft_qlora_layer(weight, r, scaling)
+        if layer is not None:
+            import bitsandbytes.functional as bnbf
+            packed, state = layer.base_layer.weight.data, layer.base_layer.weight.quant_state
+            q = fastadapt.nf4_from_bnb(layer.base_layer.weight)
+
+            def dequantize():
+                return bnbf.dequantize_4bit(packed, state).to(env.dtype)
+        else:  # no bitsandbytes: a random NF4 weight, dequantized by the reference
+            q = qref.random_weight("nf4-nested", N, K, env.device)
+
+            def dequantize():
+                return qref.dequantize(q, env.dtype)
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        leaves = [x, lora_A, lora_B, *(p for p in (layer.parameters() if layer else ()) if p.requires_grad)]
+
+        def step(f):
+            return forward_backward(f, leaves, grad_y)
+
+        served = dataclasses.replace(env, backends=[b for b in env.backends if b in dispatch._REGISTRY["qlora_linear"]]
+                                     or ["reference"])
+        variants = _fused(served, step(lambda: fastadapt.qlora_linear(x, q, lora_A, lora_B, scaling)))
+        if layer is not None:
+            variants["peft + bitsandbytes"] = step(lambda: layer(x))
+        variants["dequantize + torch matmul (unsloth-style)"] = step(
+            lambda: _DequantizeThenMatmul.apply(x, dequantize, lora_A, lora_B, scaling))
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    return Case("qlora", f"NF4 fwd+bwd M={M} {K}x{N} r={r}", dict(kind="train", M=M, K=K, N=N, r=r), tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bottleneck adapter
 
 BOTTLENECK_CONFIGS = {
@@ -531,6 +626,7 @@ def all_cases(scale: str) -> list[Case]:
     if scale == "cuda":
         return [
             lora_train(8192, 4096, 4096, 16, 0.0, "quick"),
+            qlora_train(8192, 4096, 4096, 16, "quick"),
             model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick"),
             multi_lora_train(8192, 4096, 4096, 4, 16, "quick"),
             multi_lora_train(8192, 4096, 4096, 16, 16, "quick"),
@@ -550,6 +646,7 @@ def all_cases(scale: str) -> list[Case]:
             dora_train(8192, 4096, 11008, 16, 0.0, "default"),
             dora_train(8192, 4096, 4096, 16, 0.05, "default"),
             lora_train(8192, 4096, 11008, 16, 0.05, "default"),
+            qlora_train(8192, 4096, 11008, 16, "default"),
             lora_train(2048, 4096, 4096, 16, 0.0, "quick"),
             lora_decode(1, 4096, 4096, 16, "quick"),
             lora_decode(16, 4096, 4096, 16, "quick"),
@@ -573,6 +670,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(2048, 1024, 2816, 16, 0.0, "default"),
             dora_train(2048, 1024, 1024, 16, 0.0, "quick"),
             multi_lora_train(2048, 1024, 1024, 4, 16, "quick"),
+            qlora_train(2048, 1024, 1024, 16, "quick"),
             multi_lora_decode(16, 1024, 1024, 16, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick", trainer=True),
@@ -592,6 +690,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(64, 96, 80, 8, 0.1, "default"),
             dora_train(64, 96, 80, 8, 0.0, "quick"),
             multi_lora_train(64, 96, 80, 4, 8, "quick"),
+            qlora_train(64, 128, 80, 8, "quick"),
             multi_lora_decode(4, 96, 80, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True),

@@ -13,6 +13,11 @@ kernels/lora.py's, and so is the op's structure (:func:`fastadapt.kernels.lora.f
 Codes and scales are gathered per element on the flat index ``n * K + k``, so any (N, K) and any
 blocksize are served: a block may span rows. The per-element gathers hit a 64 B (NF4) or 1 KiB
 (FP8) table and one scale per 64 elements, all L1-resident; their cost on a GPU is not measured.
+
+FP8 goes through the same table lookup (its 256 byte values) rather than Triton's e4m3 type: one
+code path for both formats, and it compiles for sm_80, where Triton has no fp8e4nv conversion.
+(Triton 3.9's CPU interpreter does load fp8e4nv exactly, checked; whether the native conversion is
+faster on sm_89+ is not measured.)
 """
 
 from __future__ import annotations

@@ -128,24 +128,18 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     return y
 
 
-def check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
-    """The argument checks of :func:`lora_linear` (and of ``dora_linear``, which adds its
-    magnitude's): returns (compute dtype, scaling, dropout p in effect, dropout seed or None)."""
+def check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, weight_shape):
+    """The checks every LoRA op shares, against the frozen weight's (out_features, in_features)
+    (``qlora_linear``'s weight is no tensor): returns (scaling, the dropout probability in effect,
+    its seed or None)."""
     _checks.tensor("x", x, min_ndim=1)
-    _checks.tensor("weight", weight, ndim=2)
     _checks.tensor("lora_A", lora_A, ndim=2)
     _checks.tensor("lora_B", lora_B, ndim=2)
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
     scaling = _checks.finite_float("scaling", scaling)
     dropout_p = _checks.probability("dropout_p", dropout_p)
-    _checks.same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    dtype = _autocast.autocast_dtype(x)
-    if dtype is None:
-        _checks.same_dtype(x=x, weight=weight, bias=bias)
-        dtype = x.dtype
-    # else the op's autocast rule casts x, weight and bias to the region's dtype
-    n_out, n_in = weight.shape
+    n_out, n_in = weight_shape
     rank = lora_A.shape[0]
     _checks.dim_equal("x.shape[-1] (in_features)", x.shape[-1], n_in)
     if rank == 0:
@@ -155,12 +149,26 @@ def check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
     _checks.dim_equal("lora_B.shape[1] (r)", lora_B.shape[1], rank)
     if bias is not None:
         _checks.dim_equal("bias.shape[0] (out_features)", bias.shape[0], n_out)
-    if n_in == 0 or n_out == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
-
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
+    return scaling, p, seed
+
+
+def check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
+    """The argument checks of :func:`lora_linear` (and of ``dora_linear``, which adds its
+    magnitude's): returns (compute dtype, scaling, dropout p in effect, dropout seed or None)."""
+    _checks.tensor("weight", weight, ndim=2)
+    scaling, p, seed = check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, weight.shape)
+    _checks.same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    dtype = _autocast.autocast_dtype(x)
+    if dtype is None:
+        _checks.same_dtype(x=x, weight=weight, bias=bias)
+        dtype = x.dtype
+    # else the op's autocast rule casts x, weight and bias to the region's dtype
+    n_out, n_in = weight.shape
+    if n_in == 0 or n_out == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
     return dtype, scaling, p, seed
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.ops import _autocast
-from fastadapt.ops.lora import _seed
+from fastadapt.ops.lora import _seed, check_adapter_args
 from fastadapt.reference import qlora as reference
 from fastadapt.reference.qlora import QuantizedWeight
 
@@ -219,35 +219,16 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
         W = bnb.functional.dequantize_4bit(packed, quant_state).to(x.dtype)
         F.linear(x, W, bias) + (F.dropout(x, dropout_p, training) @ lora_A.T) @ lora_B.T * scaling
     """
-    _checks.tensor("x", x, min_ndim=1)
     _check_weight(weight)
-    _checks.tensor("lora_A", lora_A, ndim=2)
-    _checks.tensor("lora_B", lora_B, ndim=2)
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-    scaling = _checks.finite_float("scaling", scaling)
-    dropout_p = _checks.probability("dropout_p", dropout_p)
     q = weight
+    scaling, p, seed = check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, q.shape)
     _checks.same_device(x=x, weight_data=q.data, weight_code=q.code, weight_absmax=q.absmax, weight_absmax2=q.absmax2,
                         weight_code2=q.code2, weight_offset=q.offset, lora_A=lora_A, lora_B=lora_B, bias=bias)
     dtype = _autocast.autocast_dtype(x)
     if dtype is None:
         _checks.same_dtype(x=x, bias=bias)
         dtype = x.dtype
-    n_out, n_in = q.shape
-    rank = lora_A.shape[0]
-    _checks.dim_equal("x.shape[-1] (in_features)", x.shape[-1], n_in)
-    if rank == 0:
-        raise ValueError("lora_A has rank 0: r must be at least 1")
-    _checks.dim_equal("lora_A.shape[1] (in_features)", lora_A.shape[1], n_in)
-    _checks.dim_equal("lora_B.shape[0] (out_features)", lora_B.shape[0], n_out)
-    _checks.dim_equal("lora_B.shape[1] (r)", lora_B.shape[1], rank)
-    if bias is not None:
-        _checks.dim_equal("bias.shape[0] (out_features)", bias.shape[0], n_out)
-
-    p = dropout_p if training else 0.0
-    # Drawn on the CPU generator: no device sync, and torch.compile traces it.
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
+    n_out = q.shape[0]
     y, _ = torch.ops.fastadapt.qlora_linear(
         x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, n_out,
         lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)

@@ -13,9 +13,10 @@ Both formats are one layout here, a table lookup times a blockwise scale over th
   ``dequantize_blockwise`` then ``+= offset``), ``code2`` the 256-entry dynamic map
   (``state2.code``), ``absmax2`` = ``state2.absmax``, ``blocksize2`` = ``state2.blocksize`` (256).
   This is the layout of bnb's CUDA kernels and of its "default" backend
-  (``_dequantize_4bit_compute``). bnb 0.50.2's native CPU kernel instead restarts the blocks at every
-  row and so disagrees with its own quantizer when K is not a multiple of the blocksize (measured:
-  relative error 0.28 instead of NF4's 0.09 at 48x80); we follow the flat layout.
+  (``_dequantize_4bit_compute``). bnb 0.50.2's native CPU kernel instead reads the absmax of (n, k)
+  at ``n * (K // blocksize) + k // blocksize`` and so disagrees with its own quantizer when K is
+  not a multiple of the blocksize (measured: relative error 0.28 instead of NF4's 0.09 at 48x80);
+  we follow the flat layout.
 * FP8 (``torch.float8_e4m3fn``): ``q_i`` is the weight's byte, ``code`` the 256 e4m3 values, and
   ``absmax`` the scale that multiplies it back (transformers' ``weight_scale_inv``; torchao's
   ``Float8Tensor.scale``): one value per tensor (blocksize N*K) or one per output channel

@@ -16,6 +16,7 @@ from fastadapt.reference import qlora as reference
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+peft_bnb = pytest.importorskip("peft.tuners.lora.bnb")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,7 +83,7 @@ def _peft_layer(compute_dtype, n_in=128, n_out=64, dropout=0.0):
     base = base.to("cpu")
     base.bias.data = torch.randn(n_out).to(compute_dtype)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False)
-    return peft.tuners.lora.bnb.Linear4bit(base, "default", config=config, r=8, lora_alpha=16,
+    return peft_bnb.Linear4bit(base, "default", config=config, r=8, lora_alpha=16,
                                            lora_dropout=dropout, init_lora_weights=False)
 
 
@@ -156,6 +157,6 @@ def test_fp4_base_is_left_to_peft():
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(64, 32, quant_type="fp4")
     base.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="fp4")
-    layer = peft.tuners.lora.bnb.Linear4bit(base.to("cpu"), "default", config=peft.LoraConfig(r=4), r=4)
+    layer = peft_bnb.Linear4bit(base.to("cpu"), "default", config=peft.LoraConfig(r=4), r=4)
     report = fastadapt.patch(torch.nn.Sequential(layer))
     assert not report.patched and "quant_type 'fp4'" in report.skipped[0][1]

@@ -202,6 +202,30 @@ def test_bad_fp8_weight():
         fastadapt.fp8_weight(w.t(), torch.ones(1))
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_path_matches_the_custom_op(backend, device, dropout_p):
+    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # the custom op: the same backend functions, so the same bits.
+    q = _quantized("nf4-nested", 40, 48, device)
+    parts = (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, 40)
+    raw = [torch.randn(*s, device=device) for s in ((3, 5, 48), (6, 48), (40, 6), (40,))]
+    results = []
+    for eager in (True, False):
+        x, lora_A, lora_B, b = (_leaf(t) for t in raw)
+        torch.manual_seed(11)
+        with dispatch.use_backend(backend):
+            if eager:
+                y = fastadapt.qlora_linear(x, q, lora_A, lora_B, 0.5, b, dropout_p=dropout_p)
+            else:
+                seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
+                y = torch.ops.fastadapt.qlora_linear(x, *parts, lora_A, lora_B, 0.5, b, dropout_p, seed)[0]
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, lora_A.grad, lora_B.grad, b.grad])
+    for name, mine, op in zip(["y", "x", "lora_A", "lora_B", "bias"], *results):
+        torch.testing.assert_close(mine, op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_opcheck():
     q = _quantized("nf4-nested", 8, 64, "cpu")
     x, A, B, b = (torch.randn(*s) for s in ((2, 5, 64), (3, 64), (8, 3), (8,)))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
-from fastadapt.ops import _autocast
+from fastadapt.ops import _autocast, _eager
 from fastadapt.ops.lora import _seed, check_adapter_args
 from fastadapt.reference import qlora as reference
 from fastadapt.reference.qlora import QuantizedWeight
@@ -130,8 +130,16 @@ def _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, b
                            (out_features, in_features))
 
 
-def _select(x, lora_A, lora_B, bias) -> dispatch.Implementation:
+def _select(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
+            scaling, bias, *_) -> dispatch.Implementation:
     return dispatch.select(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
+def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A,
+             lora_B, scaling, bias, dropout_p, seed):
+    q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
+    y, u = impl.forward(x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
+    return y.view(*x.shape[:-1], out_features), u
 
 
 @torch.library.custom_op("fastadapt::qlora_linear", mutates_args=())
@@ -139,10 +147,9 @@ def _qlora_linear(x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2
                   code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
                   out_features: int, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
                   dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
-    impl = _select(x, lora_A, lora_B, bias)
-    y, u = impl.forward(x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
-    return y.view(*x.shape[:-1], out_features), u
+    inputs = (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
+              scaling, bias, dropout_p, seed)
+    return _forward(_select(*inputs), *inputs)
 
 
 @_qlora_linear.register_fake
@@ -151,18 +158,19 @@ def _(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(x.shape[:-1].numel(), lora_A.shape[0])
 
 
-@torch.library.custom_op("fastadapt::qlora_linear_backward", mutates_args=())
-def _qlora_linear_backward(gy: Tensor, x: Tensor, data: Tensor, code: Tensor, absmax: Tensor,
-                           absmax2: Optional[Tensor], code2: Optional[Tensor], offset: Optional[Tensor],
-                           blocksize: int, blocksize2: int, bits: int, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-                           scaling: float, dropout_p: float, seed: Optional[Tensor], needs: list[bool],
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_backward(gy: Tensor, x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
+                  code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
+                  lora_A: Tensor, lora_B: Tensor, u: Tensor, scaling: float, dropout_p: float,
+                  seed: Optional[Tensor], needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(gx, gA, gB, gbias) on ``backend``, the forward's; a gradient not asked for comes back empty."""
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, gy.shape[-1], x.shape[-1])
     grads = dispatch.get(OP, backend).backward(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q,
                                                lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs)
     gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
     return (gx.view(x.shape) if needs[0] else gx), *rest
+
+
+_qlora_linear_backward = torch.library.custom_op("fastadapt::qlora_linear_backward", mutates_args=())(_run_backward)
 
 
 @_qlora_linear_backward.register_fake
@@ -172,28 +180,30 @@ def _(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, 
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backend=None):
     (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, _, lora_A, lora_B, scaling, bias,
      dropout_p, seed) = inputs
     ctx.save_for_backward(x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, output[1], seed)
     ctx.meta = (blocksize, blocksize2, bits, scaling, dropout_p)
-    ctx.backend = _select(x, lora_A, lora_B, bias).backend  # the one the forward just ran on
+    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu):
     x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, u, seed = ctx.saved_tensors
     blocksize, blocksize2, bits, scaling, dropout_p = ctx.meta
     needs = [ctx.needs_input_grad[i] for i in (0, 11, 12, 14)]  # x, lora_A, lora_B, bias
-    grads = torch.ops.fastadapt.qlora_linear_backward(
-        gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u, scaling,
-        dropout_p, seed, needs, ctx.backend)
+    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.qlora_linear_backward
+    grads = run(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u,
+                scaling, dropout_p, seed, needs, ctx.backend)
     gx, gA, gB, gbias = (g if need else None for g, need in zip(grads, needs))
     return gx, *(None,) * 10, gA, gB, None, gbias, None, None
 
 
 _qlora_linear.register_autograd(_backward, setup_context=_setup_context)
+_QLoRALinear = _eager.function("QLoRALinear", _forward, _setup_context, _backward)
 # The weight's value tables and scales stay float32 (bnb dequantizes in fp32, then rounds once).
-_autocast.register(OP, keep=(2, 3, 4, 5, 6))
+_KEEP = (2, 3, 4, 5, 6)
+_autocast.register(OP, keep=_KEEP)
 
 
 def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -228,10 +238,12 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
     if dtype is None:
         _checks.same_dtype(x=x, bias=bias)
         dtype = x.dtype
-    n_out = q.shape[0]
-    y, _ = torch.ops.fastadapt.qlora_linear(
-        x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, n_out,
-        lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+    inputs = (x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, q.shape[0],
+              lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+    if _eager.fast_path(x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, lora_A, lora_B, bias):
+        y, _ = _eager.run(_QLoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
+    else:
+        y, _ = torch.ops.fastadapt.qlora_linear(*inputs)
     return y
 
 

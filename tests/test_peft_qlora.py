@@ -160,3 +160,20 @@ def test_fp4_base_is_left_to_peft():
     layer = peft_bnb.Linear4bit(base.to("cpu"), "default", config=peft.LoraConfig(r=4), r=4)
     report = fastadapt.patch(torch.nn.Sequential(layer))
     assert not report.patched and "quant_type 'fp4'" in report.skipped[0][1]
+
+
+def test_dora_on_a_qlora_layer_runs_peft():
+    # DoRA on a 4-bit base is not fused (dora_linear takes a dense weight): PEFT's forward, reported.
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    config = peft.LoraConfig(r=4, use_dora=True, init_lora_weights=False)
+    layer = peft_bnb.Linear4bit(base.to("cpu"), "default", config=config, r=4, use_dora=True, init_lora_weights=False)
+    theirs = copy.deepcopy(layer)
+    report = fastadapt.patch(torch.nn.Sequential(layer))
+    assert len(report.patched) == 1 and "DoRA included" in report.fallbacks[0][1]
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match="on a QLoRA layer"):
+        y = layer(x)
+    assert report.calls == {"fallback: LoRA variant adapter(s) ['default'] (DoRA, ...) on a QLoRA layer": 1}
+    assert torch.equal(y, theirs(x))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
-from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, sm_count
+from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, split_rows
 
 # Activation codes (constexpr ACT); names as in fastadapt.reference.bottleneck.canonical_activation.
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "leakyrelu": 6}
@@ -573,17 +573,6 @@ def _num_stages(block_b: int) -> int:
     return 3 if block_b <= 64 else 1
 
 
-def _splits(M: int, tiles: int, block_m: int, device) -> tuple[int, int]:
-    """(splits, rows_per_split) of the token reduction: enough programs to fill the GPU, one when
-    deterministic algorithms are requested (then no atomics) or under the interpreter."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-        splits = 1
-    else:
-        splits = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(device.index or 0) // max(tiles, 1)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
-    return triton.cdiv(max(M, 1), rows_per_split), rows_per_split
-
-
 def _contiguous(*vectors):
     # The kernels index the 1-D operands (biases, LayerNorm parameters, the per-row gate) as
     # ``ptr + i``: a strided view, or a broadcast gate expanded to (M,) with stride 0, is copied
@@ -695,11 +684,7 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
         grads[11] = ggate.to(gate.dtype)
 
     tiles = triton.cdiv(D, block_d)
-    if splits is None:
-        splits, rows_per_split = _splits(M, tiles, block_m, dev)
-    else:
-        rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-        splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = split_rows(M, tiles, block_m, dev, splits)
     make = torch.zeros if splits > 1 else torch.empty
     if need_wu or need_bu or need_sc or need_lnaw or need_lnab:
         gwu = make((D, B), **f32)

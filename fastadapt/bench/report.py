@@ -109,7 +109,7 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = ["# fastadapt bench", ""]
     lines += [f"- device: {meta['device_name']} ({meta['device']})",
-              f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
               f"- date: {meta['date']}",
               f"- command: `{meta['command']}`",
               f"- timing dtype: {meta['dtype']}; timer: {meta['timer']}"]

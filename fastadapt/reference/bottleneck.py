@@ -138,11 +138,9 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
         stats[0], stats[1] = _stats(z, eps)
     # The same statistics as the Triton forward saves, so that either backend's backward can
     # follow either forward (dropout masks aside: each backend draws its own).
-    ln_after = None
-    if lna_weight is not None:
-        def ln_after(t, weight, bias, eps_):
-            stats[2], stats[3] = _stats(t, eps_)  # (float32 storage, as the kernels save)
-            return _layer_norm(t, weight, bias, eps_)
+    def ln_after(t, weight, bias, eps_):  # used only when there is an LN after
+        stats[2], stats[3] = _stats(t, eps_)  # (float32 storage, as the kernels save)
+        return _layer_norm(t, weight, bias, eps_)
     out, h = bottleneck_adapter(
         z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
         ln_before=(lnb_weight, lnb_bias) if lnb_weight is not None else None,

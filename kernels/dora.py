@@ -35,7 +35,7 @@ import triton.language as tl
 from fastadapt.backends import triton_interpret
 from fastadapt.kernels.common import (cast, dot_constexprs, dropout_keep, dropout_scale, fit_shared_memory,
                                       grouped_tile, lowrank_acc, mma, pow2_block, split_rows)
-from fastadapt.kernels.lora import _INTERPRET_MATMUL, _matmul_configs, _matmul_shared_bytes, lora_down, lora_reduce
+from fastadapt.kernels.lora import _matmul_configs, _matmul_shared_bytes, launch_matmul, lora_down, lora_reduce
 
 
 @triton.jit
@@ -197,16 +197,6 @@ _dora_forward_tuned = triton.autotune(**_AUTOTUNE)(_dora_forward_kernel)
 _dora_grad_x_tuned = triton.autotune(**_AUTOTUNE)(_dora_grad_x_kernel)
 
 
-def _launch_gemm(kernel, tuned, M, N, args, meta):
-    def grid(cfg):
-        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-
-    if triton_interpret():
-        kernel[grid(_INTERPRET_MATMUL)](*args, **meta, **_INTERPRET_MATMUL)
-    else:
-        tuned[grid](*args, **meta)
-
-
 def dora_matmul(x, w, a, u, v, magnitude, scaling: float, bias, y, pre, norm, *, dropout_p: float = 0.0,
                 seed: int = 0):
     """``pre = D(x) @ w + u @ v``, ``norm = ||w^T + scaling * (a @ v)^T||`` per column of w,
@@ -221,7 +211,7 @@ def dora_matmul(x, w, a, u, v, magnitude, scaling: float, bias, y, pre, norm, *,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), y.stride(0), y.stride(1), pre.stride(0), pre.stride(1))
     meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R), **dot_constexprs(x.dtype))
-    _launch_gemm(_dora_forward_kernel, _dora_forward_tuned, M, N, args, meta)
+    launch_matmul(_dora_forward_kernel, _dora_forward_tuned, M, N, args, meta)
     return y, pre, norm
 
 
@@ -235,7 +225,7 @@ def dora_grad_x(gy, w, gu, a, g, out, *, dropout_p: float = 0.0, seed: int = 0):
             gy.stride(0), gy.stride(1), w.stride(0), w.stride(1), gu.stride(0), gu.stride(1), a.stride(0), a.stride(1),
             out.stride(0), out.stride(1))
     meta = dict(DROPOUT=dropout_p > 0.0, BLOCK_R=pow2_block(R), **dot_constexprs(gy.dtype))
-    _launch_gemm(_dora_grad_x_kernel, _dora_grad_x_tuned, M, N, args, meta)
+    launch_matmul(_dora_grad_x_kernel, _dora_grad_x_tuned, M, N, args, meta)
     return out
 
 

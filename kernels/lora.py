@@ -185,6 +185,19 @@ _lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET",
 _INTERPRET_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
+def launch_matmul(kernel, tuned, M: int, N: int, args, meta) -> None:
+    """Launch a GEMM kernel over (M, N) output tiles in the grouped order (one program per tile):
+    ``tuned`` (its autotuned wrapper) on a GPU, ``kernel`` with :data:`_INTERPRET_MATMUL` under the
+    interpreter. The LoRA, DoRA and QLoRA matmuls all launch this way."""
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+    if triton_interpret():
+        kernel[grid(_INTERPRET_MATMUL)](*args, **meta, **_INTERPRET_MATMUL)
+    else:
+        tuned[grid](*args, **meta)
+
+
 def lora_down(x, v, scale: float, out, *, dropout_p: float = 0.0, seed: int = 0):
     """``out = scale * D(x) @ v`` for x (M, C), v (C, R) (any strides), out (M, R)."""
     M, C = x.shape
@@ -215,14 +228,7 @@ def lora_matmul(x, w, u, v, bias, out, *, dropout_p: float = 0.0, seed: int = 0,
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
     meta = dict(HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, ACCUMULATE=accumulate,
                 BLOCK_R=pow2_block(R), **dot_constexprs(u.dtype))
-
-    def grid(cfg):
-        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-
-    if triton_interpret():
-        _lora_matmul_kernel[grid(_INTERPRET_MATMUL)](*args, **meta, **_INTERPRET_MATMUL)
-    else:
-        _lora_matmul_tuned[grid](*args, **meta)
+    launch_matmul(_lora_matmul_kernel, _lora_matmul_tuned, M, N, args, meta)
     return out
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastadapt.backends import triton_interpret
 from fastadapt.kernels import lora
 from fastadapt.kernels.common import cast, dot_constexprs, fit_shared_memory, grouped_tile, mma, pow2_block
 
@@ -132,14 +131,7 @@ def qlora_matmul(x, q, transposed: bool, u, v, bias, out, *, dropout_p: float = 
             out.stride(0), out.stride(1))
     meta = dict(BITS=q.bits, NESTED=nested, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
                 BLOCK_R=pow2_block(R), **dot_constexprs(x.dtype))
-
-    def grid(cfg):
-        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-
-    if triton_interpret():
-        _qlora_matmul_kernel[grid(lora._INTERPRET_MATMUL)](*args, **meta, **lora._INTERPRET_MATMUL)
-    else:
-        _qlora_matmul_tuned[grid](*args, **meta)
+    lora.launch_matmul(_qlora_matmul_kernel, _qlora_matmul_tuned, M, n_out, args, meta)
     return out
 
 

@@ -11,6 +11,8 @@
 // (csrc/common.h) inside two row passes, and neither the mask nor D(x) is ever stored:
 //   forward:  u = s D(x) A^T                      (one pass over x)
 //   backward: gx = D(gu A) (seed of the gy W GEMM), gA = gu^T D(x)   (one pass over x)
+// Several adapters summed, each with its own dropout (rank segments, fastadapt/reference/lora.py):
+// the same passes, each block of rows loaded once per segment with that segment's mask.
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -29,9 +31,32 @@ namespace {
 
 using cpu::RB;
 
-// u = s D(x) A^T, rounded to T; the dropout mask lives only in registers.
+// Rows [begin, end) of A (columns of u, B) and the dropout mask they see.
+struct Segment {
+  int64_t begin, end;
+  cpu::Dropout d;
+};
+
+std::vector<Segment> segments_of(int64_t r, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed) {
+  std::vector<Segment> out;
+  int64_t begin = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed + static_cast<int64_t>(k))});
+    begin += segments[k];
+  }
+  return out;
+}
+
+bool any_dropout(const std::vector<Segment>& segs) {
+  for (const Segment& g : segs)
+    if (g.d.active) return true;
+  return false;
+}
+
+// u = s D(x) A^T, rounded to T, each segment's columns from its own D; the masks live only in
+// registers.
 template <typename T>
-void dropout_down_pass(const Tensor& x, const float* A, Tensor& u, float s, const cpu::Dropout& d) {
+void dropout_down_pass(const Tensor& x, const float* A, Tensor& u, float s, const std::vector<Segment>& segs) {
   const int64_t M = x.size(0), K = x.size(1), r = u.size(1);
   const T* xp = x.data_ptr<T>();
   const int64_t ldx = x.stride(0);
@@ -42,21 +67,23 @@ void dropout_down_pass(const Tensor& x, const float* A, Tensor& u, float s, cons
     float dots[RB];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * RB, rows = std::min(RB, M - m0);
-      cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), d);
-      for (int64_t j = 0; j < r; ++j) {
-        cpu::dot_rows<cpu::dot_acc_t<T>>(xd.data(), K, A + j * K, K, dots);
-        for (int64_t i = 0; i < rows; ++i) up[(m0 + i) * r + j] = static_cast<T>(s * dots[i]);
+      for (const Segment& g : segs) {
+        cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), g.d);
+        for (int64_t j = g.begin; j < g.end; ++j) {
+          cpu::dot_rows<cpu::dot_acc_t<T>>(xd.data(), K, A + j * K, K, dots);
+          for (int64_t i = 0; i < rows; ++i) up[(m0 + i) * r + j] = static_cast<T>(s * dots[i]);
+        }
       }
     }
   });
 }
 
-// With dropout: gx = D(gu A) (M x K, T; the caller adds gy W on top) and per-chunk float32
-// partials of gA = gu^T D(x) in `slots` (chunks x rK), summed by the caller in chunk order. One
-// pass over x, one mask draw per element shared by both.
+// With dropout: gx = sum_k D_k(gu_k A_k) (M x K, T; the caller adds gy W on top) and per-chunk
+// float32 partials of gA = gu^T D(x) in `slots` (chunks x rK), summed by the caller in chunk
+// order. One pass over x, one mask draw per element and segment shared by both.
 template <typename T>
-void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cpu::Dropout& d, bool need_x,
-                     bool need_A, Tensor& gx, Tensor& slots) {
+void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const std::vector<Segment>& segs,
+                     bool need_x, bool need_A, Tensor& gx, Tensor& slots) {
   const int64_t M = x.size(0), K = x.size(1), r = gu.size(1);
   const T* xp = x.data_ptr<T>();
   const int64_t ldx = x.stride(0);
@@ -68,7 +95,9 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cp
   float* slot_base = slots.data_ptr<float>();
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> xd(RB * K), scale(RB * K), gxs(need_x ? RB * K : 0), g(RB * r);
+    // acc: gx's rows in float32 (the first segment's part, then the others' added); part: one more.
+    std::vector<float> xd(RB * K), scale(RB * K), acc(need_x ? RB * K : 0), part(need_x ? RB * K : 0), g(RB * r),
+        gs(RB * r);
     float coef[RB];
     for (int64_t c = c0; c < c1; ++c) {
       float* gA = need_A ? slot_base + c * width : nullptr;
@@ -77,21 +106,38 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cp
         const int64_t m0 = blk * RB, rows = std::min(RB, M - m0);
         for (int64_t i = 0; i < RB; ++i)  // padding rows: 0, so they add nothing to gA
           for (int64_t j = 0; j < r; ++j) g[i * r + j] = i < rows ? gup[(m0 + i) * r + j] : 0.f;
-        cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), d, scale.data());
-        if (need_A) {
-          for (int64_t j = 0; j < r; ++j) {
-            for (int64_t i = 0; i < RB; ++i) coef[i] = g[i * r + j];
-            cpu::axpy_rows(coef, xd.data(), K, gA + j * K, K);
+        for (size_t k = 0; k < segs.size(); ++k) {
+          const Segment& sg = segs[k];
+          cpu::load_rows(xp, ldx, m0, rows, K, xd.data(), sg.d, scale.data());
+          if (need_A) {
+            for (int64_t j = sg.begin; j < sg.end; ++j) {
+              for (int64_t i = 0; i < RB; ++i) coef[i] = g[i * r + j];
+              cpu::axpy_rows(coef, xd.data(), K, gA + j * K, K);
+            }
+          }
+          if (!need_x) continue;
+          const int64_t rs = sg.end - sg.begin;
+          for (int64_t i = 0; i < RB; ++i)
+            for (int64_t j = 0; j < rs; ++j) gs[i * rs + j] = g[i * r + sg.begin + j];
+          float* out = k == 0 ? acc.data() : part.data();
+          std::fill(out, out + RB * K, 0.f);
+          cpu::outer_rows(gs.data(), rs, A + sg.begin * K, K, out, K);
+          const float* sc = scale.data();
+          const int64_t n = rows * K;
+          if (k == 0) {
+            if (sg.d.active)
+              for (int64_t e = 0; e < n; ++e) acc[e] *= sc[e];
+          } else if (sg.d.active) {
+            for (int64_t e = 0; e < n; ++e) acc[e] += out[e] * sc[e];
+          } else {
+            for (int64_t e = 0; e < n; ++e) acc[e] += out[e];
           }
         }
         if (need_x) {
-          std::fill(gxs.begin(), gxs.end(), 0.f);
-          cpu::outer_rows(g.data(), r, A, K, gxs.data(), K);
           for (int64_t i = 0; i < rows; ++i) {
             T* out = gxp + (m0 + i) * K;
-            const float* row = gxs.data() + i * K;
-            const float* sc = scale.data() + i * K;
-            for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(row[k] * sc[k]);
+            const float* row = acc.data() + i * K;
+            for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(row[k]);
           }
         }
       }
@@ -101,21 +147,21 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const cp
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& weight, const Tensor& lora_A,
-                                            const Tensor& lora_B, double scaling,
-                                            const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
-  check_lora_forward(c10::kCPU, x_in, weight, lora_A, lora_B, bias, dropout_p);
+namespace {
+
+std::tuple<Tensor, Tensor> forward(const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                                   double scaling, const std::optional<Tensor>& bias,
+                                   const std::vector<Segment>& segs) {
   const int64_t M = x_in.size(0), N = weight.size(0), r = lora_A.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   if (M == 0) return {at::empty({0, N}, x_in.options()), at::empty({0, r}, x_in.options())};
   const Tensor x = cpu::rows_contiguous(x_in);
   Tensor u;
-  if (dropout_p > 0.0) {
+  if (any_dropout(segs)) {
     u = at::empty({M, r}, x.options());
     const Tensor A = lora_A.to(at::kFloat).contiguous();
-    const cpu::Dropout d(dropout_p, seed);
     FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::lora_forward", [&] {
-      dropout_down_pass<scalar_t>(x, A.data_ptr<float>(), u, static_cast<float>(scaling), d);
+      dropout_down_pass<scalar_t>(x, A.data_ptr<float>(), u, static_cast<float>(scaling), segs);
     });
   } else {
     u = at::mm(x, lora_A.t());
@@ -126,10 +172,11 @@ std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x_in, const Tensor& we
   return {y, u};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
-    const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
-  check_lora_backward(c10::kCPU, gy_in, x_in, weight, lora_A, lora_B, u, dropout_p);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& gy_in, const Tensor& x_in,
+                                                            const Tensor& weight, const Tensor& lora_A,
+                                                            const Tensor& lora_B, const Tensor& u, double scaling,
+                                                            const std::vector<Segment>& segs,
+                                                            std::array<bool, 5> needs) {
   const int64_t M = x_in.size(0), K = x_in.size(1), r = lora_A.size(0);
   const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
   const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
@@ -143,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
 
   Tensor gu = at::mm(gy, lora_B);
   gu.mul_(scaling);
-  if (dropout_p == 0.0) {
+  if (!any_dropout(segs)) {
     if (need_x) {
       gx = at::mm(gy, weight);
       gx.addmm_(gu, lora_A);
@@ -159,9 +206,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
   if (M > 0) {
     const Tensor A = lora_A.to(at::kFloat).contiguous();
     const Tensor gu32 = gu.to(at::kFloat).contiguous();
-    const cpu::Dropout d(dropout_p, seed);
     FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::lora_backward", [&] {
-      dropout_up_pass<scalar_t>(x, gu32, A.data_ptr<float>(), d, need_x, need_A, gx, slots);
+      dropout_up_pass<scalar_t>(x, gu32, A.data_ptr<float>(), segs, need_x, need_A, gx, slots);
     });
     if (need_x) gx.addmm_(gy, weight);  // gx = D(gu A) + gy W
   }
@@ -171,6 +217,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     gA.copy_((chunks == 1 ? slots[0] : slots.sum(0)).view({r, K}));
   }
   return {gx, gA, gB, gbias, gweight};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lora_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                            const Tensor& lora_B, double scaling,
+                                            const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
+  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, dropout_p);
+  return forward(x, weight, lora_A, lora_B, scaling, bias, {{0, lora_A.size(0), cpu::Dropout(dropout_p, seed)}});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs) {
+  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, dropout_p);
+  return backward(gy, x, weight, lora_A, lora_B, u, scaling, {{0, lora_A.size(0), cpu::Dropout(dropout_p, seed)}},
+                  needs);
+}
+
+std::tuple<Tensor, Tensor> lora_segments_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                                     const Tensor& lora_B, double scaling,
+                                                     const std::optional<Tensor>& bias, at::IntArrayRef segments,
+                                                     at::ArrayRef<double> segment_p, int64_t seed) {
+  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0);
+  check_lora_segments("fastadapt_C::lora_segments_forward", lora_A.size(0), segments, segment_p);
+  return forward(x, weight, lora_A, lora_B, scaling, bias, segments_of(lora_A.size(0), segments, segment_p, seed));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& u, double scaling, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed,
+    std::array<bool, 5> needs) {
+  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0);
+  check_lora_segments("fastadapt_C::lora_segments_backward", lora_A.size(0), segments, segment_p);
+  return backward(gy, x, weight, lora_A, lora_B, u, scaling, segments_of(lora_A.size(0), segments, segment_p, seed),
+                  needs);
 }
 
 Tensor dropout_keep_cpu(const Tensor& like, double p, int64_t seed) {

@@ -150,6 +150,19 @@ void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor&
   c.probability("dropout_p", dropout_p);
 }
 
+void check_lora_segments(const char* op, int64_t r, at::IntArrayRef segments, at::ArrayRef<double> segment_p) {
+  TORCH_CHECK(!segments.empty() && segments.size() == segment_p.size(), op, ": segments and segment_p need one entry "
+              "per segment, got ", segments.size(), " and ", segment_p.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    TORCH_CHECK(segments[k] >= 1, op, ": segment ", k, " has ", segments[k], " rows, expected at least 1");
+    TORCH_CHECK(segment_p[k] >= 0.0 && segment_p[k] < 1.0, op, ": segment_p[", k, "] must be in [0, 1), got ",
+                segment_p[k]);
+    total += segments[k];
+  }
+  TORCH_CHECK(total == r, op, ": segments sum to ", total, ", expected r = ", r);
+}
+
 void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                         const Tensor& lora_B, const Tensor& magnitude, const OptTensor& bias, double dropout_p) {
   const ArgCheck c("fastadapt_C::dora_forward", x, device);
@@ -323,6 +336,12 @@ TORCH_LIBRARY(fastadapt_C, m) {
         "float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
         "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same with several adapters' rank segments, each with its own dropout (CPU only).
+  m.def("lora_segments_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+        "int[] segments, float[] segment_p, int seed) -> (Tensor, Tensor)");
+  m.def("lora_segments_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, int[] segments, float[] segment_p, int seed, bool[5] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backend signatures of fastadapt/ops/dora.py: (y, u, pre, norm), and the gradients of
   // (x, lora_A, lora_B, magnitude, bias, weight), empty where not asked for in `needs`. CPU only.
   m.def("dora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, "
@@ -370,6 +389,8 @@ TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("dropout_keep", &fastadapt::dropout_keep_cpu);
   m.impl("lora_forward", &fastadapt::lora_forward_cpu);
   m.impl("lora_backward", &fastadapt::lora_backward_cpu);
+  m.impl("lora_segments_forward", &fastadapt::lora_segments_forward_cpu);
+  m.impl("lora_segments_backward", &fastadapt::lora_segments_backward_cpu);
   m.impl("dora_forward", &fastadapt::dora_forward_cpu);
   m.impl("dora_backward", &fastadapt::dora_backward_cpu);
   m.impl("multi_lora_forward", &fastadapt::multi_lora_forward_cpu);

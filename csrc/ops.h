@@ -19,6 +19,8 @@ void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& w
                         const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p);
 void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
                          const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p);
+// Rank segments of lora_A (r rows): one probability each, every segment at least one row, r in all.
+void check_lora_segments(const char* op, int64_t r, at::IntArrayRef segments, at::ArrayRef<double> segment_p);
 void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                         const Tensor& lora_B, const Tensor& magnitude, const std::optional<Tensor>& bias,
                         double dropout_p);
@@ -62,6 +64,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, double dropout_p, int64_t seed, std::array<bool, 5> needs);
 Tensor dropout_keep_cpu(const Tensor& like, double p, int64_t seed);
+// Several adapters summed, each rank segment with its own dropout (CPU only: Triton serves CUDA).
+std::tuple<Tensor, Tensor> lora_segments_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                                     const Tensor& lora_B, double scaling,
+                                                     const std::optional<Tensor>& bias, at::IntArrayRef segments,
+                                                     at::ArrayRef<double> segment_p, int64_t seed);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
+    const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& u, double scaling, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed,
+    std::array<bool, 5> needs);
 
 // DoRA linear (csrc/dora.cpp, CPU only); math in fastadapt/reference/dora.py.
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_forward_cpu(const Tensor& x, const Tensor& weight,

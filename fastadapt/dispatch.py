@@ -153,22 +153,23 @@ def get(op: str, backend: str) -> Implementation:
 
 
 # Decisions by op, forced backend, deterministic-algorithms flag and each input's device, dtype and
-# shape, which is all a ``why_not`` may read: the walk over the backends cost 10 us per call (CPU,
-# LoRA), as much as the kernels of a small layer; the lookup costs 2.
+# shape (a flag's value), which is all a ``why_not`` may read: the walk over the backends cost
+# 10 us per call (CPU, LoRA), as much as the kernels of a small layer; the lookup costs 2.
 _DECISIONS: dict[tuple, Implementation] = {}
 _MAX_DECISIONS = 4096
 
 
 def _decision_key(op: str, forced: str | None, inputs: dict) -> tuple:
     return (op, forced, _candidates.get(), torch.are_deterministic_algorithms_enabled(),
-            *(None if t is None else (t.device, t.dtype, t.shape) for t in inputs.values()))
+            *((t.device, t.dtype, t.shape) if isinstance(t, torch.Tensor) else t for t in inputs.values()))
 
 
 def select(op: str, **inputs) -> Implementation:
     """The implementation that serves ``inputs``: the forced backend, or the first with no reasons.
 
-    ``inputs`` are tensors (or None); an implementation's ``why_not`` may depend on their devices,
-    dtypes and shapes only, as the decision is cached on those."""
+    ``inputs`` are tensors (or None) and hashable flags; an implementation's ``why_not`` may depend
+    on the tensors' devices, dtypes and shapes and on the flags only, as the decision is cached on
+    those."""
     forced = forced_backend()
     key = _decision_key(op, forced, inputs)
     try:

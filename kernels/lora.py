@@ -16,6 +16,10 @@ kernel with no frozen K loop; ``FASTADAPT_LORA_GEMM=triton`` runs it in the seco
 (see :func:`frozen_gemm`).
 
 ``D`` is inverted dropout with the mask drawn from (seed, flat index of x), identical in all three.
+Several adapters summed with dropout (rank segments, ``fastadapt/reference/lora.py``) run the
+products that see a mask once per segment, on its column slices of u, gu, A and gA (strided
+views, no copies), with the segment's own p and seed: the forward's down-projection, gA, and the
+update of gx (the first segment seeds the frozen product's output, the others add in place).
 Operands are taken as strided views, so transposed weights and non-contiguous inputs need no copy.
 """
 
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fastadapt.backends import triton_interpret
+from fastadapt.reference.lora import rank_segments
 from fastadapt.kernels.common import (cast, dot_constexprs, down_acc, dropout_scale, fit_shared_memory, grouped_tile,
                                       lowrank_acc, mma, pow2_block, reduce_blocks)
 
@@ -287,7 +292,7 @@ def _frozen_plus_update(x, weight, transposed, u, v, bias, out, *, dropout_p=0.0
     return lora_matmul(None, None, u, v, None, out, dropout_p=dropout_p, seed=seed, accumulate=True)
 
 
-def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype;
     ``weight`` is a tensor or a quantized weight (see :func:`_frozen_plus_update`)."""
     M = x.shape[0]
@@ -296,16 +301,18 @@ def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, u
-    lora_down(x, lora_A.t(), scaling, u, dropout_p=dropout_p, seed=seed)
+    for a, b, p, sd in rank_segments(R, dropout_p, seed, segments, segment_p):
+        lora_down(x, lora_A[a:b].t(), scaling, u[:, a:b], dropout_p=p, seed=sd)
     _frozen_plus_update(x, weight, False, u, lora_B.t(), bias, y)
     return y, u
 
 
-def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
     """Fused backward: (gx, gA, gB, gbias, gweight), ``None`` where not needed."""
     need_x, need_A, need_B, need_bias, need_weight = needs
     M, K = x.shape
     N, R = lora_B.shape
+    spans = rank_segments(R, dropout_p, seed, segments, segment_p)
     gx = gA = gB = gbias = gweight = None
     gu = None
     if need_x or need_A:
@@ -313,10 +320,15 @@ def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
         lora_down(gy, lora_B, scaling, gu)
     if need_x:
         gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        _frozen_plus_update(gy, weight, True, gu, lora_A, None, gx, dropout_p=dropout_p, seed=seed)
+        (a, b, p, sd), *rest = spans
+        _frozen_plus_update(gy, weight, True, gu[:, a:b], lora_A[a:b], None, gx, dropout_p=p, seed=sd)
+        for a, b, p, sd in rest:
+            lora_matmul(None, None, gu[:, a:b], lora_A[a:b], None, gx, dropout_p=p, seed=sd, accumulate=True)
     if need_A:
         gA = torch.empty((R, K), device=x.device, dtype=torch.float32)
-        gA = lora_reduce(gu, x, 1.0, gA, dropout_p=dropout_p, seed=seed).to(lora_A.dtype)
+        for a, b, p, sd in spans:
+            lora_reduce(gu[:, a:b], x, 1.0, gA[a:b], dropout_p=p, seed=sd)
+        gA = gA.to(lora_A.dtype)
     if need_B:
         # Written through transposed strides: the kernel produces gB^T = u^T gy into gB's memory.
         gB = torch.empty((N, R), device=x.device, dtype=torch.float32)

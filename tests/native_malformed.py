@@ -31,6 +31,18 @@ def _lora_backward(ops, p=0.0, **bad):
     return ops.lora_backward(t["gy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], t["u"], 1.0, p, 0, [True] * 5)
 
 
+def _segments_forward(ops, segments=(1, 2), segment_p=(0.1, 0.2), **bad):
+    t = {**_lora(), **bad}
+    return ops.lora_segments_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], 1.0, t["bias"], list(segments),
+                                     list(segment_p), 0)
+
+
+def _segments_backward(ops, segments=(1, 2), segment_p=(0.1, 0.2), **bad):
+    t = {**_lora(), "gy": torch.randn(M, N), "u": torch.randn(M, R), **bad}
+    return ops.lora_segments_backward(t["gy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], t["u"], 1.0,
+                                      list(segments), list(segment_p), 0, [True] * 5)
+
+
 def _dora_forward(ops, p=0.0, **bad):
     t = {**_lora(), "magnitude": torch.rand(N), **bad}
     return ops.dora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 1.0, t["bias"], p, 0)
@@ -131,6 +143,21 @@ CASES = [
     ("lora backward u short", lambda ops: _lora_backward(ops, u=torch.randn(M, R - 1)),
      r"u must have shape \(5, 3\)"),
     ("lora backward u dtype", lambda ops: _lora_backward(ops, u=torch.randn(M, R).half()), r"u must be Float"),
+    ("lora segments sum", lambda ops: _segments_forward(ops, segments=(1, 1)), r"segments sum to 2, expected r = 3"),
+    ("lora segments empty", lambda ops: _segments_forward(ops, segments=(3, 0), segment_p=(0.1, 0.1)),
+     r"segment 1 has 0 rows"),
+    ("lora segments negative", lambda ops: _segments_forward(ops, segments=(4, -1)), r"segment 1 has -1 rows"),
+    ("lora segments p count", lambda ops: _segments_forward(ops, segment_p=(0.1,)),
+     r"one entry per segment, got 2 and 1"),
+    ("lora segments none", lambda ops: _segments_forward(ops, segments=(), segment_p=()), r"one entry per segment"),
+    ("lora segments p 1", lambda ops: _segments_forward(ops, segment_p=(0.1, 1.0)),
+     r"segment_p\[1\] must be in \[0, 1\)"),
+    ("lora segments lora_B rank", lambda ops: _segments_forward(ops, lora_B=torch.randn(N, R - 1)),
+     r"lora_B must have shape \(8, 3\)"),
+    ("lora segments backward sum", lambda ops: _segments_backward(ops, segments=(2, 2)),
+     r"segments sum to 4, expected r = 3"),
+    ("lora segments backward u short", lambda ops: _segments_backward(ops, u=torch.randn(M, R - 1)),
+     r"u must have shape \(5, 3\)"),
     ("dora magnitude short", lambda ops: _dora_forward(ops, magnitude=torch.rand(N - 1)),
      r"magnitude must have shape \(8,\)"),
     ("dora magnitude half", lambda ops: _dora_forward(ops, magnitude=torch.rand(N).half()), r"magnitude must be Float"),

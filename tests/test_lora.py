@@ -38,37 +38,43 @@ def _leaf(t, dtype=None):
     return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
 
 
-def _run(backend, tensors, scaling, dropout_p, seed):
+def _run(backend, tensors, scaling, dropout_p, seed, ranks=None):
     x, weight, lora_A, lora_B, b = tensors
     torch.manual_seed(seed)  # the op draws its dropout seed from the default CPU generator
     with dispatch.use_backend(backend):
-        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, b, dropout_p=dropout_p)
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, b, dropout_p=dropout_p, ranks=ranks)
         gy = torch.randn_like(y)
         y.backward(gy)
     return y, gy
 
 
+def _masks(backend, device, x, dropout_p, ranks=None):
+    """The masks the op drew for x after ``torch.manual_seed(1234)``: one, or one per adapter of
+    ``ranks`` (seed + k), None where there is no dropout."""
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    shape = (x.numel() // x.shape[-1], x.shape[-1])
+    ps = [dropout_p] if ranks is None else dropout_p
+    keep = [dropout_keep(backend, seed + k, shape, p, device).view(x.shape) if p > 0 else None
+            for k, p in enumerate(ps)]
+    return keep[0] if ranks is None else keep
+
+
 def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bias=True, dropout_p=0.0,
-                             scaling=0.5, train_weight=False, noncontig=False):
+                             scaling=0.5, train_weight=False, noncontig=False, ranks=None):
     raw = _inputs(lead, n_in, n_out, r, dtype, device, bias)
     if noncontig:  # x as a transposed view: its last dim has stride != 1
         raw[0] = raw[0].transpose(-1, -2).contiguous().transpose(-1, -2) if raw[0].dim() > 1 else raw[0]
         raw[0] = raw[0].detach()
     ours = [_leaf(t) for t in raw]
     ours[1].requires_grad_(train_weight)
-    y, gy = _run(backend, ours, scaling, dropout_p, seed=1234)
-
-    keep = None
-    if dropout_p > 0:
-        torch.manual_seed(1234)
-        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-        keep = dropout_keep(backend, seed, (raw[0].numel() // n_in, n_in), dropout_p, device)
-        keep = keep.view(raw[0].shape)
+    y, gy = _run(backend, ours, scaling, dropout_p, 1234, ranks)
+    keep = _masks(backend, device, raw[0], dropout_p, ranks)
 
     def reference_run(cast):
         ts = [_leaf(t, cast) for t in raw]
         ts[1].requires_grad_(train_weight)
-        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, dropout_p)
+        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, dropout_p, ranks)
         out.backward(gy.to(cast))
         return out, ts
 
@@ -97,6 +103,63 @@ def test_matches_reference(backend, device, gemm, dtype, lead, n_in, n_out, r, m
 def test_dropout_same_mask_forward_and_backward(backend, device, gemm, dtype, monkeypatch):
     monkeypatch.setenv("FASTADAPT_LORA_GEMM", gemm)
     _check_against_reference(backend, device, dtype, (37,), 80, 48, 16, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("backend,device,gemm", BACKEND_DEVICE_GEMM)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ranks,dropout_p", [([5, 16, 1], [0.3, 0.0, 0.5]), ([7, 7], [0.2, 0.2])])
+def test_several_adapters_each_draw_their_own_dropout_mask(backend, device, gemm, dtype, ranks, dropout_p,
+                                                           monkeypatch):
+    # PEFT's several active adapters with dropout: one call, adapter k masked by its own draw
+    # (seed + k), of its own probability; no dropout on an adapter of p = 0.
+    monkeypatch.setenv("FASTADAPT_LORA_GEMM", gemm)
+    _check_against_reference(backend, device, dtype, (2, 19), 80, 48, sum(ranks), dropout_p=dropout_p, ranks=ranks)
+    # The masks differ between adapters: one mask for all would not pass the check above.
+    masks = _masks(backend, device, torch.empty(38, 80), [0.2, 0.2], [1, 1])
+    assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_several_adapters_without_dropout_are_one_rank_r_call(backend, device):
+    # Without dropout in effect (p = 0 or eval) the adapters' split changes nothing: the same bits.
+    x, weight, lora_A, lora_B, b = _inputs((2, 9), 48, 32, 6, torch.float32, device)
+    with dispatch.use_backend(backend):
+        plain = fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b)
+        for p, training in (([0.0, 0.0], True), ([0.3, 0.1], False)):
+            y = fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b, dropout_p=p, training=training, ranks=[2, 4])
+            assert torch.equal(y, plain)
+        # One adapter: its p is the call's.
+        torch.manual_seed(3)
+        one = fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b, dropout_p=[0.3], ranks=[6])
+        torch.manual_seed(3)
+        assert torch.equal(one, fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b, dropout_p=0.3))
+
+
+@pytest.mark.parametrize("ranks,dropout_p,error,match", [
+    ([2, 2], 0.1, ValueError, r"sum\(ranks\) \(lora_A.shape\[0\], r\) is 4, expected 3"),
+    ([3, 0], 0.1, ValueError, "ranks must be positive ints"),
+    ([1.5, 1.5], 0.1, ValueError, "ranks must be positive ints"),
+    ([], 0.1, TypeError, "non-empty sequence"),
+    (3, 0.1, TypeError, "non-empty sequence"),
+    ([1, 2], [0.1], ValueError, r"len\(dropout_p\) \(one per adapter of ranks\) is 1, expected 2"),
+    ([1, 2], [0.1, 1.0], ValueError, r"dropout_p\[1\] must be in \[0, 1\)"),
+    ([1, 2], "0.1", TypeError, "dropout_p must be a float or a sequence"),
+    ([1] * 3, [0.1, 0.2], ValueError, "len"),
+])
+def test_bad_ranks(ranks, dropout_p, error, match):
+    args = _inputs((5,), 16, 8, 3, torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        fastadapt.lora_linear(*args[:4], 1.0, args[4], dropout_p=dropout_p, ranks=ranks)
+    with pytest.raises(TypeError, match="dropout_p must be a Python float"):  # a sequence needs ranks
+        fastadapt.lora_linear(*args[:4], 1.0, args[4], dropout_p=[0.1, 0.2])
+
+
+def test_cuda_kernels_leave_several_adapters_with_dropout_to_triton():
+    x, weight, lora_A, lora_B, b = _inputs((3,), 16, 8, 2, torch.float32, "cpu")
+    why_not = dispatch.get("lora_linear", "cuda").why_not
+    assert any("one mask per call" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b,
+                                                         segmented=True))
+    assert not any("mask" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -258,17 +321,19 @@ def test_adapter_weights_in_float32_with_half_input():
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
-def test_backward_runs_on_the_forward_backend(backend, device):
+@pytest.mark.parametrize("ranks", [None, [1, 3]])
+def test_backward_runs_on_the_forward_backend(backend, device, ranks):
+    dropout_p = 0.3 if ranks is None else [0.3, 0.2]
     assert_backward_on_forward_backend(
         "lora_linear", backend, device,
-        lambda x, w, a, b, bias: fastadapt.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.3),
+        lambda x, w, a, b, bias: fastadapt.lora_linear(x, w, a, b, 0.5, bias, dropout_p=dropout_p, ranks=ranks),
         _inputs((2, 9), 48, 32, 4, torch.float32, device), torch.randn(2, 9, 32, device=device),
         ["x", "weight", "lora_A", "lora_B", "bias"])
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_eager_path_matches_the_custom_op(backend, device, dropout_p):
+@pytest.mark.parametrize("dropout_p,ranks", [(0.0, None), (0.3, None), ([0.3, 0.1], [2, 4])])
+def test_eager_path_matches_the_custom_op(backend, device, dropout_p, ranks):
     # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
     # the custom op: the same backend functions, so the same bits (the reference backend's eager
     # path is the autograd composite: equal up to rounding order).
@@ -279,15 +344,37 @@ def test_eager_path_matches_the_custom_op(backend, device, dropout_p):
         torch.manual_seed(11)
         with dispatch.use_backend(backend):
             if eager:
-                y = fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, dropout_p=dropout_p)
-            else:
+                y = fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, dropout_p=dropout_p, ranks=ranks)
+            elif ranks is None:
                 seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
                 y = torch.ops.fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, dropout_p, seed)[0]
+            else:
+                seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+                y = torch.ops.fastadapt.lora_linear(x, tensors[1], lora_A, lora_B, 0.5, b, 0.0, seed, ranks,
+                                                    dropout_p)[0]
         y.backward(torch.ones_like(y))
         results.append([y, x.grad, lora_A.grad, lora_B.grad, b.grad])
     exact = {} if backend == "reference" else {"rtol": 0, "atol": 0}
     for name, mine, op in zip(["y", "x", "lora_A", "lora_B", "bias"], *results):
         torch.testing.assert_close(mine, op, **exact, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_fullgraph_with_several_adapters_and_dropout():
+    raw = _inputs((2, 7), 48, 32, 6, torch.float32, "cpu")
+
+    def step(x, weight, lora_A, lora_B, b):
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.5, b, dropout_p=[0.2, 0.4], ranks=[2, 4])
+        return y.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [_leaf(t) for t in raw]
+        torch.manual_seed(5)  # the same dropout seed
+        fn(*leaves).backward()
+        results.append(leaves)
+    for name, a, c in zip(["x", "weight", "lora_A", "lora_B", "bias"], *results):
+        torch.testing.assert_close(c.grad, a.grad, msg=lambda msg: f"{name}: {msg}")
 
 
 def test_opcheck():
@@ -296,6 +383,9 @@ def test_opcheck():
         for p, seed in ((0.0, None), (0.2, torch.tensor(7))):
             args = (x.requires_grad_(), weight, lora_A.requires_grad_(), lora_B.requires_grad_(), 0.5, bias, p, seed)
             torch.library.opcheck(torch.ops.fastadapt.lora_linear.default, args)
+        # several adapters, each with its own dropout
+        torch.library.opcheck(torch.ops.fastadapt.lora_linear.default,
+                              (x, weight, lora_A, lora_B, 0.5, bias, 0.0, torch.tensor(7), [1, 2], [0.2, 0.1]))
     gy = torch.randn(2, 5, 8)
     u = torch.randn(10, 3)
     backend = dispatch.select("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=None).backend
@@ -303,6 +393,9 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
                               (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs,
                                backend))
+    torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
+                          (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, torch.tensor(7),
+                           [True] * 5, backend, [2, 1], [0.0, 0.3]))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)

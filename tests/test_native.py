@@ -243,6 +243,48 @@ def test_lora_backward_computes_only_what_is_needed(needs):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("segments,segment_p", [([3, 1, 4], [0.3, 0.0, 0.5]), ([5, 3], [0.0, 0.0])])
+def test_lora_segments_match_float64_reference(dtype, segments, segment_p):
+    # Several adapters summed, each rank segment with its own dropout drawn from seed + k.
+    ops = _native.ops()
+    M, K, N, r = 37, 50, 24, sum(segments)
+    x, weight, lora_A, lora_B, bias = _lora_inputs(M, K, N, r, dtype, row_stride=K + 3)
+    scaling, seed = 0.75, 4321
+    y, u = ops.lora_segments_forward(x, weight, lora_A, lora_B, scaling, bias, segments, segment_p, seed)
+    gy = torch.randn(M, N, dtype=dtype)
+    grads = ops.lora_segments_backward(gy, x, weight, lora_A, lora_B, u, scaling, segments, segment_p, seed,
+                                       [True] * 5)
+    keep = [ops.dropout_keep(x, p, seed + k) if p > 0 else None for k, p in enumerate(segment_p)]
+
+    def run(cast):
+        ts = [t.detach().to(cast).requires_grad_() for t in (x, weight, lora_A, lora_B, bias)]
+        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, segment_p, segments)
+        out.backward(gy.to(cast))
+        return out, ts
+
+    y64, r64 = run(torch.float64)
+    ypt, rpt = run(dtype)
+    assert_close("y", y, y64, dtype, "cpu", ypt)
+    for name, g, idx in zip(["x", "lora_A", "lora_B", "bias", "weight"], grads, [0, 2, 3, 4, 1]):
+        assert g.dtype == dtype and g.shape == r64[idx].shape, name
+        assert_close(f"grad {name}", g, r64[idx].grad, dtype, "cpu", rpt[idx].grad)
+
+
+@needs_native
+def test_one_lora_segment_is_the_plain_kernel():
+    ops = _native.ops()
+    x, weight, lora_A, lora_B, bias = _lora_inputs(41, 40, 24, 5, torch.bfloat16)
+    gy = torch.randn(41, 24, dtype=torch.bfloat16)
+    plain = ops.lora_forward(x, weight, lora_A, lora_B, 0.5, bias, 0.2, 9)
+    seg = ops.lora_segments_forward(x, weight, lora_A, lora_B, 0.5, bias, [5], [0.2], 9)
+    assert all(torch.equal(a, b) for a, b in zip(plain, seg))
+    plain = ops.lora_backward(gy, x, weight, lora_A, lora_B, plain[1], 0.5, 0.2, 9, [True] * 5)
+    seg = ops.lora_segments_backward(gy, x, weight, lora_A, lora_B, seg[1], 0.5, [5], [0.2], 9, [True] * 5)
+    assert all(torch.equal(a, b) for a, b in zip(plain, seg))
+
+
+@needs_native
 def test_lora_kernels_are_deterministic_and_write_fresh_outputs():
     ops = _native.ops()
     x, weight, lora_A, lora_B, bias = _lora_inputs(300, 64, 40, 8, torch.float32)

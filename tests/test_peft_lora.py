@@ -265,19 +265,72 @@ def test_several_active_adapters_of_different_ranks_in_one_fused_call():
     assert report.calls == {"fused": len(calls)} and len(calls) == 2 * 14
 
 
-def test_several_adapters_with_dropout_in_training_fall_back_and_say_so():
+class _OpMask(torch.nn.Module):
+    """A PEFT dropout module that applies the mask the fused op draws for the same adapter: the
+    layer's k-th active adapter, from ``seed + k`` on ``backend``'s generator."""
+
+    def __init__(self, backend, seed, k, p):
+        super().__init__()
+        self.backend, self.seed, self.k, self.p = backend, seed, k, p
+
+    def forward(self, x):
+        from fastadapt.ops.dropout import dropout_keep
+        keep = dropout_keep(self.backend, self.seed + self.k, (x.numel() // x.shape[-1], x.shape[-1]), self.p, x.device)
+        return x * keep.view(x.shape).to(x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_several_adapters_with_dropout_in_training_are_one_fused_call(backend, monkeypatch):
+    # Each active adapter draws its own mask, of its own probability (one adapter has none): the
+    # op's masks put into PEFT's dropout modules give PEFT's logits and every grad.
+    if backend not in harness.backends_for("lora_linear", "cpu"):
+        pytest.skip(f"{backend} backend unavailable")
     torch.manual_seed(0)
-    model = peft.get_peft_model(_tiny_llama(), _lora_config(lora_dropout=0.1, target_modules=["q_proj"]))
-    model.add_adapter("second", _lora_config(target_modules=["q_proj"]))
-    model.base_model.set_adapter(["default", "second"])
-    report = fastadapt.patch(model)
-    assert all("several adapters are active together with dropout" in c for _, c in report.fallbacks)
-    ids = torch.randint(0, 64, (1, 5))
-    with pytest.warns(UserWarning, match="each adapter draws its own mask"):
-        model(input_ids=ids)
-    model.eval()  # no dropout in eval: one fused call again
-    model(input_ids=ids)
-    assert report.calls["fused"] == 2
+    theirs = peft.get_peft_model(_tiny_llama(), _lora_config(lora_dropout=0.1))
+    theirs.add_adapter("second", peft.LoraConfig(r=7, lora_alpha=16, lora_dropout=0.3, use_rslora=True,
+                                                 init_lora_weights=False, target_modules=["q_proj", "down_proj"]))
+    theirs.add_adapter("third", _lora_config(target_modules=["q_proj"]))  # no dropout
+    theirs.base_model.set_adapter(["default", "second", "third"])
+    ours = copy.deepcopy(theirs)
+    report = fastadapt.patch(ours, strict=True)
+    assert not any("dropout" in c for _, c in report.fallbacks), str(report)
+    seed = 1234567
+    monkeypatch.setattr(fastadapt.ops.lora, "_draw_seed", lambda: torch.tensor(seed))
+    from peft.tuners.lora.layer import LoraLayer
+    for module in theirs.modules():
+        if isinstance(module, LoraLayer):
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            for k, name in enumerate(active):
+                p = module.lora_dropout[name].p if isinstance(module.lora_dropout[name], torch.nn.Dropout) else 0.0
+                if p > 0:
+                    module.lora_dropout[name] = _OpMask(backend, seed, k, p)
+    ids = torch.randint(0, 64, (2, 9))
+    with fastadapt.dispatch.use_backend(backend):
+        mine = _step(ours, ids)
+    _assert_same(mine, _step(theirs, ids))
+    assert report.calls == {"fused": 14}
+    assert any(".second." in n and g.abs().sum() > 0 for n, g in mine[1].items())
+
+
+def test_several_adapters_with_dropout_draw_independent_masks():
+    # Unforced (automatic dispatch), two identical adapters with dropout: their grads differ, as
+    # their masks do; in eval they are equal.
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_tiny_llama(), _lora_config(lora_dropout=0.5, target_modules=["q_proj"]))
+    model.add_adapter("twin", _lora_config(lora_dropout=0.5, target_modules=["q_proj"]))
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "twin" in module.lora_A:
+            module.lora_A["twin"].load_state_dict(module.lora_A["default"].state_dict())
+            module.lora_B["twin"].load_state_dict(module.lora_B["default"].state_dict())
+    model.base_model.set_adapter(["default", "twin"])
+    report = fastadapt.patch(model, strict=True)
+    ids = torch.randint(0, 64, (2, 9))
+    for training in (True, False):
+        model.train(training)
+        grads = _step(model, ids)[1]
+        pairs = [(g, grads[n.replace(".default.", ".twin.")]) for n, g in grads.items() if ".default." in n]
+        assert pairs and all(torch.equal(a, b) != training for a, b in pairs)
+    assert report.calls == {"fused": 4}
 
 
 @pytest.mark.parametrize("init", ["gaussian", "pissa_niter_2", "olora", "orthogonal"])

@@ -13,13 +13,15 @@ Mixed batches (``model(..., adapter_names=[one name per sequence])``, ``"__base_
 model) run ``fastadapt::multi_lora_linear``: one call per layer for every adapter of the batch,
 in inference and, unlike PEFT, in training too: patching lets the ``LoraModel`` accept
 ``adapter_names`` in training mode, so several adapters train at once on one batch, each on its
-own sequences, with its own dropout.
+own sequences, with its own dropout. Several active adapters on every row are one
+``fastadapt::lora_linear`` call on their concatenated ranks, each adapter with its own dropout mask
+in training, as PEFT's dropout module per adapter gives.
 
 What it does not serve runs PEFT's own forward, which the patch report lists per layer, the first
 such call warns about, and ``patch(model, strict=True)`` refuses: LoRA variants other than DoRA,
 a DoRA adapter active together with others (PEFT applies each DoRA adapter to the output of the
-ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, several active adapters with dropout in
-training (each adapter draws its own mask), and an input whose dtype differs from the base
+ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, several active
+adapters with dropout in training on a QLoRA layer, and an input whose dtype differs from the base
 weight's outside autocast (PEFT's own forward raises there).
 """
 
@@ -93,8 +95,6 @@ def _layer_fallbacks(module) -> str:
         conditions.append(f"a LoRA variant adapter {others} is active")
     if dora and len(module.lora_A) > 1:
         conditions.append(f"a DoRA adapter {dora} is active together with other adapters")
-    if len(module.lora_A) > 1 and any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
-        conditions.append("several adapters are active together with dropout in training")
     return "; ".join(conditions)
 
 
@@ -120,9 +120,9 @@ def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str 
         return f"DoRA adapter(s) {dora} active together with other adapters (PEFT applies each to the sum before it)"
     if dora and module.lora_B[dora[0]].bias is not None:
         return "lora_bias on a DoRA adapter"
-    if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
-        return "several active adapters with dropout in training (each adapter draws its own mask)"
     if qlora:
+        if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
+            return "several active adapters with dropout in training on a QLoRA layer (each draws its own mask)"
         return peft_qlora.call_reason(module.get_base_layer(), x, compute_dtype)
     return _dtype_reason(x, weight, compute_dtype)
 
@@ -188,25 +188,28 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                            dropout_p=_dropout_p(self, adapter), training=self.training)
     dtype = compute_dtype or x.dtype
     lora_B = [self.lora_B[a] for a in active]
+    dropout_p = _dropout_p(self, active[0])
+    ranks = None
     if len(active) == 1:
         lora_A, scaling = self.lora_A[active[0]].weight, self.scaling[active[0]]
         up = lora_B[0].weight
     else:
         # PEFT sums the adapters' updates: one rank-(r1 + r2 + ...) update, each adapter's scaling
-        # folded into its columns of B (in the adapter's dtype, then rounded once to the compute dtype).
+        # folded into its columns of B (in the adapter's dtype, then rounded once to the compute
+        # dtype), each adapter's dropout drawing its own mask over x (its rank segment's).
         lora_A = torch.cat([self.lora_A[a].weight.to(dtype) for a in active])
         up = torch.cat([(b.weight * self.scaling[a]).to(dtype) for a, b in zip(active, lora_B)], dim=1)
         scaling = 1.0
+        dropout_p = [_dropout_p(self, a) for a in active]
+        ranks = [self.lora_A[a].weight.shape[0] for a in active]
     bias = base.bias
     lora_bias = [(b.bias, self.scaling[a]) for a, b in zip(active, lora_B) if b.bias is not None]
     if lora_bias:  # lora_bias: lora_B's bias, scaled like the rest of lora_B's output
         extra = sum(b * s for b, s in lora_bias)
         bias = (extra if bias is None else bias + extra).to(dtype)
-    # One dropout per call: several adapters reach here only without active dropout.
-    if qlora:
+    if qlora:  # several adapters reach here only without dropout (_call_reason)
         return peft_qlora.fused(base, x, lora_A, up, scaling, bias, _dropout_p(self, active[0]), self.training)
-    return lora_linear(x, weight, lora_A, up, scaling, bias, dropout_p=_dropout_p(self, active[0]),
-                       training=self.training)
+    return lora_linear(x, weight, lora_A, up, scaling, bias, dropout_p=dropout_p, training=self.training, ranks=ranks)
 
 
 def _modules_to_save_class():

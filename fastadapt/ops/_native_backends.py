@@ -31,22 +31,31 @@ def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
 
 
 def _lora_why_not(backend):
-    def why_not(x, weight, lora_A, lora_B, bias):
+    def why_not(x, weight, lora_A, lora_B, bias, segmented=False):
         reasons = _native_reasons(backend, x.device) + dtype_reasons(x.dtype)
         if len({t.dtype for t in (x, weight, lora_A, lora_B, bias) if t is not None}) > 1:
             reasons.append("x, weight, lora_A, lora_B and bias must share one dtype")
+        if segmented and backend == "cuda":
+            reasons.append("several adapters with dropout (one mask each): the CUDA kernels draw one mask per call")
         return reasons
     return why_not
 
 
-def _lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    y, u = _native.ops().lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-    return y, u
+def _lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+    if segments is not None:
+        return _native.ops().lora_segments_forward(x2d, weight, lora_A, lora_B, scaling, bias, segments, segment_p,
+                                                   seed)
+    return _native.ops().lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
 
-def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None,
+                   segment_p=None):
     needs = [bool(n) for n in needs]
-    grads = _native.ops().lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs)
+    if segments is not None:
+        grads = _native.ops().lora_segments_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, segments, segment_p,
+                                                     seed, needs)
+    else:
+        grads = _native.ops().lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
@@ -59,7 +68,7 @@ def _lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
 CPP_LORA_CROSSOVER = {torch.float32: (256, 2**23), torch.float16: (512, 2**27), torch.bfloat16: (512, 2**27)}
 
 
-def _cpp_lora_slower(x, weight, lora_A, lora_B, bias):
+def _cpp_lora_slower(x, weight, lora_A, lora_B, bias, segmented=False):
     """below M = 256 rows or M*K*N = 2^23 multiply-adds in float32 (512 rows, 2^27 in float16/bfloat16):
     eager PyTorch is faster there (measured: fastadapt/ops/_native_backends.py)"""
     rows = x.shape[:-1].numel()

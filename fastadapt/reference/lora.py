@@ -12,44 +12,85 @@ Math (PEFT's ``LoraLayer``), with ``x`` of shape (M, K), ``W`` (N, K), ``A`` (r,
     gB = s * gy^T (D(x) A^T) = gy^T u                     (N, r)
     gb = sum_M gy                                         (N,)
 
+Several adapters summed (PEFT's several active adapters) are one rank-(r_0 + r_1 + ...) update:
+A's rows and B's columns are the adapters' in turn ("rank segments"). Without dropout that is the
+math above unchanged. With dropout each adapter draws its own mask over x (PEFT applies each
+adapter's dropout module to x), so segment k has its own D_k, drawn from ``seed + k``::
+
+    u[:, seg_k] = s * D_k(x) A_k^T,   gx = gy W + sum_k D_k(gu[:, seg_k] A_k),   gA_k = gu[:, seg_k]^T D_k(x)
+
+and only these three products change: y, gu and gB read the whole rank at once.
+
 The fused kernels compute exactly these products; this module states them once, readably.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 from fastadapt.reference.dropout import dropout_keep
 
 
+def rank_segments(rank: int, dropout_p: float, seed: int, segments: Optional[Sequence[int]],
+                  segment_p: Optional[Sequence[float]]) -> list[tuple[int, int, float, int]]:
+    """The rank segments of a call as (first row of A, end, dropout p, seed): one segment of the
+    whole rank with ``dropout_p`` when ``segments`` is None, else segment k of ``segments[k]`` rows
+    with ``segment_p[k]`` drawn from ``seed + k``. Every backend walks the same list."""
+    if segments is None:
+        return [(0, rank, dropout_p, seed)]
+    bounds = [0]
+    for r in segments:
+        bounds.append(bounds[-1] + r)
+    return [(a, b, p, seed + k) for k, (a, b, p) in enumerate(zip(bounds, bounds[1:], segment_p))]
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     return x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
 
 
-def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropout_p=0.0):
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropout_p=0.0, ranks=None):
     """``x W^T + b + s * (D(x) A^T) B^T`` with autograd; ``keep`` is the dropout mask (or None).
 
-    Equivalent PEFT: ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``.
+    With ``ranks`` (several adapters summed, A's rows and B's columns in turn), ``keep`` and
+    ``dropout_p`` are sequences, one mask (or None) and one probability per adapter.
+
+    Equivalent PEFT: ``base_layer(x) + sum over adapters of lora_B(lora_A(dropout(x))) * scaling``.
     """
     y = torch.nn.functional.linear(x, weight, bias)
-    return y + (_dropped(x, keep, dropout_p) @ lora_A.t()) @ lora_B.t() * scaling
+    if ranks is None:
+        return y + (_dropped(x, keep, dropout_p) @ lora_A.t()) @ lora_B.t() * scaling
+    for (a, b, _, _), k, p in zip(rank_segments(lora_A.shape[0], 0.0, 0, ranks, dropout_p), keep, dropout_p):
+        y = y + (_dropped(x, k, p) @ lora_A[a:b].t()) @ lora_B[:, a:b].t() * scaling
+    return y
 
 
-def forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    """Backend forward: (y, u) for 2-D ``x2d``; the mask comes from ``seed``."""
-    keep = dropout_keep(seed, x2d.shape, dropout_p, x2d.device)
-    u = (_dropped(x2d, keep, dropout_p) @ lora_A.t()) * scaling
+def forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+    """Backend forward: (y, u) for 2-D ``x2d``; the masks come from ``seed``."""
+    u = _cat([_dropped(x2d, dropout_keep(sd, x2d.shape, p, x2d.device), p) @ lora_A[a:b].t()
+              for a, b, p, sd in rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p)], 1) * scaling
     y = torch.nn.functional.linear(x2d, weight, bias) + u @ lora_B.t()
     return y, u
 
 
-def backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
     """Backend backward: (gx, gA, gB, gbias, gweight), ``None`` where ``needs`` says not needed."""
     need_x, need_A, need_B, need_bias, need_weight = needs
-    keep = dropout_keep(seed, x2d.shape, dropout_p, x2d.device)
     gu = (gy @ lora_B) * scaling
-    gx = gy @ weight + _dropped(gu @ lora_A, keep, dropout_p) if need_x else None
-    gA = gu.t() @ _dropped(x2d, keep, dropout_p) if need_A else None
+    gx = gy @ weight if need_x else None
+    gA = []
+    for a, b, p, sd in rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p):
+        keep = dropout_keep(sd, x2d.shape, p, x2d.device)
+        if need_x:
+            gx = gx + _dropped(gu[:, a:b] @ lora_A[a:b], keep, p)
+        if need_A:
+            gA.append(gu[:, a:b].t() @ _dropped(x2d, keep, p))
+    gA = _cat(gA, 0) if need_A else None
     gB = gy.t() @ u if need_B else None
     gbias = gy.sum(0) if need_bias else None
     gweight = gy.t() @ x2d if need_weight else None

@@ -75,6 +75,13 @@ def _fused(env: Env, step: Callable[[], None], op: str | None = None) -> dict[st
     return {fused_name(b): under(b) for b in backends or ["reference"]}
 
 
+def _on_first_fused(env: Env, step: Callable[[], None], op: str) -> Callable[[], None]:
+    """``step`` forced onto the first backend :func:`_fused` times (triton on a GPU, cpp on a CPU,
+    where automatic dispatch would pick the Triton interpreter the bench turns on): for a variant
+    that another fastadapt call is compared with."""
+    return next(iter(_fused(env, step, op).values()))
+
+
 def _compiled(env: Env, fn):
     # dynamic=False: each case's shapes get their own graph, as a user compiling one model would.
     return torch.compile(fn, dynamic=False) if env.compile else None
@@ -162,6 +169,40 @@ def lora_train(M: int, K: int, N: int, r: int, p: float, tier: str, baselines: b
                 tier, build)
 
 
+def lora_several_train(M: int, K: int, N: int, n: int, r: int, p: float, tier: str) -> Case:
+    """Forward + backward of one layer with n active adapters (PEFT sums them), each with its own
+    dropout p: the patched PEFT layer (one fused call, a mask per adapter) against PEFT's loop over
+    the adapters, and against one adapter alone. The floor: the frozen matmul."""
+    scaling = 2.0
+
+    def build(env: Env) -> Built:
+        import copy
+
+        import fastadapt
+
+        weight, single_A, single_B = _lora_tensors(env, M, K, N, r)
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        theirs = _peft_lora_layer(weight, r, scaling, p, adapters=n)
+        theirs.set_adapter(_adapter_names(range(n)))
+        ours = copy.deepcopy(theirs)
+        fastadapt.patch(ours, strict=True)  # a call that would fall back to PEFT fails the case
+        leaves = [x, single_A, single_B, *(q for m in (theirs, ours) for q in m.parameters() if q.requires_grad)]
+
+        def step(f):
+            return forward_backward(f, leaves, grad_y)
+
+        variants = _fused(env, step(lambda: ours(x)), "lora_linear")
+        variants["peft (loop over adapters)"] = step(lambda: theirs(x))
+        variants["one adapter alone (fastadapt lora_linear)"] = _on_first_fused(env, step(
+            lambda: fastadapt.lora_linear(x, weight, single_A, single_B, scaling, dropout_p=p)), "lora_linear")
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    return Case("lora", f"fwd+bwd M={M} {K}x{N} {n} active adapters r={r}, dropout {p} each",
+                dict(kind="train", M=M, K=K, N=N, n=n, r=r, p=p), tier, build)
+
+
 def lora_decode(M: int, K: int, N: int, r: int, tier: str) -> Case:
     """Inference with the adapter unmerged (serving several adapters); the floor: the merged matmul."""
     scaling = 2.0
@@ -206,8 +247,8 @@ def dora_train(M: int, K: int, N: int, r: int, p: float, tier: str) -> Case:
         variants = _fused(env, step(lambda: fastadapt.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling,
                                                                   dropout_p=p)), op="dora_linear")
         variants["peft DoRA"] = step(lambda: layer(x))
-        variants["fastadapt LoRA (no DoRA)"] = step(
-            lambda: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, dropout_p=p))
+        variants["fastadapt LoRA (no DoRA)"] = _on_first_fused(env, step(
+            lambda: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, dropout_p=p)), "lora_linear")
         variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
         return Built(variants, "floor: frozen matmul", leaves=leaves)
 
@@ -252,8 +293,8 @@ def multi_lora_train(M: int, K: int, N: int, n: int, r: int, tier: str) -> Case:
 
         variants = _fused(env, step(lambda: fastadapt.multi_lora_linear(x, weight, A, B, scalings, ids)))
         variants["peft mixed batch (loop over adapters)"] = step(lambda: layer(x, adapter_names=names))
-        variants["one adapter alone (fastadapt lora_linear)"] = step(
-            lambda: fastadapt.lora_linear(x, weight, single_A, single_B, scaling))
+        variants["one adapter alone (fastadapt lora_linear)"] = _on_first_fused(env, step(
+            lambda: fastadapt.lora_linear(x, weight, single_A, single_B, scaling)), "lora_linear")
         variants["floor: frozen matmul"] = step(lambda: F.linear(x, weight))
         return Built(variants, "floor: frozen matmul", leaves=leaves)
 
@@ -641,6 +682,7 @@ def all_cases(scale: str) -> list[Case]:
             prefix(8, 32, 32, 512, 128, 30, True, "quick"),
             prefix_peft_layer(4, 2048, 4096, 32, 10, "quick"),
             lora_train(8192, 4096, 4096, 16, 0.05, "quick"),
+            lora_several_train(8192, 4096, 4096, 2, 16, 0.05, "default"),
             dora_train(8192, 4096, 4096, 16, 0.0, "quick"),
             lora_train(8192, 4096, 11008, 16, 0.0, "quick"),
             dora_train(8192, 4096, 11008, 16, 0.0, "default"),
@@ -668,6 +710,7 @@ def all_cases(scale: str) -> list[Case]:
             lora_train(2048, 1024, 1024, 16, 0.0, "quick"),
             lora_train(2048, 1024, 1024, 16, 0.1, "quick"),
             lora_train(2048, 1024, 2816, 16, 0.0, "default"),
+            lora_several_train(2048, 1024, 1024, 2, 16, 0.1, "quick"),
             dora_train(2048, 1024, 1024, 16, 0.0, "quick"),
             multi_lora_train(2048, 1024, 1024, 4, 16, "quick"),
             qlora_train(2048, 1024, 1024, 16, "quick"),
@@ -688,6 +731,7 @@ def all_cases(scale: str) -> list[Case]:
         return [
             lora_train(64, 96, 80, 8, 0.0, "quick"),
             lora_train(64, 96, 80, 8, 0.1, "default"),
+            lora_several_train(64, 96, 80, 2, 8, 0.1, "quick"),
             dora_train(64, 96, 80, 8, 0.0, "quick"),
             multi_lora_train(64, 96, 80, 4, 8, "quick"),
             qlora_train(64, 128, 80, 8, "quick"),

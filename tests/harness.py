@@ -65,3 +65,18 @@ def assert_backward_on_forward_backend(op: str, backend: str, device: str, call,
         for name, mine, first in zip(names, g, grads[0]):
             if first is not None:
                 torch.testing.assert_close(mine, first, msg=lambda m: f"{other} backward, {name}: {m}")
+
+
+class OpMask(torch.nn.Module):
+    """A PEFT dropout module that applies the mask a fused LoRA op draws for the same adapter (the
+    layer's k-th active adapter, from ``seed + k`` on ``backend``'s generator), so that an
+    unpatched PEFT model computes what the patched one does with dropout on."""
+
+    def __init__(self, backend: str, seed: int, k: int, p: float):
+        super().__init__()
+        self.backend, self.seed, self.k, self.p = backend, seed, k, p
+
+    def forward(self, x):
+        from fastadapt.ops.dropout import dropout_keep
+        keep = dropout_keep(self.backend, self.seed + self.k, (x.numel() // x.shape[-1], x.shape[-1]), self.p, x.device)
+        return x * keep.view(x.shape).to(x.dtype) / (1 - self.p)

@@ -265,20 +265,6 @@ def test_several_active_adapters_of_different_ranks_in_one_fused_call():
     assert report.calls == {"fused": len(calls)} and len(calls) == 2 * 14
 
 
-class _OpMask(torch.nn.Module):
-    """A PEFT dropout module that applies the mask the fused op draws for the same adapter: the
-    layer's k-th active adapter, from ``seed + k`` on ``backend``'s generator."""
-
-    def __init__(self, backend, seed, k, p):
-        super().__init__()
-        self.backend, self.seed, self.k, self.p = backend, seed, k, p
-
-    def forward(self, x):
-        from fastadapt.ops.dropout import dropout_keep
-        keep = dropout_keep(self.backend, self.seed + self.k, (x.numel() // x.shape[-1], x.shape[-1]), self.p, x.device)
-        return x * keep.view(x.shape).to(x.dtype) / (1 - self.p)
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_several_adapters_with_dropout_in_training_are_one_fused_call(backend, monkeypatch):
     # Each active adapter draws its own mask, of its own probability (one adapter has none): the
@@ -303,7 +289,7 @@ def test_several_adapters_with_dropout_in_training_are_one_fused_call(backend, m
             for k, name in enumerate(active):
                 p = module.lora_dropout[name].p if isinstance(module.lora_dropout[name], torch.nn.Dropout) else 0.0
                 if p > 0:
-                    module.lora_dropout[name] = _OpMask(backend, seed, k, p)
+                    module.lora_dropout[name] = harness.OpMask(backend, seed, k, p)
     ids = torch.randint(0, 64, (2, 9))
     with fastadapt.dispatch.use_backend(backend):
         mine = _step(ours, ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import harness
 import torch
 from harness import assert_close, rel_err
 
@@ -151,6 +152,37 @@ def test_dropout_in_training_is_served():
                                      layer.lora_B["default"].weight.double(), layer.scaling["default"],
                                      layer.base_layer.bias.double())
     assert rel_err(y, y64) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_several_adapters_with_dropout_are_one_fused_call(backend, monkeypatch):
+    # Each adapter's own mask (the op's, put into PEFT's dropout modules): PEFT's output and grads.
+    if backend not in harness.backends_for("qlora_linear", "cpu"):
+        pytest.skip(f"{backend} backend unavailable")
+    layer = _peft_layer(torch.float32, dropout=0.2)
+    config = peft.LoraConfig(r=5, lora_alpha=20, lora_dropout=0.4, init_lora_weights=False)
+    layer.update_layer("second", 5, lora_alpha=20, config=config, lora_dropout=0.4, init_lora_weights=False)
+    layer.set_adapter(["default", "second"])
+    theirs = copy.deepcopy(layer)
+    report = fastadapt.patch(torch.nn.Sequential(layer), strict=True)
+    seed = 98765
+    monkeypatch.setattr(fastadapt.ops.lora, "_draw_seed", lambda: torch.tensor(seed))
+    monkeypatch.setattr(fastadapt.ops.qlora, "_draw_seed", lambda: torch.tensor(seed))
+    for k, name in enumerate(["default", "second"]):
+        theirs.lora_dropout[name] = harness.OpMask(backend, seed, k, theirs.lora_dropout[name].p)
+    x = torch.randn(3, 7, 128)
+    gy = torch.randn(3, 7, 64)
+    outs = []
+    for module in (layer, theirs):
+        xi = x.clone().requires_grad_()
+        with fastadapt.dispatch.use_backend(backend):
+            y = module(xi)
+            y.backward(gy)
+        outs.append([y, xi.grad, *(module.lora_A[a].weight.grad for a in ("default", "second")),
+                     *(module.lora_B[a].weight.grad for a in ("default", "second"))])
+    assert report.calls == {"fused": 1}
+    for mine, peft_out in zip(*outs):
+        assert rel_err(mine, peft_out) < 1e-5
 
 
 def test_fp4_base_is_left_to_peft():

@@ -32,7 +32,7 @@ def _leaf(t, dtype=None):
     return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
 
 
-def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, bias=True):
+def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, bias=True, ranks=None):
     q = _quantized(fmt, n_out, n_in, device)
     x = torch.randn(*lead, n_in, dtype=dtype, device=device)
     lora_A = torch.randn(r, n_in, dtype=dtype, device=device) / n_in**0.5
@@ -41,21 +41,21 @@ def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, 
     ours = [_leaf(t) for t in (x, lora_A, lora_B, b)]
     torch.manual_seed(1234)  # the op draws its dropout seed from the default CPU generator
     with dispatch.use_backend(backend):
-        y = fastadapt.qlora_linear(ours[0], q, *ours[1:3], 0.5, ours[3], dropout_p=dropout_p)
+        y = fastadapt.qlora_linear(ours[0], q, *ours[1:3], 0.5, ours[3], dropout_p=dropout_p, ranks=ranks)
         gy = torch.randn_like(y)
         y.backward(gy)
 
-    keep = None
-    if dropout_p > 0:
-        torch.manual_seed(1234)
-        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-        keep = dropout_keep(backend, seed, (x.numel() // n_in, n_in), dropout_p, device).view(x.shape)
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    keep = [dropout_keep(backend, seed + k, (x.numel() // n_in, n_in), p, device).view(x.shape) if p > 0 else None
+            for k, p in enumerate([dropout_p] if ranks is None else dropout_p)]
+    keep = keep[0] if ranks is None else keep
     # The truth: exact math on the weight dequantized to the compute dtype (bnb's rounding).
     weight = reference.dequantize(q, dtype)
 
     def reference_run(cast):
         ts = [_leaf(t, cast) for t in (x, lora_A, lora_B, b)]
-        out = lora_reference.lora_linear(ts[0], weight.to(cast), ts[1], ts[2], 0.5, ts[3], keep, dropout_p)
+        out = lora_reference.lora_linear(ts[0], weight.to(cast), ts[1], ts[2], 0.5, ts[3], keep, dropout_p, ranks)
         out.backward(gy.to(cast))
         return out, ts
 
@@ -82,6 +82,12 @@ def test_matches_reference(backend, device, dtype, fmt, lead, n_in, n_out, r):
 @pytest.mark.parametrize("fmt", ["nf4-nested", "fp8-channel"])
 def test_dropout_same_mask_forward_and_backward(backend, device, dtype, fmt):
     _check(backend, device, dtype, fmt, (37,), 80, 48, 16, dropout_p=0.3, bias=False)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_several_adapters_each_draw_their_own_dropout_mask(backend, device, dtype):
+    _check(backend, device, dtype, "nf4-nested", (37,), 80, 48, 12, dropout_p=[0.3, 0.0, 0.2], ranks=[4, 7, 1])
 
 
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKEND_DEVICE if b != "reference"])

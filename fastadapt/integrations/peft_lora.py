@@ -20,9 +20,8 @@ in training, as PEFT's dropout module per adapter gives.
 What it does not serve runs PEFT's own forward, which the patch report lists per layer, the first
 such call warns about, and ``patch(model, strict=True)`` refuses: LoRA variants other than DoRA,
 a DoRA adapter active together with others (PEFT applies each DoRA adapter to the output of the
-ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, several active
-adapters with dropout in training on a QLoRA layer, and an input whose dtype differs from the base
-weight's outside autocast (PEFT's own forward raises there).
+ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, and an input
+whose dtype differs from the base weight's outside autocast (PEFT's own forward raises there).
 """
 
 from __future__ import annotations
@@ -85,8 +84,6 @@ def _layer_fallbacks(module) -> str:
         conditions = [peft_qlora.ALWAYS]
         if module.lora_variant:
             conditions.append(f"a LoRA variant adapter {sorted(module.lora_variant)} (DoRA included) is active")
-        if len(module.lora_A) > 1 and any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
-            conditions.append("several adapters are active together with dropout in training")
         return "; ".join(conditions)
     conditions = [_ALWAYS]
     dora = _dora_adapters(module)
@@ -121,8 +118,6 @@ def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str 
     if dora and module.lora_B[dora[0]].bias is not None:
         return "lora_bias on a DoRA adapter"
     if qlora:
-        if len(active) > 1 and any(_dropout_p(module, a) > 0 for a in active):
-            return "several active adapters with dropout in training on a QLoRA layer (each draws its own mask)"
         return peft_qlora.call_reason(module.get_base_layer(), x, compute_dtype)
     return _dtype_reason(x, weight, compute_dtype)
 
@@ -207,8 +202,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if lora_bias:  # lora_bias: lora_B's bias, scaled like the rest of lora_B's output
         extra = sum(b * s for b, s in lora_bias)
         bias = (extra if bias is None else bias + extra).to(dtype)
-    if qlora:  # several adapters reach here only without dropout (_call_reason)
-        return peft_qlora.fused(base, x, lora_A, up, scaling, bias, _dropout_p(self, active[0]), self.training)
+    if qlora:
+        return peft_qlora.fused(base, x, lora_A, up, scaling, bias, dropout_p, self.training, ranks)
     return lora_linear(x, weight, lora_A, up, scaling, bias, dropout_p=dropout_p, training=self.training, ranks=ranks)
 
 

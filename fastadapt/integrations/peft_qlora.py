@@ -74,9 +74,9 @@ def call_reason(base, x, autocast: torch.dtype | None) -> str | None:
     return None
 
 
-def fused(base, x, lora_A, lora_B, scaling, bias, dropout_p, training):
+def fused(base, x, lora_A, lora_B, scaling, bias, dropout_p, training, ranks=None):
     """The fused call for a QLoRA layer (arguments as :func:`fastadapt.qlora_linear`)."""
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)  # bnb casts its bias to the compute dtype too
     return qlora_linear(x, nf4_from_bnb(base.weight), lora_A, lora_B, scaling, bias, dropout_p=dropout_p,
-                        training=training)
+                        training=training, ranks=ranks)

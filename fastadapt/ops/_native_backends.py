@@ -140,14 +140,21 @@ def _qlora_weight_args(q):
     return (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits)
 
 
-def _qlora_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    y, u = _native.ops().qlora_forward(x2d, *_qlora_weight_args(q), q.shape[0], lora_A, lora_B, scaling, bias,
+# Several adapters with their own dropout (rank segments): the LoRA kernels' segmented form on the
+# dequantized weight, which is what qlora_forward/backward do with one segment.
+def _qlora_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+    if segments is not None:
+        return _lora_forward(x2d, qlora_dequantize(q, x2d.dtype), lora_A, lora_B, scaling, bias, 0.0, seed, segments,
+                             segment_p)
+    return _native.ops().qlora_forward(x2d, *_qlora_weight_args(q), q.shape[0], lora_A, lora_B, scaling, bias,
                                        dropout_p, seed)
-    return y, u
 
 
-def _qlora_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def _qlora_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
     needs = [bool(n) for n in needs]
+    if segments is not None:
+        return _lora_backward(gy, x2d, qlora_dequantize(q, x2d.dtype), lora_A, lora_B, u, scaling, 0.0, seed,
+                              [*needs, False], segments, segment_p)[:4]
     grads = _native.ops().qlora_backward(gy, x2d, *_qlora_weight_args(q), lora_A, lora_B, u, scaling, dropout_p,
                                          seed, needs)
     return tuple(g if need else None for g, need in zip(grads, needs))

@@ -9,7 +9,7 @@ forward's backend. The frozen weight never gets a gradient. The layout is stated
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch import Tensor
 from fastadapt import _checks, dispatch
 from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.ops import _autocast, _eager
-from fastadapt.ops.lora import _seed, check_adapter_args
+from fastadapt.ops.lora import _draw_seed, _rank_segments, _seed, check_adapter_args
 from fastadapt.reference import qlora as reference
 from fastadapt.reference.qlora import QuantizedWeight
 
@@ -136,9 +136,10 @@ def _select(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2
 
 
 def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A,
-             lora_B, scaling, bias, dropout_p, seed):
+             lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
-    y, u = impl.forward(x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
+    args = (x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
+    y, u = impl.forward(*args) if segments is None else impl.forward(*args, segments, segment_p)
     return y.view(*x.shape[:-1], out_features), u
 
 
@@ -146,26 +147,30 @@ def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blo
 def _qlora_linear(x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
                   code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
                   out_features: int, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
-                  dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                  dropout_p: float, seed: Optional[Tensor], segments: Optional[list[int]] = None,
+                  segment_p: Optional[list[float]] = None) -> tuple[Tensor, Tensor]:
     inputs = (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
-              scaling, bias, dropout_p, seed)
+              scaling, bias, dropout_p, seed, segments, segment_p)
     return _forward(_select(*inputs), *inputs)
 
 
 @_qlora_linear.register_fake
 def _(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
-      scaling, bias, dropout_p, seed):
+      scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(x.shape[:-1].numel(), lora_A.shape[0])
 
 
 def _run_backward(gy: Tensor, x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
                   code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
                   lora_A: Tensor, lora_B: Tensor, u: Tensor, scaling: float, dropout_p: float,
-                  seed: Optional[Tensor], needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  seed: Optional[Tensor], needs: list[bool], backend: str, segments: Optional[list[int]] = None,
+                  segment_p: Optional[list[float]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(gx, gA, gB, gbias) on ``backend``, the forward's; a gradient not asked for comes back empty."""
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, gy.shape[-1], x.shape[-1])
-    grads = dispatch.get(OP, backend).backward(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q,
-                                               lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs)
+    args = (gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, u, scaling, dropout_p,
+            _seed(seed), needs)
+    impl = dispatch.get(OP, backend)
+    grads = impl.backward(*args) if segments is None else impl.backward(*args, segments, segment_p)
     gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
     return (gx.view(x.shape) if needs[0] else gx), *rest
 
@@ -175,28 +180,28 @@ _qlora_linear_backward = torch.library.custom_op("fastadapt::qlora_linear_backwa
 
 @_qlora_linear_backward.register_fake
 def _(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u, scaling,
-      dropout_p, seed, needs, backend):
+      dropout_p, seed, needs, backend, segments=None, segment_p=None):
     shapes = (x.shape, lora_A.shape, lora_B.shape, lora_B.shape[:1])
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output, backend=None):
     (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, _, lora_A, lora_B, scaling, bias,
-     dropout_p, seed) = inputs
+     dropout_p, seed, segments, segment_p) = inputs
     ctx.save_for_backward(x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, output[1], seed)
-    ctx.meta = (blocksize, blocksize2, bits, scaling, dropout_p)
+    ctx.meta = (blocksize, blocksize2, bits, scaling, dropout_p, segments, segment_p)
     ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
 
 
 def _backward(ctx, gy, _gu):
     x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, u, seed = ctx.saved_tensors
-    blocksize, blocksize2, bits, scaling, dropout_p = ctx.meta
+    blocksize, blocksize2, bits, scaling, dropout_p, segments, segment_p = ctx.meta
     needs = [ctx.needs_input_grad[i] for i in (0, 11, 12, 14)]  # x, lora_A, lora_B, bias
     run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.qlora_linear_backward
     grads = run(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u,
-                scaling, dropout_p, seed, needs, ctx.backend)
+                scaling, dropout_p, seed, needs, ctx.backend, segments, segment_p)
     gx, gA, gB, gbias = (g if need else None for g, need in zip(grads, needs))
-    return gx, *(None,) * 10, gA, gB, None, gbias, None, None
+    return gx, *(None,) * 10, gA, gB, None, gbias, None, None, None, None
 
 
 _qlora_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -207,7 +212,8 @@ _autocast.register(OP, keep=_KEEP)
 
 
 def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True) -> Tensor:
+                 bias: Optional[Tensor] = None, dropout_p: Union[float, Sequence[float]] = 0.0, training: bool = True,
+                 ranks: Optional[Sequence[int]] = None) -> Tensor:
     """Fused LoRA linear on a quantized frozen weight (NF4 QLoRA or FP8):
     ``x dequant(W)^T + b + scaling * (dropout(x) A^T) B^T``, the weight dequantized inside the GEMM.
 
@@ -218,7 +224,8 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
             compute dtype exactly as bitsandbytes does (fp32 ``code * absmax``, rounded once).
         lora_A: (r, in_features); lora_B: (out_features, r), in any floating dtype (computed in
             the compute dtype with float32 accumulation; grads come back in their own dtype).
-        scaling, bias, dropout_p, training: as :func:`fastadapt.lora_linear`.
+        scaling, bias, dropout_p, training, ranks: as :func:`fastadapt.lora_linear` (``ranks``:
+            several adapters summed, each with its own dropout mask).
 
     Returns:
         (..., out_features) in the compute dtype (``x``'s, or the autocast region's). Gradients flow
@@ -231,7 +238,12 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
     """
     _check_weight(weight)
     q = weight
+    segments = segment_p = None
+    if ranks is not None:
+        dropout_p, segments, segment_p = _rank_segments(lora_A, ranks, dropout_p, training)
     scaling, p, seed = check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, q.shape)
+    if segments is not None:
+        seed = _draw_seed()
     _checks.same_device(x=x, weight_data=q.data, weight_code=q.code, weight_absmax=q.absmax, weight_absmax2=q.absmax2,
                         weight_code2=q.code2, weight_offset=q.offset, lora_A=lora_A, lora_B=lora_B, bias=bias)
     dtype = _autocast.autocast_dtype(x)
@@ -239,7 +251,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
         _checks.same_dtype(x=x, bias=bias)
         dtype = x.dtype
     inputs = (x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, q.shape[0],
-              lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed)
+              lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed, segments, segment_p)
     if _eager.fast_path(x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, lora_A, lora_B, bias):
         y, _ = _eager.run(_QLoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
     else:

@@ -75,6 +75,21 @@ def _fused(env: Env, step: Callable[[], None], op: str | None = None) -> dict[st
     return {fused_name(b): under(b) for b in backends or ["reference"]}
 
 
+AUTOMATIC = "fastadapt, automatic dispatch"
+
+
+def _automatic(env: Env, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with each call on the backend automatic dispatch picks among the timed ones and the
+    reference (what ``fastadapt.patch`` gives a user: below a backend's declared crossover the
+    plain PyTorch composite runs), leaving out the Triton interpreter the bench turns on on a CPU."""
+    from fastadapt import dispatch
+
+    def run():
+        with dispatch.only_backends(*env.backends, "reference"):
+            step()
+    return run
+
+
 def _on_first_fused(env: Env, step: Callable[[], None], op: str) -> Callable[[], None]:
     """``step`` forced onto the first backend :func:`_fused` times (triton on a GPU, cpp on a CPU,
     where automatic dispatch would pick the Triton interpreter the bench turns on): for a variant
@@ -643,6 +658,7 @@ def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r
             return forward_backward(forward, leaves, grad_out)
 
         variants = _fused(env, step(ours))
+        variants[AUTOMATIC] = _automatic(env, step(ours))
         variants["peft"] = step(theirs)
         variants["floor: frozen model"] = step(frozen)
         return Built(variants, "floor: frozen model", leaves=leaves)

@@ -128,13 +128,13 @@ inline void axpy1(float* __restrict__ out, const float* __restrict__ v, float c,
   for (int64_t k = 0; k < n; ++k) out[k] += c * v[k];
 }
 
-// out[i, :n] += sum_j c[i, j] * V[j, :n] for the RB rows: c is RB x r (row stride r), V is r x n,
+// out[i, :n] += sum_j c[i, j] * V[j, :n] for the RB rows: c is RB x r (row stride ldc), V is r x n,
 // out has row stride ldo. Each row of V is used by the 8 rows while it is in L1. (Written with
 // 8 output pointers in one loop, gcc gave up vectorizing on the aliasing checks: 1.5x slower
 // LoRA forward at M=2048, d=1024.)
-inline void outer_rows(const float* c, int64_t r, const float* V, int64_t n, float* out, int64_t ldo) {
+inline void outer_rows(const float* c, int64_t ldc, int64_t r, const float* V, int64_t n, float* out, int64_t ldo) {
   for (int64_t j = 0; j < r; ++j)
-    for (int64_t i = 0; i < RB; ++i) axpy1(out + i * ldo, V + j * n, c[i * r + j], n);
+    for (int64_t i = 0; i < RB; ++i) axpy1(out + i * ldo, V + j * n, c[i * ldc + j], n);
 }
 
 // Blocks of RB rows per at::parallel_for task: enough work per task to amortize the fork.

@@ -96,8 +96,7 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const st
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     // acc: gx's rows in float32 (the first segment's part, then the others' added); part: one more.
-    std::vector<float> xd(RB * K), scale(RB * K), acc(need_x ? RB * K : 0), part(need_x ? RB * K : 0), g(RB * r),
-        gs(RB * r);
+    std::vector<float> xd(RB * K), scale(RB * K), acc(need_x ? RB * K : 0), part(need_x ? RB * K : 0), g(RB * r);
     float coef[RB];
     for (int64_t c = c0; c < c1; ++c) {
       float* gA = need_A ? slot_base + c * width : nullptr;
@@ -116,12 +115,9 @@ void dropout_up_pass(const Tensor& x, const Tensor& gu, const float* A, const st
             }
           }
           if (!need_x) continue;
-          const int64_t rs = sg.end - sg.begin;
-          for (int64_t i = 0; i < RB; ++i)
-            for (int64_t j = 0; j < rs; ++j) gs[i * rs + j] = g[i * r + sg.begin + j];
           float* out = k == 0 ? acc.data() : part.data();
           std::fill(out, out + RB * K, 0.f);
-          cpu::outer_rows(gs.data(), rs, A + sg.begin * K, K, out, K);
+          cpu::outer_rows(g.data() + sg.begin, r, sg.end - sg.begin, A + sg.begin * K, K, out, K);
           const float* sc = scale.data();
           const int64_t n = rows * K;
           if (k == 0) {

@@ -183,11 +183,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                            dropout_p=_dropout_p(self, adapter), training=self.training)
     dtype = compute_dtype or x.dtype
     lora_B = [self.lora_B[a] for a in active]
-    dropout_p = _dropout_p(self, active[0])
-    ranks = None
     if len(active) == 1:
         lora_A, scaling = self.lora_A[active[0]].weight, self.scaling[active[0]]
         up = lora_B[0].weight
+        dropout_p, ranks = _dropout_p(self, active[0]), None
     else:
         # PEFT sums the adapters' updates: one rank-(r1 + r2 + ...) update, each adapter's scaling
         # folded into its columns of B (in the adapter's dtype, then rounded once to the compute

@@ -37,8 +37,7 @@ def _select(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=
 
 def _forward(impl, x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     x2d = x.reshape(-1, x.shape[-1])
-    args = (x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
-    y, u = impl.forward(*args) if segments is None else impl.forward(*args, segments, segment_p)
+    y, u = impl.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), segments, segment_p)
     return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
@@ -65,9 +64,8 @@ def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     ``needs`` comes back empty."""
     x2d = x.reshape(-1, x.shape[-1])
     gy2d = gy.reshape(-1, gy.shape[-1])
-    args = (gy2d, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs)
-    impl = dispatch.get(OP, backend)
-    grads = impl.backward(*args) if segments is None else impl.backward(*args, segments, segment_p)
+    grads = dispatch.get(OP, backend).backward(gy2d, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, _seed(seed),
+                                               needs, segments, segment_p)
     gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
     return (gx.view(x.shape) if needs[0] else gx), *rest
 

@@ -138,8 +138,8 @@ def _select(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2
 def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A,
              lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
-    args = (x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed))
-    y, u = impl.forward(*args) if segments is None else impl.forward(*args, segments, segment_p)
+    y, u = impl.forward(x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed),
+                        segments, segment_p)
     return y.view(*x.shape[:-1], out_features), u
 
 
@@ -167,10 +167,9 @@ def _run_backward(gy: Tensor, x: Tensor, data: Tensor, code: Tensor, absmax: Ten
                   segment_p: Optional[list[float]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(gx, gA, gB, gbias) on ``backend``, the forward's; a gradient not asked for comes back empty."""
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, gy.shape[-1], x.shape[-1])
-    args = (gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, u, scaling, dropout_p,
-            _seed(seed), needs)
-    impl = dispatch.get(OP, backend)
-    grads = impl.backward(*args) if segments is None else impl.backward(*args, segments, segment_p)
+    grads = dispatch.get(OP, backend).backward(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q,
+                                               lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs, segments,
+                                               segment_p)
     gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
     return (gx.view(x.shape) if needs[0] else gx), *rest
 

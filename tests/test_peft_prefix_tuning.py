@@ -4,6 +4,7 @@ with the same logits, grads and generated tokens as PEFT's own path."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -70,6 +71,33 @@ def test_prefix_tuning_under_autocast_against_float64():
     assert report.calls == {"fused": 2}
 
 
+def _greedy_with_explicit_prefix(peft_model, ids, mask, steps):
+    """Greedy decoding recomputed from scratch at every step by the unpatched base model (its eager
+    attention: one softmax over [prefix; tokens]), with the adapter's prefix keys and values put
+    explicitly in front of the tokens in a fresh cache and the mask extended over them. Positions
+    are those ``generate`` gives (counted over the unpadded tokens), moved past the prefix as PEFT
+    moves them for prefix tuning."""
+    base = copy.deepcopy(peft_model.get_base_model())
+    base.config._attn_implementation = "eager"
+    cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    length = peft_model.active_peft_config.num_virtual_tokens
+    for _ in range(steps):
+        prefix = peft_model.get_prompt(ids.shape[0])
+        assert prefix.get_seq_length() == length
+        logits = base(input_ids=ids, attention_mask=torch.cat([mask.new_ones(ids.shape[0], length), mask], 1),
+                      position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + length,
+                      **{cache_arg: prefix}).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, mask.new_ones(ids.shape[0], 1)], 1)
+    return ids
+
+
+def _generation_uses_the_cache_argument() -> bool:
+    # transformers 5.24 renamed generate's past_key_values to cache; peft 0.21.2 still injects the
+    # prefix as past_key_values, which the model then ignores (the patched model hands it over).
+    return "cache" in inspect.signature(transformers.GenerationMixin.prepare_inputs_for_generation).parameters
+
+
 def test_generation_and_unpatch():
     ours, theirs = _pair()
     report = fastadapt.patch(ours, strict=True)
@@ -80,14 +108,21 @@ def test_generation_and_unpatch():
         with torch.inference_mode():
             outs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                        pad_token_id=0))
-    assert torch.equal(outs[0], outs[1])
+    with torch.inference_mode():
+        truth = _greedy_with_explicit_prefix(theirs, ids, mask, 5)
+        without = theirs.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                   do_sample=False, pad_token_id=0)
+    assert not torch.equal(truth, without)  # the prefix decides tokens here
+    assert torch.equal(outs[0], truth)
+    if not torch.equal(outs[1], truth):  # PEFT's own generation, right where it is not known broken
+        assert _generation_uses_the_cache_argument(), "PEFT's generation differs from the explicit prefix"
     assert report.calls == {"fused": 2 * 5}  # every decode step's attention, prefix + cache in one pass
     # (Gradient checkpointing is not tested here: transformers turns the cache off under it, which
     # drops PEFT's prefix: PEFT's own prefix tuning fails then, and so does the patched model.)
     fastadapt.unpatch(ours)
     attns = [m for m in ours.modules() if hasattr(m, "q_proj")]
     assert all(a.config._attn_implementation != "fastadapt_prefix_tuning" for a in attns)
-    assert "generate" not in vars(ours) and "forward" not in vars(ours)
+    assert not {"generate", "forward", "get_prompt", "prepare_inputs_for_generation"} & set(vars(ours))
 
 
 def test_unserved_call_falls_back_and_says_why():
@@ -108,3 +143,23 @@ def test_unserved_call_falls_back_and_says_why():
     fastadapt.patch(strict, strict=True)
     with pytest.raises(fastadapt.FallbackError, match="attention dropout"):
         strict(input_ids=ids, attention_mask=mask)
+
+
+def test_calls_without_the_prefix_are_plain_attention():
+    # After a call with the prefix, calls whose cache holds none (the adapter disabled, the base
+    # model called directly) must not take the first tokens for a prefix: the prefix length is
+    # read off each call's own cache.
+    ours, theirs = _pair()
+    report = fastadapt.patch(ours, strict=True)
+    ids, mask = _batch()
+    assert ids.shape[1] > 5  # longer than the prefix: a stale prefix length would be served
+    keep = mask.bool()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids, attention_mask=mask).logits[keep],
+                       theirs(input_ids=ids, attention_mask=mask).logits[keep]) < 1e-5
+        with ours.disable_adapter(), theirs.disable_adapter():
+            assert rel_err(ours(input_ids=ids, attention_mask=mask).logits[keep],
+                           theirs(input_ids=ids, attention_mask=mask).logits[keep]) < 1e-6
+        assert rel_err(ours.get_base_model()(input_ids=ids, attention_mask=mask).logits[keep],
+                       theirs.get_base_model()(input_ids=ids, attention_mask=mask).logits[keep]) < 1e-6
+    assert report.calls == {"fused": 2}  # the first call's two layers; nothing else fused or fell back

@@ -86,10 +86,16 @@ _NAME, _REPORT = "_fastadapt_name", "_fastadapt_report"
 def bind_forward(module: torch.nn.Module, forward, mark: str, *, name: str, report: PatchReport, what: str,
                  fallbacks: str) -> None:
     """Route ``module``'s calls through ``forward(module, ...)``: an instance attribute over the
-    class's forward, so the library's parameters, buffers and methods stay as they are. Records the
-    module in ``report`` as patched (``what``), with the call-time ``fallbacks`` conditions; the
-    forward reaches the report through :func:`report_of`."""
+    class's forward, so the library's parameters, buffers and methods stay as they are; then
+    :func:`mark_patched`."""
     module.forward = types.MethodType(forward, module)
+    mark_patched(module, mark, name=name, report=report, what=what, fallbacks=fallbacks)
+
+
+def mark_patched(module: torch.nn.Module, mark: str, *, name: str, report: PatchReport, what: str,
+                 fallbacks: str) -> None:
+    """Record ``module`` in ``report`` as patched (``what``), with the call-time ``fallbacks``
+    conditions; its fused path reaches the report through :func:`report_of`."""
     setattr(module, mark, True)
     attach(module, name, report)
     report.patched.append((name, what))
@@ -119,6 +125,11 @@ def report_of(module: torch.nn.Module) -> tuple[str, PatchReport]:
 def unbind_forward(module: torch.nn.Module, mark: str) -> None:
     """Undo :func:`bind_forward`: the class's own forward runs again."""
     del module.forward
+    unmark(module, mark)
+
+
+def unmark(module: torch.nn.Module, mark: str) -> None:
+    """Undo :func:`mark_patched`."""
     delattr(module, mark)
     attach(module, None, None)
 

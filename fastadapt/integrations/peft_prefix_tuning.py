@@ -10,12 +10,21 @@ the attention core of the base model's attention modules through transformers'
 keys: the prefix never goes through the token path's causal masking, and in decoding the cache's
 tokens and the prefix are read in one pass.
 
-The prefix length is the active adapter's, set on the attention modules at each call of the
-PeftModel's ``forward`` and ``generate``; it persists after the call, so the recomputation of
-gradient checkpointing takes the same path as the forward. What the fused op does not serve (a
-mask other than causal plus key padding, attention dropout, padding inside the prefix, an active
-adapter that is not prefix tuning) runs the model's own attention over the whole cache, which the
-patch report lists and the first such call warns about.
+The prefix is recognised by the cache it arrives in, not by the adapter set on the model: the
+PeftModel's ``get_prompt`` (what its ``forward`` and ``generate`` put in front of the tokens) is
+wrapped to mark the cache it returns with the prefix length, and a forward pre-hook on each
+attention module reads the mark off the cache of that very call. A call whose cache carries no
+prefix (``disable_adapter()``, the base model called directly, an active adapter that is not
+prefix tuning) is plain attention: nothing is fused and nothing falls back. What the fused op does
+not serve (a mask other than causal plus key padding, attention dropout, padding inside the prefix)
+runs the model's own attention over the whole cache, which the patch report lists and the first
+such call warns about.
+
+transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``; peft 0.21.2 still
+injects its prefix under the old name during generation, where ``generate`` also passes its own
+(empty) ``cache``, so the model keeps ``cache`` and drops the prefix (PEFT's own generations then
+ignore the adapter). The patched PeftModel's ``prepare_inputs_for_generation`` hands the prefix over
+under the name the model reads (:func:`_prepare_inputs_for_generation`).
 """
 
 from __future__ import annotations
@@ -25,15 +34,18 @@ import types
 from torch import nn
 
 from fastadapt import llama_adapter
-from fastadapt.integrations import PatchReport, attach, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.integrations import PatchReport, attach, is_bound, mark_patched, report_of, unmark
 from fastadapt.ops.prefix_attention import prefix_attention
 
 _MARK = "_fastadapt_prefix_tuning_patched"
 ATTN_IMPLEMENTATION = "fastadapt_prefix_tuning"
-_LEN = "_fastadapt_prefix_len"  # on each attention module: the active prefix length, or None
+_LEN = "_fastadapt_prefix_len"  # on each attention module: the prefix length of the call in progress, or None
+_TAG = "_fastadapt_prefix_len"  # on a cache made by the PeftModel's get_prompt: its prefix length
 _ATTNS = "_fastadapt_prefix_attns"  # on the PeftModel: its base model's attention modules
+_HOOKS = "_fastadapt_prefix_hooks"  # on the PeftModel: the attention modules' pre-hook handles
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the cache's name: transformers >= 5.24, 4.56, older
 _FALLBACKS = ("a mask other than causal + key padding (packed sequences, a sliding window shorter than the keys); "
-              "attention dropout; padding inside the prefix; an active adapter that is not prefix tuning")
+              "attention dropout; padding inside the prefix")
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -44,9 +56,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     causal = getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
     reason, kpm = None, None
-    if prefix_len is None:
-        reason = "the active adapter is not prefix tuning"
-    elif not 0 < prefix_len < k_len:
+    if prefix_len is None:  # no prefix in this call's cache: plain attention, nothing to fuse
+        return llama_adapter.base_attention(module)(module, query, key, value, attention_mask, dropout=dropout,
+                                                    scaling=scaling, **kwargs)
+    if not 0 < prefix_len < k_len:
         reason = f"{k_len} keys cannot hold a {prefix_len}-token prefix and tokens"
     elif dropout != 0.0:
         reason = "attention dropout"
@@ -73,22 +86,31 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     return out.transpose(1, 2), None
 
 
-def _set_prefix_len(peft_model) -> None:
-    config = peft_model.active_peft_config
+def _read_prefix_len(attn, args, kwargs):
+    """Forward pre-hook of a patched attention module: the prefix length marked on this call's cache."""
+    cache = next((kwargs[k] for k in _CACHE_ARGS if kwargs.get(k) is not None), None)
+    attn.__dict__[_LEN] = getattr(cache, _TAG, None)
+
+
+def _get_prompt(self, *args, **kwargs):
+    prompt = type(self).get_prompt(self, *args, **kwargs)
+    config = self.active_peft_config
     from peft.utils import PeftType
-    length = config.num_virtual_tokens if config.peft_type == PeftType.PREFIX_TUNING else None
-    for attn in peft_model.__dict__[_ATTNS]:
-        attn.__dict__[_LEN] = length
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        setattr(prompt, _TAG, config.num_virtual_tokens)
+    return prompt
 
 
-def _forward(self, *args, **kwargs):
-    _set_prefix_len(self)
-    return type(self).forward(self, *args, **kwargs)
-
-
-def _generate(self, *args, **kwargs):
-    _set_prefix_len(self)
-    return type(self).generate(self, *args, **kwargs)
+def _prepare_inputs_for_generation(self, *args, **kwargs):
+    inputs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
+    if "cache" in inputs and "past_key_values" in inputs:
+        # PEFT's prefix under the name the model no longer reads (see the module docstring). PEFT
+        # injects it whenever it sees no cache under the old name, i.e. at every step: the prefix
+        # belongs in an empty cache only, as PEFT means it to.
+        prompt, cache = inputs.pop("past_key_values"), inputs["cache"]
+        if cache is None or not cache.get_seq_length():
+            inputs["cache"] = prompt
+    return inputs
 
 
 class _PeftPrefixTuningPatcher:
@@ -117,13 +139,17 @@ class _PeftPrefixTuningPatcher:
             from transformers import AttentionInterface
             AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
             attns = llama_adapter._attention_modules(base)
+            hooks = []
             for attn in attns:
                 llama_adapter.route_attention(attn, ATTN_IMPLEMENTATION)
                 attach(attn, f"{name}.{attn.__class__.__name__}[{attn.layer_idx}]".lstrip("."), report)
                 attn.__dict__[_LEN] = None
+                hooks.append(attn.register_forward_pre_hook(_read_prefix_len, with_kwargs=True))
             module.__dict__[_ATTNS] = attns
-            module.generate = types.MethodType(_generate, module)
-            bind_forward(module, _forward, _MARK, name=name or "<model>", report=report,
+            module.__dict__[_HOOKS] = hooks
+            module.get_prompt = types.MethodType(_get_prompt, module)
+            module.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, module)
+            mark_patched(module, _MARK, name=name or "<model>", report=report,
                          what=f"peft prefix tuning ({len(attns)} attention layers) -> fastadapt::prefix_attention "
                               "(joint)", fallbacks=_FALLBACKS)
 
@@ -135,8 +161,10 @@ class _PeftPrefixTuningPatcher:
                 llama_adapter.unroute_attention(attn)
                 del attn.__dict__[_LEN]
                 attach(attn, None, None)
-            del module.generate
-            unbind_forward(module, _MARK)
+            for hook in module.__dict__.pop(_HOOKS):
+                hook.remove()
+            del module.get_prompt, module.prepare_inputs_for_generation
+            unmark(module, _MARK)
             report.patched.append((name or "<model>", "restored PEFT's prefix tuning"))
 
 

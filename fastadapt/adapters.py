@@ -59,15 +59,14 @@ def _bert_output_forward(self, hidden_states, input_tensor):
     return self._fastadapt_layer(hidden_states, input_tensor, self.LayerNorm)
 
 
-def _llama_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                         use_cache=False, position_embeddings=None, **kwargs):
+def _llama_layer_forward(self, hidden_states, **kwargs):
     # transformers' LlamaDecoderLayer.forward (v5) with the two residual additions routed through
-    # the adapter layers (no host LayerNorm there: the model is pre-norm).
+    # the adapter layers (no host LayerNorm there: the model is pre-norm). The attention gets the
+    # layer's arguments as the model passed them (the cache is `cache` from transformers 5.24 on,
+    # `past_key_values` before).
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     hidden_states = self.attention_adapters(hidden_states, residual, None)
     residual = hidden_states
     hidden_states = self.post_attention_layernorm(hidden_states)

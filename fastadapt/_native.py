@@ -7,7 +7,8 @@ whether it can serve, ``fastadapt info``) calls :func:`status`, which loads, in 
 2. a JIT build (``torch.utils.cpp_extension.load`` with ninja) cached under
    ``$FASTADAPT_CACHE`` (default ``~/.cache/fastadapt``) per torch / CUDA / Python version, source
    hash and CPU flags; the first build takes about a minute, later processes load the cached .so.
-   Processes starting at once build it once (:func:`build_lock`); a killed build never blocks.
+   Processes starting at once build it once (:func:`build_lock`); a killed build never blocks;
+   once built, processes load it without locking (``built.ok``).
 
 CUDA sources are compiled only when torch has CUDA and nvcc is found; if that build fails the
 CPU kernels are still built and the cuda backend reports why it is missing. ``status()`` never
@@ -196,6 +197,24 @@ def build_lock(build: Path, wait_s: float = LIVE_BUILD_WAIT_S):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# Written into a build directory once its extension has been built and loaded: from then on a
+# process loads it without the build lock or ninja's up-to-date check (the directory's name holds
+# the sources' hash, so the library there is theirs). Processes starting together, such as the
+# ranks of a distributed job, then never wait on each other or on a build.
+_BUILT = "built.ok"
+
+
+def _load_built(build: Path, name: str) -> bool:
+    if not (build / _BUILT).exists():
+        return False
+    try:
+        torch.ops.load_library(str(build / f"{name}.so"))
+    except OSError:  # removed or damaged since: build again, under the lock
+        (build / _BUILT).unlink(missing_ok=True)
+        return False
+    return True
+
+
 def _jit() -> tuple[bool, str]:
     reason = _compiler_reason()
     if reason:
@@ -215,33 +234,38 @@ def _jit() -> tuple[bool, str]:
         name = f"fastadapt_C_{tag}"
         build = build_dir(tag, with_cuda)
         build.mkdir(parents=True, exist_ok=True)
-        cached = (build / f"{name}.so").exists()
-        if not cached:
-            print(f"fastadapt: building the native extension ({tag}) in {build} (first use; about a minute)",
-                  file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        sources = [str(p) for p in _sources(CPP_SOURCES + (CUDA_SOURCES if with_cuda else ()))]
-        try:
-            with build_lock(build):
-                cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
-                                   with_cuda=with_cuda, is_python_module=False,
-                                   **compile_flags(with_cuda, native_arch=True, sanitize=sanitize))
-        except BuildBusy as exc:
-            return False, str(exc)
-        except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
-            text = str(exc).strip()
-            (build / "error.log").write_text(text)
-            # The compiler's first error lines say more than the tail of ninja's output.
-            errors = [line.strip() for line in text.splitlines() if "error" in line.lower()][:3]
-            summary = " | ".join(errors) if errors else text[-600:]
-            last_error = f"{type(exc).__name__}: {summary[:900]} (full log: {build / 'error.log'})"
-            if sanitize:
-                last_error += f"; a {sanitize} sanitizer build loads only with LD_PRELOAD of its runtime library"
-            if with_cuda:
-                _details["cuda"] = f"CUDA build failed, CPU-only build used ({last_error}; log: {build / 'error.log'})"
-            continue
-        took = time.perf_counter() - start
-        how = f"loaded from cache {build}" if cached else f"JIT-built in {took:.0f} s, cached in {build}"
+        if _load_built(build, name):
+            how = f"loaded from cache {build}"
+        else:
+            cached = (build / f"{name}.so").exists()
+            if not cached:
+                print(f"fastadapt: building the native extension ({tag}) in {build} (first use; about a minute)",
+                      file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            sources = [str(p) for p in _sources(CPP_SOURCES + (CUDA_SOURCES if with_cuda else ()))]
+            try:
+                with build_lock(build):
+                    cpp_extension.load(name=name, sources=sources, build_directory=str(build), verbose=False,
+                                       with_cuda=with_cuda, is_python_module=False,
+                                       **compile_flags(with_cuda, native_arch=True, sanitize=sanitize))
+            except BuildBusy as exc:
+                return False, str(exc)
+            except Exception as exc:  # compiler errors, nvcc/torch CUDA mismatch, load failures
+                text = str(exc).strip()
+                (build / "error.log").write_text(text)
+                # The compiler's first error lines say more than the tail of ninja's output.
+                errors = [line.strip() for line in text.splitlines() if "error" in line.lower()][:3]
+                summary = " | ".join(errors) if errors else text[-600:]
+                last_error = f"{type(exc).__name__}: {summary[:900]} (full log: {build / 'error.log'})"
+                if sanitize:
+                    last_error += f"; a {sanitize} sanitizer build loads only with LD_PRELOAD of its runtime library"
+                if with_cuda:
+                    _details["cuda"] = (f"CUDA build failed, CPU-only build used ({last_error}; "
+                                        f"log: {build / 'error.log'})")
+                continue
+            (build / _BUILT).write_text(f"{name}.so\n")
+            took = time.perf_counter() - start
+            how = f"loaded from cache {build}" if cached else f"JIT-built in {took:.0f} s, cached in {build}"
         if not with_cuda:
             _details.setdefault("cuda", f"no CUDA kernels: {cuda_reason or 'CUDA build failed'}")
         return True, how

@@ -495,3 +495,27 @@ def test_first_use_after_a_killed_build_does_not_hang(tmp_path):
     """, FASTADAPT_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.split()[-1]) < 5
+
+
+@needs_native
+def test_a_built_extension_loads_without_the_build_lock():
+    # Once built, a process (a rank of a distributed job, an xdist worker) loads the extension
+    # while another holds the build lock: it neither waits nor rebuilds.
+    build = _native.build_dir(_native.build_tag(_native.has_cuda(), None), _native.has_cuda())
+    if not (build / _native._BUILT).exists():
+        pytest.skip(f"this process did not load a JIT build ({NATIVE_WHY})")
+    holder = _hold_build_lock(build)
+    try:
+        proc = _python("""
+            import time
+            from fastadapt import _native
+            start = time.monotonic()
+            ok, why = _native.status()
+            assert ok and "loaded from cache" in why, why
+            print(f"{time.monotonic() - start:.1f}")
+        """)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) < 30 and "waiting for process" not in proc.stderr, proc.stderr

@@ -9,7 +9,6 @@ import copy
 import os
 import sys
 import time
-import warnings
 
 
 def _prepare_triton(device: str) -> None:
@@ -130,8 +129,6 @@ def cmd_demo(args) -> int:
     from fastadapt import dispatch, verify
     from fastadapt.backends import device_reasons
 
-    # transformers' own deprecation notices say nothing about fastadapt.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -200,6 +197,9 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from fastadapt import _env
+    _env.hide_checkout_root()
+    _env.quiet_third_party()
     parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="versions, devices, and which backends can serve (and why not)")

@@ -11,6 +11,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastadapt import _env  # noqa: E402
+
+# python -m pytest and pytest-xdist put the checkout's root on sys.path (and PYTHONPATH, for the
+# processes the tests start), where kernels/ would pass for Hugging Face's `kernels` package.
+_env.hide_checkout_root()
+
 # The test tensors are tiny: intra-op threads only contend for CI's two cores (the bottleneck
 # tests' reference half ran 3x faster on one thread).
 torch.set_num_threads(1)

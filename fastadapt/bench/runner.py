@@ -17,7 +17,6 @@ import pathlib
 import platform
 import shlex
 import time
-import warnings
 
 import torch
 from rich.markup import escape
@@ -194,9 +193,6 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    # transformers' and PEFT's own notices say nothing about fastadapt.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)

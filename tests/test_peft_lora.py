@@ -300,7 +300,8 @@ def test_several_adapters_with_dropout_in_training_are_one_fused_call(backend, m
 
 def test_several_adapters_with_dropout_draw_independent_masks():
     # Unforced (automatic dispatch), two identical adapters with dropout: their grads differ, as
-    # their masks do; in eval they are equal.
+    # their masks do; in eval they are equal up to rounding (the same GEMM computes both adapters'
+    # rows: a backend need not round every row alike, the Triton interpreter's numpy does not).
     torch.manual_seed(0)
     model = peft.get_peft_model(_tiny_llama(), _lora_config(lora_dropout=0.5, target_modules=["q_proj"]))
     model.add_adapter("twin", _lora_config(lora_dropout=0.5, target_modules=["q_proj"]))
@@ -314,8 +315,12 @@ def test_several_adapters_with_dropout_draw_independent_masks():
     for training in (True, False):
         model.train(training)
         grads = _step(model, ids)[1]
-        pairs = [(g, grads[n.replace(".default.", ".twin.")]) for n, g in grads.items() if ".default." in n]
-        assert pairs and all(torch.equal(a, b) != training for a, b in pairs)
+        errors = [rel_err(g, grads[n.replace(".default.", ".twin.")]) for n, g in grads.items() if ".default." in n]
+        assert errors
+        if training:
+            assert min(errors) > 0.1, errors
+        else:
+            assert max(errors) < 1e-6, errors
     assert report.calls == {"fused": 4}
 
 

@@ -61,7 +61,7 @@ def test_trainer_bf16_patched_matches_peft_and_every_lora_call_is_fused(arch, tm
     make, lora = MODELS[arch]
     torch.manual_seed(0)
     theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
-    ours, start = copy.deepcopy(theirs), copy.deepcopy(theirs)
+    ours, start, truth = copy.deepcopy(theirs), copy.deepcopy(theirs), copy.deepcopy(theirs).double()
     report = fastadapt.patch(ours, strict=True)
     # Each LoRA layer call is counted here, and the autocast state it ran under recorded.
     calls, autocast = [], set()
@@ -77,21 +77,24 @@ def test_trainer_bf16_patched_matches_peft_and_every_lora_call_is_fused(arch, tm
     data = [{"input_ids": row, "labels": row} for row in ids]
     theirs_losses = _train(theirs, data, tmp_path / "peft")
     ours_losses = _train(ours, data, tmp_path / "ours")
+    _train(truth, data, tmp_path / "float64")  # autocast leaves float64 alone: the exact run
     assert len(ours_losses) == len(theirs_losses) == STEPS
     # bf16 autocast in both: the losses agree to bf16 accuracy at every step, while training moves them.
     for mine, peft_loss in zip(ours_losses, theirs_losses):
         assert abs(mine - peft_loss) <= 1e-2 * abs(peft_loss), (ours_losses, theirs_losses)
-    # Both trained the same adapters: with SGD each update is the sum of the steps' grads, and ours
-    # agrees with PEFT's. Measured 3.0% (llama) and 2.8% (gpt2) apart over all adapters; PEFT's own
-    # bf16-autocast LoRA grads are 2-3% off a float64 copy (test_peft_lora's autocast test).
-    start_params, theirs_params = dict(start.named_parameters()), dict(theirs.named_parameters())
+    # Both trained the same adapters: with SGD each update is the sum of the steps' grads. Against the
+    # float64 run, ours is no further off than 2x PEFT's own bf16-autocast run (measured: llama 2.6%
+    # vs PEFT's 2.9%, gpt2 3.5% vs 3.5%; the two bf16 runs are 2-6% apart, each rounding its own way).
+    start_params = dict(start.named_parameters())
     trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
     assert trained
 
-    def update(params):
-        return torch.cat([(params[n] - start_params[n]).detach().flatten() for n in trained])
+    def update(model):
+        params = dict(model.named_parameters())
+        return torch.cat([(params[n].double() - start_params[n].double()).detach().flatten() for n in trained])
 
-    assert update(theirs_params).norm() > 0
-    assert rel_err(update(dict(ours.named_parameters())), update(theirs_params)) <= 5e-2
+    exact = update(truth)
+    assert exact.norm() > 0
+    assert rel_err(update(ours), exact) <= 2 * rel_err(update(theirs), exact)
     assert autocast == {True}  # the Trainer's bf16=True really ran autocast
     assert calls and report.calls == {"fused": len(calls)}

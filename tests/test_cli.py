@@ -64,4 +64,5 @@ def test_the_checkout_kernels_folder_is_not_the_kernels_package(tmp_path):
     proc = _run_from_root("-c", probe.replace("print(s and s.origin)", "from kernels import get_kernel; "
                                               "print(get_kernel())"), PYTHONPATH=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "hub", proc
-    import fastadapt.kernels.common  # ... while fastadapt's own kernels import as fastadapt.kernels
+    # ... while fastadapt's own kernels import as fastadapt.kernels
+    assert importlib.import_module("fastadapt.kernels.common").__name__ == "fastadapt.kernels.common"

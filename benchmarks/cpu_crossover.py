@@ -1,5 +1,5 @@
 """Where the cpp LoRA kernels start beating eager PyTorch on this CPU: the measurement behind
-``CPP_LORA_CROSSOVER`` in fastadapt/ops/_native_backends.py.
+``CPP_CROSSOVER`` in fastadapt/ops/lora.py.
 
 Times one fwd+bwd of ``fastadapt.lora_linear`` forced onto the cpp backend and of the eager
 composite PEFT runs (``F.linear(x, W) + (x @ A.T) @ B.T * s``), r=16, in process CPU time (so a

@@ -4,6 +4,7 @@ any kernel runs (a shape mismatch must never reach Triton as an out-of-bounds re
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Sequence
 
 import torch
@@ -48,8 +49,13 @@ def dim_equal(what: str, got: int, expected: int) -> None:
 
 
 def finite_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    """``value`` as a float: a real number (numpy's included), finite. Under ``torch.compile`` a
+    Python float may be symbolic (one graph for every value): it cannot be inspected while tracing,
+    and passes through (an eager call checks the same value)."""
+    if torch.compiler.is_compiling():
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
@@ -57,6 +63,8 @@ def finite_float(name: str, value) -> float:
 
 def probability(name: str, value) -> float:
     p = finite_float(name, value)
+    if torch.compiler.is_compiling():
+        return p
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
     return p

@@ -317,6 +317,11 @@ def ops():
     return torch.ops.fastadapt_C
 
 
+def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The mask (True = kept) the native kernels draw from ``seed`` for a 2-D input of ``shape``."""
+    return ops().dropout_keep(torch.empty(shape, device=device, dtype=torch.int8), p, seed)
+
+
 def info() -> dict[str, str]:
     """What ``fastadapt info`` shows about the native backends (builds on first call)."""
     ok, why = status()

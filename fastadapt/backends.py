@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -62,9 +64,40 @@ def device_reasons(backend: str, device: torch.device | str) -> list[str]:
         if device.type != wanted:
             return [f"the {backend} backend runs on {wanted} tensors, got {device.type}"]
         ok, why = native_status()
-        return [] if ok else [why]
+        if not ok:
+            return [why]
+        if backend == "cuda":
+            from fastadapt import _native
+            why = _native.cuda_reason()
+            return [why] if why else []
+        return []
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def dtype_reasons(dtype: torch.dtype, allowed=KERNEL_DTYPES) -> list[str]:
     return [] if dtype in allowed else [f"dtype {dtype} is not supported (supported: {', '.join(map(str, allowed))})"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend of an op serves, as data; :meth:`why_not` is the one check over it.
+
+    ``first``: the input whose device and dtype decide (x, z, q); ``dtypes``: the dtypes it
+    computes in; ``same_dtype``: inputs that must share ``first``'s dtype (absent ones are
+    skipped); ``extra(backend, **inputs)``: the op's own limits (sizes, modes), as reasons."""
+
+    first: str
+    same_dtype: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+    extra: Optional[Callable[..., list[str]]] = None
+
+    def why_not(self, backend: str) -> Callable[..., list[str]]:
+        def why_not(**inputs) -> list[str]:
+            first = inputs[self.first]
+            reasons = device_reasons(backend, first.device) + dtype_reasons(first.dtype, self.dtypes)
+            if len({inputs[n].dtype for n in self.same_dtype if inputs.get(n) is not None}) > 1:
+                reasons.append(f"{', '.join(self.same_dtype[:-1])} and {self.same_dtype[-1]} must share one dtype")
+            if self.extra is not None:
+                reasons += self.extra(backend, **inputs)
+            return reasons
+        return why_not

@@ -40,13 +40,14 @@ class Implementation:
     backend: str
     why_not: Callable[..., list[str]]
     forward: Callable
-    backward: Callable
+    backward: Callable | None  # None: the gradients are the composite's (autograd through it)
     nondeterministic: str | None = None  # why results may differ run to run (None: they don't)
     # A reason when this backend is known to be slower than the plain PyTorch composite for these
     # inputs (its crossover): automatic choice passes over it, forcing still uses it.
     slower: Callable[..., str | None] | None = None
     # The plain PyTorch composite with autograd (reference backends): what the eager path runs
-    # instead of the Function around forward/backward, so it costs what the unfused model costs.
+    # instead of the Function around forward/backward, so it costs what the unfused model costs;
+    # the custom op's backward takes its gradients through it too (the same bits on both paths).
     composite: Callable | None = None
 
     def reasons(self, **inputs) -> list[str]:
@@ -61,14 +62,27 @@ class Implementation:
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 
-def register(op: str, backend: str, *, why_not: Callable[..., list[str]], forward: Callable,
-             backward: Callable, nondeterministic: str | None = None,
-             slower: Callable[..., str | None] | None = None, composite: Callable | None = None) -> None:
+def register(op: str, backend: str, *, forward: Callable, backward: Callable | None, capabilities=None,
+             nondeterministic: str | None = None, slower: Callable[..., str | None] | None = None,
+             composite: Callable | None = None) -> None:
+    """Register ``backend``'s implementation of ``op``. ``capabilities``
+    (:class:`fastadapt.backends.Capabilities`) says what it serves; None: everything (the
+    reference)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    why_not = capabilities.why_not(backend) if capabilities is not None else _serves_all
     _DECISIONS.clear()
     _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward,
                                                            nondeterministic, slower, composite)
+
+
+def _serves_all(**_) -> list[str]:
+    return []
+
+
+def ops() -> tuple[str, ...]:
+    """Every op with a registered backend, in registration order."""
+    return tuple(_REGISTRY)
 
 
 def nondeterministic() -> dict[tuple[str, str], str]:

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime
 import os
-import sys
 import time
 import traceback
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 import fastadapt
 from fastadapt import dispatch, llama_adapter
+from fastadapt.ops._declare import Declared
 from fastadapt.nn.bottleneck import DoubleSeqBnConfig
 
 WORLD = 2
@@ -142,25 +142,19 @@ def spy(kind: str):
     """Counts, per (op, backend), what dispatch selected, and how often the library's own forward
     ran instead of the fused op (PEFT's LoRA forward, the two-pass adapter attention)."""
     seen = {"selects": collections.Counter(), "fallbacks": 0}
-    select, get = dispatch.select, dispatch.get
+    run_forward, run_backward = Declared._run_forward, Declared._run_backward
 
-    def counting_select(op, **inputs):
-        impl = select(op, **inputs)
-        # Counted when the op's forward selects (through its _select: the custom op fastadapt::<op>
-        # or the eager path's _apply), not a module's repr (DeepSpeed prints the model) nor the
-        # autograd context recording the forward's backend.
-        if sys._getframe(2).f_code.co_name in (f"_{op}", "_apply"):
-            seen["selects"][(op, impl.backend, "forward")] += 1
-        return impl
+    # Every path of every op (eager, custom op) runs its backend through these two.
+    def counting_forward(self, impl, args):
+        seen["selects"][(self.spec.name, impl.backend, "forward")] += 1
+        return run_forward(self, impl, args)
 
-    def counting_get(op, backend):
-        impl = get(op, backend)  # the backward custom op runs on the forward's backend
-        if sys._getframe(1).f_code.co_name == "_run_backward":
-            seen["selects"][(op, impl.backend, "backward")] += 1
-        return impl
+    def counting_backward(self, impl, *rest):
+        seen["selects"][(self.spec.name, impl.backend, "backward")] += 1
+        return run_backward(self, impl, *rest)
 
-    restore = [(dispatch, "select", select), (dispatch, "get", get)]
-    dispatch.select, dispatch.get = counting_select, counting_get
+    restore = [(Declared, "_run_forward", run_forward), (Declared, "_run_backward", run_backward)]
+    Declared._run_forward, Declared._run_backward = counting_forward, counting_backward
     if kind in ("lora", "lora_small"):
         from peft.tuners.lora import layer
         peft_forward = layer.Linear.forward

@@ -12,8 +12,8 @@ from harness import DEVICES, DTYPES, assert_close, backends_for, nan_like, rel_e
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.bottleneck import GRAD_NAMES, bottleneck_adapter
-from fastadapt.ops.dropout import dropout_keep
+from fastadapt.ops.bottleneck import BOTTLENECK_ADAPTER, GRAD_NAMES, bottleneck_adapter
+from fastadapt.testing import dropout_mask
 from fastadapt.reference import bottleneck as reference
 
 OP = "bottleneck_adapter"
@@ -114,7 +114,7 @@ def _check(backend, device, dtype, lead, d, m, *, activation="relu", dropout_p=0
     if dropout_p > 0:
         torch.manual_seed(SEED)
         seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-        keep = dropout_keep(backend, seed, (raw["z"].numel() // d, d), dropout_p, device).view(raw["z"].shape)
+        keep = dropout_mask(backend, seed, (raw["z"].numel() // d, d), dropout_p, device).view(raw["z"].shape)
 
     def reference_run(cast):
         ts = _leaves(raw, cast)
@@ -246,11 +246,11 @@ def test_triton_launchers_write_every_element():
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_dropout_keeps_expected_fraction(backend, device):
     p = 0.25
-    keep = dropout_keep(backend, 99, (64, 512), p, device)
+    keep = dropout_mask(backend, 99, (64, 512), p, device)
     # 32768 Bernoulli(0.75) draws: std 0.0024; 5 sigma.
     assert abs(keep.float().mean().item() - (1 - p)) < 0.012
-    assert torch.equal(keep, dropout_keep(backend, 99, (64, 512), p, device))
-    assert not torch.equal(keep, dropout_keep(backend, 100, (64, 512), p, device))
+    assert torch.equal(keep, dropout_mask(backend, 99, (64, 512), p, device))
+    assert not torch.equal(keep, dropout_mask(backend, 100, (64, 512), p, device))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -357,14 +357,11 @@ def test_opcheck():
     for tensors, act, res_before, p, seed in cases:
         args = (*tensors, SCALING, act, 1e-5, res_before, p, seed)
         torch.library.opcheck(torch.ops.fastadapt.bottleneck_adapter.default, args)
-    out, h, stats = torch.ops.fastadapt.bottleneck_adapter(*full, SCALING, "gelu", 1e-5, True, 0.0, None)
-    gout = torch.randn_like(out)
-    detached = [x.detach() if x is not None else None for x in full]
-    backend = dispatch.select(OP, z=t["z"], down_weight=t["down_weight"], up_weight=t["up_weight"]).backend
+    args = (*(x.detach() if x is not None else None for x in full), SCALING, "gelu", 1e-5, True, 0.0, None)
+    output = torch.ops.fastadapt.bottleneck_adapter(*args)
     for needs in ([True] * 12, [False, True, True, False, True, False, True, False, True, False, True, False]):
         torch.library.opcheck(torch.ops.fastadapt.bottleneck_adapter_backward.default,
-                              (gout, *detached[:6], h.detach(), stats.detach(), *detached[6:], SCALING, "gelu", 1e-5, True,
-                               0.0, None, needs, backend))
+                              BOTTLENECK_ADAPTER.backward_inputs(args, output, needs))
 
 
 @pytest.mark.parametrize("device", DEVICES)

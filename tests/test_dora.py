@@ -11,8 +11,9 @@ from test_lora import _leaf
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.dropout import dropout_keep
+from fastadapt.testing import dropout_mask
 from fastadapt.reference import dora as reference
+from fastadapt.ops.dora import DORA_LINEAR
 
 CASES = [  # (leading shape of x, in, out, r)
     ((1,), 80, 123, 1),
@@ -63,7 +64,7 @@ def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bi
 
     keep = None
     if dropout_p > 0:
-        keep = dropout_keep(backend, _seed_of_call(1234), (raw[0].numel() // n_in, n_in), dropout_p, device)
+        keep = dropout_mask(backend, _seed_of_call(1234), (raw[0].numel() // n_in, n_in), dropout_p, device)
         keep = keep.view(raw[0].shape)
 
     def reference_run(cast):
@@ -219,7 +220,7 @@ def test_backward_runs_on_the_forward_backend(backend, device):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dropout_p,autocast", [(0.0, False), (0.3, False), (0.0, True)])
 def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
-    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # Eager calls go through an autograd.Function (fastadapt/ops/_declare.py), torch.compile through
     # the custom op: the same backend functions, the same autocast rule (magnitude kept float32),
     # so the same bits.
     tensors = _inputs((3, 5), 48, 40, 6, torch.float32, device)
@@ -246,14 +247,12 @@ def test_opcheck():
             args = (x.requires_grad_(), weight, lora_A.requires_grad_(), lora_B.requires_grad_(), m.requires_grad_(),
                     0.5, bias, p, seed)
             torch.library.opcheck(torch.ops.fastadapt.dora_linear.default, args)
-    gy = torch.randn(2, 5, 8)
-    u, pre, n = torch.randn(10, 3), torch.randn(10, 8), torch.rand(8) + 0.5
-    inputs = dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=m, bias=None)
-    backend = dispatch.select("dora_linear", **inputs).backend
-    for needs in ([True, True, True, True, True, False], [False, True, False, True, False, True]):
+    x, lora_A, lora_B, m = x.detach(), lora_A.detach(), lora_B.detach(), m.detach()
+    for bias, needs in ((b, [True, True, True, True, True, False]), (None, [False, True, False, True, False, True])):
+        args = (x, weight, lora_A, lora_B, m, 0.5, bias, 0.0, None)
+        output = torch.ops.fastadapt.dora_linear(*args)
         torch.library.opcheck(torch.ops.fastadapt.dora_linear_backward.default,
-                              (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), m.detach(), u, pre, n, 0.5,
-                               0.0, None, needs, backend))
+                              DORA_LINEAR.backward_inputs(args, output, needs))
 
 
 def test_compile_fullgraph():
@@ -361,7 +360,7 @@ def test_matches_peft_dora_layer_with_dropout_mask(backend, device):
     layer = _peft_dora(48, 32, 4, dropout=0.25).to(device)
     x = torch.randn(13, 48, device=device)
     gy = torch.randn(13, 32, device=device)
-    keep = dropout_keep(backend, _seed_of_call(77), (13, 48), 0.25, device)
+    keep = dropout_mask(backend, _seed_of_call(77), (13, 48), 0.25, device)
 
     class FixedDropout(torch.nn.Module):
         def forward(self, t):

@@ -10,8 +10,9 @@ from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.dropout import dropout_keep
+from fastadapt.testing import dropout_mask
 from fastadapt.reference import lora as reference
+from fastadapt.ops.lora import LORA_LINEAR
 
 CASES = [  # (leading shape of x, in, out, r)
     ((1,), 80, 123, 1),
@@ -55,7 +56,7 @@ def _masks(backend, device, x, dropout_p, ranks=None):
     seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
     shape = (x.numel() // x.shape[-1], x.shape[-1])
     ps = [dropout_p] if ranks is None else dropout_p
-    keep = [dropout_keep(backend, seed + k, shape, p, device).view(x.shape) if p > 0 else None
+    keep = [dropout_mask(backend, seed + k, shape, p, device).view(x.shape) if p > 0 else None
             for k, p in enumerate(ps)]
     return keep[0] if ranks is None else keep
 
@@ -150,7 +151,7 @@ def test_bad_ranks(ranks, dropout_p, error, match):
     args = _inputs((5,), 16, 8, 3, torch.float32, "cpu")
     with pytest.raises(error, match=match):
         fastadapt.lora_linear(*args[:4], 1.0, args[4], dropout_p=dropout_p, ranks=ranks)
-    with pytest.raises(TypeError, match="dropout_p must be a Python float"):  # a sequence needs ranks
+    with pytest.raises(TypeError, match="dropout_p must be a real number"):  # a sequence needs ranks
         fastadapt.lora_linear(*args[:4], 1.0, args[4], dropout_p=[0.1, 0.2])
 
 
@@ -158,7 +159,7 @@ def test_cuda_kernels_leave_several_adapters_with_dropout_to_triton():
     x, weight, lora_A, lora_B, b = _inputs((3,), 16, 8, 2, torch.float32, "cpu")
     why_not = dispatch.get("lora_linear", "cuda").why_not
     assert any("one mask per call" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b,
-                                                         segmented=True))
+                                                         segments=(1, 1)))
     assert not any("mask" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b))
 
 
@@ -199,12 +200,12 @@ def test_bias_views(backend, device, gemm, layout, monkeypatch):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_dropout_keeps_expected_fraction(backend, device):
     p = 0.25
-    keep = dropout_keep(backend, 99, (64, 512), p, device)
+    keep = dropout_mask(backend, 99, (64, 512), p, device)
     frac = keep.float().mean().item()
     # 32768 Bernoulli(0.75) draws: std 0.0024; 5 sigma.
     assert abs(frac - (1 - p)) < 0.012
-    again = dropout_keep(backend, 99, (64, 512), p, device)
-    other = dropout_keep(backend, 100, (64, 512), p, device)
+    again = dropout_mask(backend, 99, (64, 512), p, device)
+    other = dropout_mask(backend, 100, (64, 512), p, device)
     assert torch.equal(keep, again) and not torch.equal(keep, other)
 
 
@@ -334,9 +335,9 @@ def test_backward_runs_on_the_forward_backend(backend, device, ranks):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dropout_p,ranks", [(0.0, None), (0.3, None), ([0.3, 0.1], [2, 4])])
 def test_eager_path_matches_the_custom_op(backend, device, dropout_p, ranks):
-    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # Eager calls go through an autograd.Function (fastadapt/ops/_declare.py), torch.compile through
     # the custom op: the same backend functions, so the same bits (the reference backend's eager
-    # path is the autograd composite: equal up to rounding order).
+    # path is the autograd composite, which computes in the same order).
     tensors = _inputs((3, 5), 48, 40, 6, torch.float32, device)
     results = []
     for eager in (True, False):
@@ -354,9 +355,8 @@ def test_eager_path_matches_the_custom_op(backend, device, dropout_p, ranks):
                                                     dropout_p)[0]
         y.backward(torch.ones_like(y))
         results.append([y, x.grad, lora_A.grad, lora_B.grad, b.grad])
-    exact = {} if backend == "reference" else {"rtol": 0, "atol": 0}
     for name, mine, op in zip(["y", "x", "lora_A", "lora_B", "bias"], *results):
-        torch.testing.assert_close(mine, op, **exact, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(mine, op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_compile_fullgraph_with_several_adapters_and_dropout():
@@ -386,16 +386,13 @@ def test_opcheck():
         # several adapters, each with its own dropout
         torch.library.opcheck(torch.ops.fastadapt.lora_linear.default,
                               (x, weight, lora_A, lora_B, 0.5, bias, 0.0, torch.tensor(7), [1, 2], [0.2, 0.1]))
-    gy = torch.randn(2, 5, 8)
-    u = torch.randn(10, 3)
-    backend = dispatch.select("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=None).backend
-    for needs in ([True, True, True, True, False], [False, True, True, False, True]):
+    x, lora_A, lora_B = x.detach(), lora_A.detach(), lora_B.detach()
+    for args, needs in (((x, weight, lora_A, lora_B, 0.5, b, 0.0, None), [True, True, True, True, False]),
+                        ((x, weight, lora_A, lora_B, 0.5, None, 0.0, None), [False, True, True, False, True]),
+                        ((x, weight, lora_A, lora_B, 0.5, b, 0.0, torch.tensor(7), [2, 1], [0.0, 0.3]), [True] * 5)):
+        output = torch.ops.fastadapt.lora_linear(*args)
         torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
-                              (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, None, needs,
-                               backend))
-    torch.library.opcheck(torch.ops.fastadapt.lora_linear_backward.default,
-                          (gy, x.detach(), weight, lora_A.detach(), lora_B.detach(), u, 0.5, 0.0, torch.tensor(7),
-                           [True] * 5, backend, [2, 1], [0.0, 0.3]))
+                              LORA_LINEAR.backward_inputs(args, output, needs))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -424,3 +421,32 @@ def test_autocast_computes_as_linear_does(backend, device, autocast_dtype):
     with torch.autocast(device, autocast_dtype):
         y64_in = fastadapt.lora_linear(x.double(), weight.double(), lora_A.double(), lora_B.double(), 0.5, b.double())
     assert y64_in.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_tensor_scaling_is_read_on_the_device(backend, device):
+    # PEFT's compiled hotswap keeps each scaling as a 0-d tensor: the same result as the float, a
+    # gradient for it, and no recompile when its value changes under torch.compile.
+    x, weight, lora_A, lora_B, b = _inputs((3, 5), 24, 16, 4, torch.float32, device)
+    with dispatch.use_backend(backend):
+        expected = fastadapt.lora_linear(x, weight, lora_A, lora_B, 0.75, b)
+        scaling = torch.tensor(0.75, device=device, requires_grad=True)
+        y = fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, b)
+        y.sum().backward()
+    assert rel_err(y, expected) < 1e-6
+    exact = (x.double() @ lora_A.double().t()) @ lora_B.double().t()
+    assert rel_err(scaling.grad, exact.sum()) < 1e-5
+    with pytest.raises(ValueError, match="one value"):
+        fastadapt.lora_linear(x, weight, lora_A, lora_B, torch.ones(2, device=device), b)
+
+
+def test_tensor_scaling_needs_no_recompile():
+    x, weight, lora_A, lora_B, b = _inputs((2, 5), 24, 16, 4, torch.float32, "cpu")
+    scaling = torch.tensor(0.5)
+    compiled = torch.compile(lambda x: fastadapt.lora_linear(x, weight, lora_A, lora_B, scaling, b), fullgraph=True,
+                             backend="aot_eager")
+    compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (2.0, -1.5):
+            scaling.fill_(value)
+            assert rel_err(compiled(x), fastadapt.lora_linear(x, weight, lora_A, lora_B, value, b)) < 1e-6

@@ -10,8 +10,9 @@ from fastadapt.nn import LoRALinear
 from fastadapt.reference import lora as reference
 
 
-def _module(**kw):
-    m = LoRALinear(48, 32, r=4, lora_alpha=8, **kw)
+def _module(in_features=48, out_features=32, **kw):
+    kw.setdefault("lora_alpha", 8)
+    m = LoRALinear(in_features, out_features, r=4, **kw)
     torch.nn.init.normal_(m.lora_B["default"].weight)  # PEFT's zero init would hide the LoRA path
     return m
 
@@ -104,3 +105,19 @@ def test_torch_compile_fullgraph_no_graph_break():
     assert m.lora_A["default"].weight.grad is not None and x.grad is not None
     m.train()
     compiled(x).sum().backward()  # the dropout seed is drawn inside the graph
+
+
+def test_torch_compile_fullgraph_with_two_scalings():
+    # Two layers of different lora_alpha compiled apart: the second compile of LoRALinear.forward
+    # sees another Python float and makes it symbolic (one graph for every value), which the
+    # argument checks must let through (an eager call checks the same value).
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48)
+    for alpha in (8, 3, 5):
+        m = _module(lora_alpha=alpha, lora_dropout=0.1)
+        m.eval()
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        assert rel_err(y, m(x)) < 1e-6
+        y.sum().backward()
+        assert m.lora_B["default"].weight.grad is not None

@@ -11,9 +11,10 @@ from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.dropout import dropout_keep
+from fastadapt.testing import dropout_mask
 from fastadapt.reference import lora as lora_reference
 from fastadapt.reference import multi_lora as reference
+from fastadapt.ops.multi_lora import MULTI_LORA_LINEAR
 
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("multi_lora_linear", d)]
 PATTERNS = ["one_adapter", "all_different", "unsorted", "some_base", "absent"]
@@ -59,7 +60,7 @@ def _keep(backend, seed, shape, ps, ids, device):
     for a, p in enumerate(ps):
         if p > 0:
             rows = ids == a
-            keep[rows] = dropout_keep(backend, seed, shape, p, device)[rows]
+            keep[rows] = dropout_mask(backend, seed, shape, p, device)[rows]
     return keep
 
 
@@ -238,7 +239,7 @@ def test_backward_runs_on_the_forward_backend(backend, device):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dropout_p,autocast", [(0.0, False), (0.3, False), (0.0, True)])
 def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
-    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # Eager calls go through an autograd.Function (fastadapt/ops/_declare.py), torch.compile through
     # the custom op: the same backend functions, the same autocast rule (scalings and dropout kept
     # float32), so the same bits.
     tensors = _inputs((3, 5), 48, 40, [4, 2], torch.float32, device)
@@ -260,6 +261,27 @@ def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
         results.append([y, x.grad, A.grad, B.grad, b.grad])
     for name, mine, op in zip(["y", "x", "A_stack", "B_stack", "bias"], *results):
         torch.testing.assert_close(mine, op, rtol=0, atol=0, equal_nan=True, msg=lambda msg: f"{name}: {msg}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_a_non_finite_row_reaches_no_other_adapter(backend, device):
+    # An inf in a base-only row (and in its output gradient) is that row's alone: every adapter's
+    # gradient stays finite and the padding's exactly zero.
+    x, weight, A, B, b = _inputs((6,), 24, 16, RANKS, torch.float32, device)
+    ids = torch.tensor([0, -1, 1, 2, -1, 3], device=device)
+    x[1, 3] = float("inf")
+    x, A, B = _leaf(x), _leaf(A), _leaf(B)
+    with dispatch.use_backend(backend):
+        y = fastadapt.multi_lora_linear(x, weight, A, B, [0.5, 1.0, 2.0, 0.25], ids, b, ranks=RANKS)
+    gy = torch.randn_like(y)
+    gy[4, 2] = float("inf")
+    with dispatch.use_backend(backend):
+        y.backward(gy)
+    assert torch.isfinite(y[ids >= 0]).all() and torch.isfinite(x.grad[ids >= 0]).all()
+    for grad in (A.grad, B.grad.transpose(1, 2)):
+        for a, r in enumerate(RANKS):
+            assert torch.isfinite(grad[a, :r]).all(), (a, grad[a, :r])
+            assert (grad[a, r:] == 0).all(), (a, grad[a, r:])
 
 
 def test_reference_is_lora_per_adapter():
@@ -405,13 +427,11 @@ def test_opcheck():
             args = (x.requires_grad_(), weight, A.requires_grad_(), B.requires_grad_(), scalings, ranks, ids, bias, p,
                     seed)
             torch.library.opcheck(torch.ops.fastadapt.multi_lora_linear.default, args)
-    gy = torch.randn(2, 5, 8)
-    u = torch.randn(10, 3)
-    backend = dispatch.select("multi_lora_linear", x=x, weight=weight, A_stack=A, B_stack=B, bias=None).backend
-    for needs in ([True, True, True, True, False], [False, True, True, False, True]):
+    for bias, needs in ((b, [True, True, True, True, False]), (None, [False, True, True, False, True])):
+        args = (x.detach(), weight, A.detach(), B.detach(), scalings, ranks, ids, bias, None, None)
+        output = torch.ops.fastadapt.multi_lora_linear(*args)
         torch.library.opcheck(torch.ops.fastadapt.multi_lora_linear_backward.default,
-                              (gy, x.detach(), weight, A.detach(), B.detach(), u, scalings, ranks, ids, None, None,
-                               needs, backend))
+                              MULTI_LORA_LINEAR.backward_inputs(args, output, needs))
 
 
 def test_compile_fullgraph():

@@ -597,3 +597,23 @@ def test_mixed_batch_ids_made_in_inference_mode_serve_training_later():
     model.train()
     model(input_ids=ids, adapter_names=NAMES).logits.float().pow(2).mean().backward()
     assert report.calls == {"fused": 28}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_compiled_hotswap_tensor_scalings(use_dora):
+    # prepare_model_for_compiled_hotswap turns every scaling[adapter] into a 0-d tensor, which a
+    # hotswap then overwrites in place: the patched forward takes it without a host read.
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+    ours, theirs = _pair(use_dora=use_dora)
+    for model in (ours, theirs):
+        prepare_model_for_compiled_hotswap(model)
+    report = fastadapt.patch(ours, strict=True)
+    ids = torch.randint(0, 64, (2, 7))
+    _assert_same(_step(ours, ids), _step(theirs, ids))
+    for model in (ours, theirs):
+        for module in model.modules():
+            if isinstance(getattr(module, "scaling", None), dict):
+                for value in module.scaling.values():
+                    value.fill_(0.25)
+    _assert_same(_step(ours, ids), _step(theirs, ids))
+    assert report.calls == {"fused": 28}

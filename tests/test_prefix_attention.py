@@ -15,6 +15,7 @@ from harness import BOUND, DEVICES, DTYPES, assert_close, backends_for, rel_err
 import fastadapt
 from fastadapt import dispatch
 from fastadapt.reference import prefix_attention as reference
+from fastadapt.ops.prefix_attention import PREFIX_ATTENTION
 
 OP = "prefix_attention"
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for(OP, d)]
@@ -233,13 +234,11 @@ def test_opcheck():
     for g, mask, causal, joint in ((gate, None, True, False), (gate, kpm, False, False), (None, kpm, True, True)):
         torch.library.opcheck(torch.ops.fastadapt.prefix_attention.default,
                               (q, k, v, kp, vp, g, mask, D**-0.5, causal, joint))
-    with torch.no_grad():
-        out, lse, lse_p = torch.ops.fastadapt.prefix_attention(q, k, v, kp, vp, gate, None, D**-0.5, True, False)
-    backend = dispatch.select(OP, q=q, k=k, v=v, k_p=kp, v_p=vp, key_padding_mask=None).backend
+    args = (q.detach(), k.detach(), v.detach(), kp.detach(), vp.detach(), gate.detach(), None, D**-0.5, True, False)
+    output = torch.ops.fastadapt.prefix_attention(*args)
     for needs in ([True] * 6, [False, False, False, True, True, True]):
         torch.library.opcheck(torch.ops.fastadapt.prefix_attention_backward.default,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), kp.detach(), vp.detach(),
-                               gate.detach(), None, out, lse, lse_p, D**-0.5, True, False, needs, backend))
+                              PREFIX_ATTENTION.backward_inputs(args, output, needs))
 
 
 @pytest.mark.parametrize("device", DEVICES)

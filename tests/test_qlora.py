@@ -10,9 +10,10 @@ from harness import DEVICES, DTYPES, assert_close, backends_for, rel_err
 
 import fastadapt
 from fastadapt import dispatch
-from fastadapt.ops.dropout import dropout_keep
+from fastadapt.testing import dropout_mask
 from fastadapt.reference import lora as lora_reference
 from fastadapt.reference import qlora as reference
+from fastadapt.ops.qlora import QLORA_LINEAR
 
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("qlora_linear", d)]
 FORMATS = ["nf4", "nf4-nested", "fp8-tensor", "fp8-channel"]
@@ -47,7 +48,7 @@ def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, 
 
     torch.manual_seed(1234)
     seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    keep = [dropout_keep(backend, seed + k, (x.numel() // n_in, n_in), p, device).view(x.shape) if p > 0 else None
+    keep = [dropout_mask(backend, seed + k, (x.numel() // n_in, n_in), p, device).view(x.shape) if p > 0 else None
             for k, p in enumerate([dropout_p] if ranks is None else dropout_p)]
     keep = keep[0] if ranks is None else keep
     # The truth: exact math on the weight dequantized to the compute dtype (bnb's rounding).
@@ -102,10 +103,10 @@ def test_backend_dequantization_is_exact(backend, device, dtype, fmt):
         def dequantize(q):
             return kernels.dequantize(q, torch.full(q.shape, float("nan"), dtype=dtype, device=device))
     else:
-        from fastadapt.ops import _native_backends
+        from fastadapt.ops import qlora as qlora_op
 
         def dequantize(q):
-            return _native_backends.qlora_dequantize(q, dtype)
+            return qlora_op.native_dequantize(q, dtype)
     for n_out, n_in, blocksize in ((123, 80, 64), (7, 9, 32), (64, 4096, 64)):
         q = _quantized(fmt, n_out, n_in, device, blocksize)
         assert torch.equal(dequantize(q), reference.dequantize(q, dtype))
@@ -211,7 +212,7 @@ def test_bad_fp8_weight():
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_eager_path_matches_the_custom_op(backend, device, dropout_p):
-    # Eager calls go through an autograd.Function (fastadapt/ops/_eager.py), torch.compile through
+    # Eager calls go through an autograd.Function (fastadapt/ops/_declare.py), torch.compile through
     # the custom op: the same backend functions, so the same bits.
     q = _quantized("nf4-nested", 40, 48, device)
     parts = (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, 40)
@@ -240,11 +241,11 @@ def test_opcheck():
         for p, seed in ((0.0, None), (0.2, torch.tensor(7))):
             args = (x.requires_grad_(), *parts, 8, A.requires_grad_(), B.requires_grad_(), 0.5, bias, p, seed)
             torch.library.opcheck(torch.ops.fastadapt.qlora_linear.default, args)
-    backend = dispatch.select("qlora_linear", x=x, lora_A=A, lora_B=B, bias=None).backend
-    for needs in ([True, True, True, True], [False, True, True, False]):
+    for bias, needs in ((b, [True, True, True, True]), (None, [False, True, True, False])):
+        args = (x.detach(), *parts, 8, A.detach(), B.detach(), 0.5, bias, 0.0, None)
+        output = torch.ops.fastadapt.qlora_linear(*args)
         torch.library.opcheck(torch.ops.fastadapt.qlora_linear_backward.default,
-                              (torch.randn(2, 5, 8), x.detach(), *parts, A.detach(), B.detach(), torch.randn(10, 3),
-                               0.5, 0.0, None, needs, backend))
+                              QLORA_LINEAR.backward_inputs(args, output, needs))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -326,9 +327,9 @@ def test_native_backend_checks_its_arguments(field, bad, match):
     if "cpp" not in backends_for("qlora_linear", "cpu"):
         pytest.skip("cpp backend not available here")
     from fastadapt import _native
-    from fastadapt.ops._native_backends import _qlora_weight_args
+    from fastadapt.ops.qlora import _weight_args
     q = _quantized("nf4-nested", 8, 64, "cpu")
     q = q._replace(**{field: bad(getattr(q, field))})
     x, A, B = torch.randn(5, 64), torch.randn(2, 64), torch.randn(8, 2)
     with pytest.raises(RuntimeError, match=match):
-        _native.ops().qlora_forward(x, *_qlora_weight_args(q), 8, A, B, 1.0, None, 0.0, 0)
+        _native.ops().qlora_forward(x, *_weight_args(q), 8, A, B, 1.0, None, 0.0, 0)

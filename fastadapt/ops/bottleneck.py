@@ -14,130 +14,116 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
-from fastadapt.ops import _eager
-from fastadapt.backends import device_reasons, dtype_reasons
+from fastadapt import _checks, _native, dispatch
+from fastadapt.backends import Capabilities
+from fastadapt.ops._declare import Arg, OpSpec, declare
+from fastadapt.ops.lora import rows, seed_int
 from fastadapt.reference import bottleneck as reference
 
 OP = "bottleneck_adapter"
 MAX_BOTTLENECK = 1024  # the Triton kernels hold the whole bottleneck in one register tile
 
-# Order of the gradients the backward returns (and of ``needs``).
+# The differentiable arguments, in the order the backends return their gradients (and take ``needs``).
 GRAD_NAMES = ("z", "residual", "down_weight", "down_bias", "up_weight", "up_bias", "scale",
               "ln_before_weight", "ln_before_bias", "ln_after_weight", "ln_after_bias", "gate")
-
-
-def _seed(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed)
-
-
-def _select(z, residual, down_weight, down_bias, up_weight, *_) -> dispatch.Implementation:
-    return dispatch.select(OP, z=z, down_weight=down_weight, up_weight=up_weight)
 
 
 def _forward(impl, z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
              ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
              dropout_p, seed):
-    z2d = z.reshape(-1, z.shape[-1])
-    r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    out, h, stats = impl.forward(z2d, r2d, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
-                                 ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation,
-                                 eps, residual_before_ln, dropout_p, _seed(seed))
+    out, h, stats = impl.forward(rows(z), rows(residual) if residual is not None else None, down_weight, down_bias,
+                                 up_weight, up_bias, scale, ln_before_weight, ln_before_bias, ln_after_weight,
+                                 ln_after_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p,
+                                 seed_int(seed))
     return out.view(z.shape), h, stats
 
 
-@torch.library.custom_op("fastadapt::bottleneck_adapter", mutates_args=())
-def _bottleneck_adapter(
-        z: Tensor, residual: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
-        up_weight: Tensor, up_bias: Optional[Tensor], scale: Optional[Tensor],
-        ln_before_weight: Optional[Tensor], ln_before_bias: Optional[Tensor],
-        ln_after_weight: Optional[Tensor], ln_after_bias: Optional[Tensor], gate: Optional[Tensor],
-        scaling: float, activation: str, eps: float, residual_before_ln: bool, dropout_p: float,
-        seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight, ln_before_bias,
-              ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed)
-    return _forward(_select(*inputs), *inputs)
-
-
-@_bottleneck_adapter.register_fake
-def _(z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight, ln_before_bias,
-      ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed):
-    M = z.shape[:-1].numel()
-    return (z.new_empty(z.shape), z.new_empty(M, down_weight.shape[0]),
-            z.new_empty(4, M, dtype=torch.float32))
-
-
-def _run_backward(
-        gout: Tensor, z: Tensor, residual: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
-        up_weight: Tensor, up_bias: Optional[Tensor], h: Tensor, stats: Tensor, scale: Optional[Tensor],
-        ln_before_weight: Optional[Tensor], ln_before_bias: Optional[Tensor],
-        ln_after_weight: Optional[Tensor], ln_after_bias: Optional[Tensor], gate: Optional[Tensor],
-        scaling: float, activation: str, eps: float, residual_before_ln: bool, dropout_p: float,
-        seed: Optional[Tensor], needs: list[bool], backend: str) -> tuple[
-            Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The 12 gradients in :data:`GRAD_NAMES` order, on ``backend`` (the forward's); one not asked
-    for in ``needs`` (or of an absent input) comes back empty. ``residual`` is passed only when
-    LN_after normalises o + r."""
-    z2d = z.reshape(-1, z.shape[-1])
-    g2d = gout.reshape(-1, gout.shape[-1])
-    r2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    grads = dispatch.get(OP, backend).backward(g2d, z2d, r2d, down_weight, down_bias, up_weight, up_bias, h, stats, scale,
-                          ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling,
-                          activation, eps, residual_before_ln, dropout_p, _seed(seed), needs)
-    grads = [g if g is not None else z.new_empty(0) for g in grads]
-    for i in (0, 1):
-        if grads[i].dim() == 2:  # computed (M, d), M possibly 0; not-needed ones are (0,)
+def _backward(impl, needs, gout, _gh, _gstats, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats,
+              scale, ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps,
+              residual_before_ln, dropout_p, seed):
+    """``residual`` is there only when LN_after normalises o + r (:func:`_unsaved`)."""
+    grads = list(impl.backward(rows(gout), rows(z), rows(residual) if residual is not None else None, down_weight,
+                               down_bias, up_weight, up_bias, h, stats, scale, ln_before_weight, ln_before_bias,
+                               ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
+                               dropout_p, seed_int(seed), needs))
+    for i in (0, 1):  # computed (M, d), M possibly 0
+        if grads[i] is not None:
             grads[i] = grads[i].view(z.shape)
-    return tuple(grads)
+    return grads
 
 
-_bottleneck_adapter_backward = torch.library.custom_op("fastadapt::bottleneck_adapter_backward",
-                                                      mutates_args=())(_run_backward)
+def _fake(z, down_weight, **_):
+    M = z.shape[:-1].numel()
+    return z.new_empty(z.shape), z.new_empty(M, down_weight.shape[0]), z.new_empty(4, M, dtype=torch.float32)
 
 
-@_bottleneck_adapter_backward.register_fake
-def _(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, ln_before_weight,
-      ln_before_bias, ln_after_weight, ln_after_bias, gate, scaling, activation, eps, residual_before_ln,
-      dropout_p, seed, needs, backend):
-    inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, ln_before_weight,
-              ln_before_bias, ln_after_weight, ln_after_bias, gate)
-    return tuple(t.new_empty(t.shape) if (t is not None and need) else z.new_empty(0)
-                 for t, need in zip(inputs, needs))
+def _unsaved(residual, ln_after_weight, residual_before_ln, **_) -> frozenset:
+    # out = ... + r unless LN_after normalises o + r: then the residual's gradient is the output's.
+    in_ln = residual is not None and ln_after_weight is not None and residual_before_ln
+    return frozenset() if in_ln else frozenset({"residual"})
 
 
-def _residual_in_ln(residual, ln_after_weight, residual_before_ln) -> bool:
-    return residual is not None and ln_after_weight is not None and residual_before_ln
+def _grad(name: str, select: bool = False) -> Arg:
+    return Arg(name, "Tensor" if name in ("z", "down_weight", "up_weight") else "Tensor?", grad=True, select=select)
 
 
-def _setup_context(ctx, inputs, output, backend=None):
-    (z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_w, lnb_b, lna_w, lna_b, gate,
-     scaling, activation, eps, residual_before_ln, dropout_p, seed) = inputs
-    ctx.res_in_ln = _residual_in_ln(residual, lna_w, residual_before_ln)
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(z, residual if ctx.res_in_ln else None, down_weight, down_bias, up_weight, up_bias,
-                          output[1], output[2], scale, lnb_w, lnb_b, lna_w, lna_b, gate, seed)
-    ctx.args = (scaling, activation, eps, residual_before_ln, dropout_p)
-    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
+def _fuzz(draw):
+    """A random call with its float64 truth, for the shared fuzz (tests/test_fuzz.py)."""
+    from fastadapt.testing import FuzzCase
+
+    lead = draw.choice([(0,), (1,), (7,), (2, 3)])
+    d, m = draw.int(1, 24), draw.int(1, 12)
+
+    def maybe(*shape, around=0.0):
+        return torch.randn(*shape) / 4 + around if draw.bool() else None
+
+    tensors = dict(z=torch.randn(*lead, d), residual=maybe(*lead, d), down_weight=torch.randn(m, d) / d**0.5,
+                   down_bias=maybe(m), up_weight=torch.randn(d, m) / m**0.5, up_bias=maybe(d),
+                   scale=draw.choice([None, torch.randn(1) + 1, torch.randn(d) + 1]),
+                   lnb_weight=maybe(d, around=1.0), lnb_bias=maybe(d), lna_weight=maybe(d, around=1.0),
+                   lna_bias=maybe(d), gate=torch.rand(lead) if draw.bool() else None)
+    for w, b in (("lnb_weight", "lnb_bias"), ("lna_weight", "lna_bias")):  # LayerNorms come whole
+        if (tensors[w] is None) != (tensors[b] is None):
+            tensors[b] = torch.randn(d) / 4 if tensors[w] is not None else None
+    activation = draw.choice(["relu", "gelu", "gelu_new", "silu", "tanh", "leakyrelu", "linear"])
+    scaling, residual_before_ln = draw.choice([1.0, 0.5, -2.0]), draw.bool()
+    p, training = draw.choice([0.0, 0.1, 0.999]), draw.bool()
+    dropout = training and p > 0.0
+
+    def pair(w, b):
+        return None if w is None else (w, b)
+
+    def call(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+             lna_bias, gate):
+        return bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual, activation=activation,
+                                  scaling=scaling, scale=scale, ln_before=pair(lnb_weight, lnb_bias),
+                                  ln_after=pair(lna_weight, lna_bias), adapter_residual_before_ln=residual_before_ln,
+                                  gate=gate, dropout_p=p, training=training)
+
+    def exact(keep, z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+              lna_bias, gate):
+        mask = keep(0, (z.shape[:-1].numel(), d), p).view(z.shape) if dropout else None
+        return reference.bottleneck_adapter(
+            z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
+            ln_before=pair(lnb_weight, lnb_bias), ln_after=pair(lna_weight, lna_bias),
+            residual_before_ln_after=residual_before_ln, gate=None if gate is None else gate[..., None], keep=mask,
+            dropout_p=p, activation_name=activation)[0]
+
+    return FuzzCase(tensors, call, exact, grads=tuple(n for n, t in tensors.items() if t is not None),
+                    dropout=dropout)
 
 
-def _backward(ctx, gout, _gh, _gstats):
-    (z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_w, lnb_b, lna_w, lna_b,
-     gate, seed) = ctx.saved_tensors
-    scaling, activation, eps, residual_before_ln, dropout_p = ctx.args
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1] and ctx.res_in_ln, *n[2:12]]
-    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.bottleneck_adapter_backward
-    grads = list(run(
-        gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_w, lnb_b,
-        lna_w, lna_b, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, needs, ctx.backend))
-    grads = [g if need else None for g, need in zip(grads, needs)]
-    if ctx.has_residual and n[1] and not ctx.res_in_ln:
-        grads[1] = gout  # out = ... + r: the residual's gradient is the output's
-    return (*grads, None, None, None, None, None, None)
-
-
-_bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
-_BottleneckAdapter = _eager.function("BottleneckAdapter", _forward, _setup_context, _backward)
+# ``fastadapt::bottleneck_adapter`` returns ``(out, h, stats)``: the pre-activation ``h`` (M, m) and
+# the LayerNorm row statistics ``stats`` (4, M) float32 are what the backward keeps besides the
+# inputs (eager keeps the LN outputs, h, a, u and the dropout mask: several (M, d) tensors).
+BOTTLENECK_ADAPTER = declare(OpSpec(
+    OP,
+    args=(*(_grad(n, select=n in ("z", "down_weight", "up_weight")) for n in GRAD_NAMES),
+          Arg("scaling", "float"), Arg("activation", "str"), Arg("eps", "float"), Arg("residual_before_ln", "bool"),
+          Arg("dropout_p", "float"), Arg("seed", "Tensor?")),
+    outputs=("out", "h", "stats"), saved=("h", "stats"), grads=GRAD_NAMES,
+    fake=_fake, forward=_forward, backward=_backward, passthrough={"residual": "out"}, unsaved=_unsaved,
+    autocast=False, fuzz=_fuzz))
 
 
 def bottleneck_adapter(z: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor,
@@ -240,31 +226,38 @@ def bottleneck_adapter(z: Tensor, down_weight: Tensor, down_bias: Optional[Tenso
     p = dropout_p if training else 0.0
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
-    inputs = (z, residual, cast(down_weight), cast(down_bias), cast(up_weight), cast(up_bias), cast(scale),
-              cast(lnb[0]), cast(lnb[1]), cast(lna[0]), cast(lna[1]), cast(gate), scaling, activation, eps,
-              bool(adapter_residual_before_ln), p, seed)
-    if _eager.fast_path(*(t for t in inputs[:12])):
-        out, _, _ = _eager.run(_BottleneckAdapter, _select, *inputs)
-    else:
-        out, _, _ = torch.ops.fastadapt.bottleneck_adapter(*inputs)
-    return out
+    return BOTTLENECK_ADAPTER(z, residual, cast(down_weight), cast(down_bias), cast(up_weight), cast(up_bias),
+                              cast(scale), cast(lnb[0]), cast(lnb[1]), cast(lna[0]), cast(lna[1]), cast(gate), scaling,
+                              activation, eps, bool(adapter_residual_before_ln), p, seed)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
 
-def _triton_why_not(z, down_weight, up_weight):
-    reasons = device_reasons("triton", z.device) + dtype_reasons(z.dtype)
-    if down_weight.shape[0] > MAX_BOTTLENECK:
-        reasons.append(f"bottleneck width {down_weight.shape[0]} > {MAX_BOTTLENECK} (one register tile)")
-    if len({z.dtype, down_weight.dtype, up_weight.dtype}) > 1:
-        reasons.append("z and the adapter weights must share one dtype")
-    return reasons
+def _triton_width(backend, down_weight, **_):
+    if backend == "triton" and down_weight.shape[0] > MAX_BOTTLENECK:
+        return [f"bottleneck width {down_weight.shape[0]} > {MAX_BOTTLENECK} (one register tile)"]
+    return []
 
 
+CAPABILITIES = Capabilities("z", ("z", "down_weight", "up_weight"), extra=_triton_width)
 _KERNELS = "fastadapt.kernels.bottleneck"
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
-dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
-                  backward=reference.backward)
+
+
+def _native_forward(*args):
+    return _native.ops().bottleneck_forward(*args)
+
+
+def _native_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().bottleneck_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu
+for _backend in ("cuda", "cpp"):
+    dispatch.register(OP, _backend, capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
+dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

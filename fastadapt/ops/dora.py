@@ -9,96 +9,76 @@ the seed. ``fastadapt::dora_linear_backward`` is one fused backward call. Math i
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
-from fastadapt.ops import _autocast, _eager, lora
-from fastadapt.ops.lora import _seed
+from fastadapt import _checks, _native, dispatch
+from fastadapt.backends import Capabilities
+from fastadapt.ops import lora
+from fastadapt.ops._declare import Arg, OpSpec, declare
+from fastadapt.ops.lora import rows, seed_int
 from fastadapt.reference import dora as reference
 
 OP = "dora_linear"
 
 
-def _select(x, weight, lora_A, lora_B, magnitude, scaling, bias, *_) -> dispatch.Implementation:
-    return dispatch.select(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
-
-
 def _forward(impl, x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
-    x2d = x.reshape(-1, x.shape[-1])
-    y, u, P, n = impl.forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, _seed(seed))
+    y, u, P, n = impl.forward(rows(x), weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed_int(seed))
     return y.view(*x.shape[:-1], weight.shape[0]), u, P, n
 
 
-@torch.library.custom_op("fastadapt::dora_linear", mutates_args=())
-def _dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
-                 bias: Optional[Tensor], dropout_p: float,
-                 seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    inputs = (x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed)
-    return _forward(_select(*inputs), *inputs)
+def _backward(impl, needs, gy, _gu, _gP, _gn, x, weight, lora_A, lora_B, magnitude, seed, u, P, n, scaling,
+              dropout_p, **_):
+    gx, *grads = impl.backward(rows(gy), rows(x), weight, lora_A, lora_B, magnitude, u, P, n, scaling, dropout_p,
+                               seed_int(seed), needs)
+    return (gx.view(x.shape) if gx is not None else None), *grads
 
 
-@_dora_linear.register_fake
-def _(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
-    M = x.shape[:-1].numel()
-    N = weight.shape[0]
+def _fake(x, weight, lora_A, **_):
+    M, N = x.shape[:-1].numel(), weight.shape[0]
     n = x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32))
     return x.new_empty(*x.shape[:-1], N), x.new_empty(M, lora_A.shape[0]), x.new_empty(M, N), n
 
 
-def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-                  u: Tensor, P: Tensor, n: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                  needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(gx, gA, gB, gmagnitude, gbias, gweight) on ``backend``, the forward's; a gradient not asked
-    for in ``needs`` comes back empty."""
-    x2d = x.reshape(-1, x.shape[-1])
-    gy2d = gy.reshape(-1, gy.shape[-1])
-    grads = dispatch.get(OP, backend).backward(gy2d, x2d, weight, lora_A, lora_B, magnitude, u, P, n, scaling,
-                                               dropout_p, _seed(seed), needs)
-    gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
-    return (gx.view(x.shape) if needs[0] else gx), *rest
+def _fuzz(draw):
+    """A random call with its float64 truth, for the shared fuzz (tests/test_fuzz.py)."""
+    from fastadapt.testing import FuzzCase
+
+    lead = draw.choice([(0,), (1,), (7,), (2, 3)])
+    n_in, n_out, r = draw.int(1, 24), draw.int(1, 24), draw.int(1, 8)
+    p, training, scaling = draw.choice([0.0, 0.1, 0.999]), draw.bool(), draw.choice([0.5, -2.0, 3.0])
+    tensors = dict(x=torch.randn(*lead, n_in), weight=torch.randn(n_out, n_in) / n_in**0.5,
+                   lora_A=torch.randn(r, n_in) / n_in**0.5, lora_B=torch.randn(n_out, r) / r**0.5,
+                   magnitude=torch.rand(n_out) + 0.5, bias=torch.randn(n_out) if draw.bool() else None)
+    dropout = training and p > 0.0
+
+    def call(x, weight, lora_A, lora_B, magnitude, bias, scaling=scaling):
+        return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, p, training)
+
+    def exact(keep, x, weight, lora_A, lora_B, magnitude, bias, scaling=scaling):
+        mask = keep(0, (x.shape[:-1].numel(), x.shape[-1]), p).view(x.shape) if dropout else None
+        return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, mask, p)
+
+    return FuzzCase(tensors, call, exact, grads=("x", "weight", "lora_A", "lora_B", "magnitude", "bias"),
+                    dropout=dropout)
 
 
-_dora_linear_backward = torch.library.custom_op("fastadapt::dora_linear_backward", mutates_args=())(_run_backward)
+# ``fastadapt::dora_linear`` returns ``(y, u, P, n)``; autocast leaves the magnitude in float32.
+DORA_LINEAR = declare(OpSpec(
+    OP,
+    args=(Arg("x", "Tensor", grad=True, select=True), Arg("weight", "Tensor", grad=True, select=True),
+          Arg("lora_A", "Tensor", grad=True, select=True), Arg("lora_B", "Tensor", grad=True, select=True),
+          Arg("magnitude", "Tensor", grad=True, keep=True, select=True), Arg("scaling", "float"),
+          Arg("bias", "Tensor?", grad=True, select=True), Arg("dropout_p", "float"), Arg("seed", "Tensor?")),
+    outputs=("y", "u", "P", "n"), saved=("u", "P", "n"), grads=("x", "lora_A", "lora_B", "magnitude", "bias", "weight"),
+    fake=_fake, forward=_forward, backward=_backward, fuzz=_fuzz))
 
 
-@_dora_linear_backward.register_fake
-def _(gy, x, weight, lora_A, lora_B, magnitude, u, P, n, scaling, dropout_p, seed, needs, backend):
-    likes = (x, lora_A, lora_B, magnitude, gy, weight)
-    shapes = (x.shape, lora_A.shape, lora_B.shape, magnitude.shape, weight.shape[:1], weight.shape)
-    return tuple(like.new_empty(shape) if need else x.new_empty(0) for like, shape, need in zip(likes, shapes, needs))
-
-
-def _setup_context(ctx, inputs, output, backend=None):
-    x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed = inputs
-    _, u, P, n = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, u, P, n, seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
-
-
-def _backward(ctx, gy, _gu, _gP, _gn):
-    x, weight, lora_A, lora_B, magnitude, u, P, n, seed = ctx.saved_tensors
-    nx, nw, na, nb, nm, _, nbias = ctx.needs_input_grad[:7]
-    needs = [nx, na, nb, nm, nbias, nw]
-    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.dora_linear_backward
-    grads = run(gy, x, weight, lora_A, lora_B, magnitude, u, P, n, ctx.scaling, ctx.dropout_p, seed, needs,
-                ctx.backend)
-    gx, gA, gB, gm, gbias, gw = (g if need else None for g, need in zip(grads, needs))
-    return gx, gw, gA, gB, gm, None, gbias, None, None
-
-
-_KEEP = (4,)  # autocast leaves the magnitude in float32 (dora_linear)
-_dora_linear.register_autograd(_backward, setup_context=_setup_context)
-_DoRALinear = _eager.function("DoRALinear", _forward, _setup_context, _backward)
-_autocast.register(OP, keep=_KEEP)
-
-
-def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
-                bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True) -> Tensor:
+def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                scaling: Union[float, Tensor], bias: Optional[Tensor] = None, dropout_p: float = 0.0,
+                training: bool = True) -> Tensor:
     """Fused DoRA linear, as PEFT's ``use_dora=True`` LoRA ``Linear`` computes it.
 
     ``y = x W^T + b + (g - 1) * D(x) W^T + g * s * (D(x) A^T) B^T`` with ``g = m / ||W + s B A||``
@@ -113,7 +93,8 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
             compute dtype with float32 accumulation, whatever their own dtype (PEFT keeps them in
             float32); magnitude: (out_features,) (PEFT's ``lora_magnitude_vector[name].weight``),
             used in float32 (float64 for float64 inputs). Their grads come back in their own dtype.
-        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), finite.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), finite: a Python
+            float or a one-element tensor, as for :func:`fastadapt.lora_linear`.
         bias: (out_features,) or None.
         dropout_p: dropout probability on the adapter's input, applied only when ``training``;
             the mask is drawn from a seed inside the kernels and regenerated in the backward.
@@ -136,28 +117,36 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     _checks.dim_equal("magnitude.shape[0] (out_features)", magnitude.shape[0], weight.shape[0])
     # The magnitude stays in float32 (PEFT's m / n is float32 over a half base): rounding it to the
     # compute dtype would scale every output and every gradient by a rounded g.
-    inputs = (x, weight, lora_A.to(dtype), lora_B.to(dtype), magnitude.to(torch.promote_types(dtype, torch.float32)),
-              scaling, bias, p, seed)
-    if _eager.fast_path(x, weight, lora_A, lora_B, magnitude, bias):
-        y, *_ = _eager.run(_DoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
-    else:
-        y, *_ = torch.ops.fastadapt.dora_linear(*inputs)
-    return y
+    lora_B, scaling = lora.scaled_B(lora_B, scaling, dtype)
+    return DORA_LINEAR(x, weight, lora_A.to(dtype), lora_B, magnitude.to(torch.promote_types(dtype, torch.float32)),
+                       scaling, bias, p, seed)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
 
-def _triton_why_not(x, weight, lora_A, lora_B, magnitude, bias):
-    reasons = lora._triton_why_not(x, weight, lora_A, lora_B, bias)
-    if magnitude.dtype != torch.float32:
-        reasons.append(f"magnitude must be float32, got {magnitude.dtype}")
-    return reasons
+def _float32_magnitude(backend, magnitude, **_):
+    return [] if magnitude.dtype == torch.float32 else [f"magnitude must be float32, got {magnitude.dtype}"]
 
 
+CAPABILITIES = Capabilities("x", lora.CAPABILITIES.same_dtype, extra=_float32_magnitude)
 _KERNELS = "fastadapt.kernels.dora"
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
-dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
-                  backward=reference.backward)
+
+
+def _native_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
+    return _native.ops().dora_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed)
+
+
+def _native_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p, seed, needs):
+    needs = [bool(n) for n in needs]
+    grads = _native.ops().dora_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p,
+                                        seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# csrc/dora.cpp; no CUDA kernel: on CUDA the Triton backend or the reference serves.
+dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
+dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

@@ -17,94 +17,91 @@ fleet). Every backend reads an adapter only up to its rank, so the padding's con
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
-from fastadapt.backends import device_reasons, dtype_reasons
-from fastadapt.ops import _autocast, _eager
+from fastadapt import _checks, _native, dispatch
+from fastadapt.backends import Capabilities
+from fastadapt.ops import _autocast
+from fastadapt.ops._declare import Arg, OpSpec, declare
+from fastadapt.ops.lora import rows, seed_int
 from fastadapt.reference import multi_lora as reference
 
 OP = "multi_lora_linear"
 ID_DTYPES = (torch.int32, torch.int64)
 
 
-def _seed(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed)
-
-
-def _select(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, *_) -> dispatch.Implementation:
-    return dispatch.select(OP, x=x, weight=weight, A_stack=A_stack, B_stack=B_stack, bias=bias)
-
-
 def _forward(impl, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed):
-    x2d = x.reshape(-1, x.shape[-1])
-    y, u = impl.forward(x2d, weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias, dropout_p,
-                        _seed(seed))
+    y, u = impl.forward(rows(x), weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias, dropout_p,
+                        seed_int(seed))
     return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
-@torch.library.custom_op("fastadapt::multi_lora_linear", mutates_args=())
-def _multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor,
-                       ranks: Tensor, adapter_ids: Tensor, bias: Optional[Tensor], dropout_p: Optional[Tensor],
-                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    inputs = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed)
-    return _forward(_select(*inputs), *inputs)
+def _backward(impl, needs, gy, _gu, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, dropout_p, seed, u,
+              **_):
+    gx, *grads = impl.backward(rows(gy), rows(x), weight, A_stack, B_stack, u, scalings, ranks,
+                               adapter_ids.reshape(-1), dropout_p, seed_int(seed), needs)
+    return (gx.view(x.shape) if gx is not None else None), *grads
 
 
-@_multi_lora_linear.register_fake
-def _(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed):
-    M = x.shape[:-1].numel()
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(M, A_stack.shape[1])
+def _fake(x, weight, A_stack, **_):
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape[:-1].numel(), A_stack.shape[1])
 
 
-def _run_backward(gy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, u: Tensor,
-                                scalings: Tensor, ranks: Tensor, adapter_ids: Tensor, dropout_p: Optional[Tensor],
-                                seed: Optional[Tensor], needs: list[bool],
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(gx, gA_stack, gB_stack, gbias, gweight) on ``backend``, the forward's; a gradient not asked
-    for in ``needs`` comes back empty."""
-    x2d = x.reshape(-1, x.shape[-1])
-    gy2d = gy.reshape(-1, gy.shape[-1])
-    grads = dispatch.get(OP, backend).backward(gy2d, x2d, weight, A_stack, B_stack, u, scalings, ranks,
-                                               adapter_ids.reshape(-1), dropout_p, _seed(seed), needs)
-    gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
-    return (gx.view(x.shape) if needs[0] else gx), *rest
+def _fuzz(draw):
+    """A random call with its float64 truth, for the shared fuzz (tests/test_fuzz.py)."""
+    from fastadapt.testing import FuzzCase
+
+    lead = draw.choice([(0,), (1,), (7,), (2, 3)])
+    n_in, n_out, n = draw.int(1, 24), draw.int(1, 24), draw.int(1, 3)
+    ranks = [draw.int(1, 4) for _ in range(n)]
+    scalings = [draw.choice([0.5, -2.0, 3.0]) for _ in range(n)]
+    ps = [draw.choice([0.0, 0.1, 0.999]) for _ in range(n)]
+    training, per_sequence = draw.bool(), len(lead) > 1 and draw.bool()
+    r_max = max(ranks)
+    ids = torch.randint(-1, n, lead[:1] if per_sequence else lead)
+    tensors = dict(x=torch.randn(*lead, n_in), weight=torch.randn(n_out, n_in) / n_in**0.5,
+                   A_stack=torch.randn(n, r_max, n_in) / n_in**0.5, B_stack=torch.randn(n, n_out, r_max) / r_max**0.5,
+                   adapter_ids=ids, bias=torch.randn(n_out) if draw.bool() else None)
+    dropout = training and any(ps)
+
+    def call(x, weight, A_stack, B_stack, adapter_ids, bias):
+        return multi_lora_linear(x, weight, A_stack, B_stack, scalings, adapter_ids, bias, ps, training, ranks)
+
+    def exact(keep, x, weight, A_stack, B_stack, adapter_ids, bias):
+        if adapter_ids.dim() < x.dim() - 1:  # one id per sequence
+            adapter_ids = adapter_ids.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        rows = adapter_ids.reshape(-1)
+        x2d = x.reshape(-1, x.shape[-1])
+        table = torch.promote_types(x.dtype, torch.float32)
+        mask = None
+        if dropout:  # each row's mask from its adapter's probability, one draw for all
+            mask = torch.ones(x2d.shape, dtype=torch.bool)
+            for a, p in enumerate(ps):
+                if p > 0.0:
+                    mask[rows == a] = keep(0, x2d.shape, p)[rows == a]
+        y = reference.multi_lora_linear(x2d, weight, A_stack, B_stack, torch.tensor(scalings, dtype=table),
+                                        torch.tensor(ranks), rows, bias, mask,
+                                        torch.tensor(ps, dtype=table) if dropout else None)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    return FuzzCase(tensors, call, exact, grads=("x", "weight", "A_stack", "B_stack", "bias"),
+                    fixed=("adapter_ids",), dropout=dropout)
 
 
-_multi_lora_linear_backward = torch.library.custom_op("fastadapt::multi_lora_linear_backward",
-                                                    mutates_args=())(_run_backward)
-
-
-@_multi_lora_linear_backward.register_fake
-def _(gy, x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed, needs, backend):
-    shapes = (x.shape, A_stack.shape, B_stack.shape, weight.shape[:1], weight.shape)
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
-
-
-def _setup_context(ctx, inputs, output, backend=None):
-    x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, A_stack, B_stack, output[1], scalings, ranks, adapter_ids, dropout_p, seed)
-    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
-
-
-def _backward(ctx, gy, _gu):
-    x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed = ctx.saved_tensors
-    nx, nw, na, nb, _, _, _, nbias = ctx.needs_input_grad[:8]
-    needs = [nx, na, nb, nbias, nw]
-    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.multi_lora_linear_backward
-    grads = run(
-        gy, x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p, seed, needs, ctx.backend)
-    gx, gA, gB, gbias, gw = (g if need else None for g, need in zip(grads, needs))
-    return gx, gw, gA, gB, None, None, None, gbias, None, None
-
-
-_multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
-_MultiLoRALinear = _eager.function("MultiLoRALinear", _forward, _setup_context, _backward)
-_KEEP = (4, 8)  # scalings and dropout_p stay float32 under autocast
-_autocast.register(OP, keep=_KEEP)
+# ``fastadapt::multi_lora_linear`` returns ``(y, u)``; the per-adapter tables stay float32 under autocast.
+MULTI_LORA_LINEAR = declare(OpSpec(
+    OP,
+    args=(Arg("x", "Tensor", grad=True, select=True), Arg("weight", "Tensor", grad=True, select=True),
+          Arg("A_stack", "Tensor", grad=True, select=True), Arg("B_stack", "Tensor", grad=True, select=True),
+          Arg("scalings", "Tensor", keep=True), Arg("ranks", "Tensor"), Arg("adapter_ids", "Tensor"),
+          Arg("bias", "Tensor?", grad=True, select=True), Arg("dropout_p", "Tensor?", keep=True),
+          Arg("seed", "Tensor?")),
+    outputs=("y", "u"), saved=("u",), grads=("x", "A_stack", "B_stack", "bias", "weight"),
+    fake=_fake, forward=_forward, backward=_backward, fuzz=_fuzz))
 
 PerAdapter = Union[float, Sequence[float], Tensor]
 
@@ -113,7 +110,8 @@ def _device_values(name: str, value: Tensor, n: int, dtype: torch.dtype, device)
     """A per-adapter tensor argument, checked for shape and device and cast to ``dtype``. Taken as
     it is, so a caller that calls every step can keep it on the device (building it from a list
     costs a host-to-device copy, a synchronisation on CUDA, each call)."""
-    if value.dtype.is_floating_point != dtype.is_floating_point or value.is_complex():
+    integer = not (value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool)
+    if value.dtype.is_floating_point != dtype.is_floating_point or (not dtype.is_floating_point and not integer):
         kind = "a floating-point" if dtype.is_floating_point else "an integer"
         raise TypeError(f"{name} must be {kind} tensor, got {value.dtype}")
     if value.shape != (n,):
@@ -125,7 +123,9 @@ def _device_values(name: str, value: Tensor, n: int, dtype: torch.dtype, device)
 
 def _host_values(name: str, value, n: int, check) -> list:
     """A per-adapter Python argument (one value for all adapters, or n values), each checked."""
-    values = [value] * n if isinstance(value, (int, float)) else list(value)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__}")
+    values = [value] * n if isinstance(value, Real) else list(value)
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} values, expected {n} (one per adapter)")
     return [check(name, v) for v in values]
@@ -133,7 +133,7 @@ def _host_values(name: str, value, n: int, check) -> list:
 
 def _rank(r_max: int):
     def check(name, r):
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= r_max:
+        if isinstance(r, bool) or not isinstance(r, Integral) or not 1 <= r <= r_max:
             raise ValueError(f"{name} must be ints in [1, r_max = {r_max}] (A_stack.shape[1]), got {r!r}")
         return r
     return check
@@ -219,10 +219,15 @@ def multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tenso
                         f"adapter_ids must be in [-1, {n}) (-1: base only; n = A_stack.shape[0])")
 
     device = x.device
+    # The per-adapter scalings and probabilities in float32, float64 for a float64 call (as the
+    # reference's lora_linear takes a Python float): rounding them to the compute dtype would scale
+    # every output of an adapter by a rounded factor.
+    table = torch.promote_types(dtype, torch.float32)
     if isinstance(scalings, Tensor):
-        scalings_t = _device_values("scalings", scalings, n, torch.float32, device)
+        scalings_t = _device_values("scalings", scalings, n, table, device)
+        torch._assert_async(torch.isfinite(scalings_t).all(), "scalings must be finite")
     else:
-        scalings_t = torch.tensor(_host_values("scalings", scalings, n, _checks.finite_float), dtype=torch.float32,
+        scalings_t = torch.tensor(_host_values("scalings", scalings, n, _checks.finite_float), dtype=table,
                                   device=device)
     if ranks is None:
         ranks_t = torch.full((n,), r_max, dtype=torch.int32, device=device)
@@ -234,36 +239,37 @@ def multi_lora_linear(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tenso
 
     p_t = None
     if training and isinstance(dropout_p, Tensor):
-        p_t = _device_values("dropout_p", dropout_p, n, torch.float32, device)
+        p_t = _device_values("dropout_p", dropout_p, n, table, device)
         torch._assert_async(((p_t >= 0) & (p_t < 1)).all(), "dropout_p must be in [0, 1)")
     elif training:
         ps = _host_values("dropout_p", dropout_p, n, _checks.probability)
         if any(ps):
-            p_t = torch.tensor(ps, dtype=torch.float32, device=device)
+            p_t = torch.tensor(ps, dtype=table, device=device)
     # Drawn on the CPU generator: no device sync, and torch.compile traces it.
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p_t is not None else None
-    inputs = (x, weight, A_stack.to(dtype), B_stack.to(dtype), scalings_t, ranks_t, adapter_ids.to(torch.int64), bias,
-              p_t, seed)
-    if _eager.fast_path(x, weight, A_stack, B_stack, bias):
-        y, _ = _eager.run(_MultiLoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
-    else:
-        y, _ = torch.ops.fastadapt.multi_lora_linear(*inputs)
-    return y
+    return MULTI_LORA_LINEAR(x, weight, A_stack.to(dtype), B_stack.to(dtype), scalings_t, ranks_t,
+                             adapter_ids.to(torch.int64), bias, p_t, seed)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
-
-def _triton_why_not(x, weight, A_stack, B_stack, bias):
-    reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
-    if len({t.dtype for t in (x, weight, A_stack, B_stack, bias) if t is not None}) > 1:
-        reasons.append("x, weight, A_stack, B_stack and bias must share one dtype")
-    return reasons
-
-
+CAPABILITIES = Capabilities("x", ("x", "weight", "A_stack", "B_stack", "bias"))
 _KERNELS = "fastadapt.kernels.multi_lora"
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
-dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
-                  backward=reference.backward)
+
+
+def _native_forward(*args):
+    return _native.ops().multi_lora_forward(*args)
+
+
+def _native_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().multi_lora_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# csrc/multi_lora.cpp; no CUDA kernel: Triton serves CUDA.
+dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
+dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

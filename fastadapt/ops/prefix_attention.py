@@ -17,90 +17,77 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
-from fastadapt.ops import _eager
-from fastadapt.backends import device_reasons, dtype_reasons
+from fastadapt import _checks, _native, dispatch
+from fastadapt.backends import Capabilities
+from fastadapt.ops._declare import Arg, OpSpec, declare
 from fastadapt.reference import prefix_attention as reference
 
 OP = "prefix_attention"
 MODES = ("gated", "joint")
 # The kernels keep a (BLOCK, head_dim) fp32 tile per operand in registers; past 128 they spill.
 MAX_TRITON_HEAD_DIM = 128
+MAX_CUDA_HEAD_DIM = 256  # the CUDA kernel spreads a head over one warp's registers, 8 per lane
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _select(q, k, v, k_p, v_p, gate, key_padding_mask, *_) -> dispatch.Implementation:
-    return dispatch.select(OP, q=q, k=k, v=v, k_p=k_p, v_p=v_p, key_padding_mask=key_padding_mask)
+def _forward(impl, q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint):
+    return impl.forward(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
 
 
-def _forward(impl, *inputs):
-    return impl.forward(*inputs)
+def _backward(impl, needs, dout, _dstats, _dstats_p, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p,
+              scale, causal, joint):
+    return impl.backward(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal, joint,
+                         needs)
 
 
-@torch.library.custom_op("fastadapt::prefix_attention", mutates_args=())
-def _prefix_attention(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, gate: Optional[Tensor],
-                      key_padding_mask: Optional[Tensor], scale: float, causal: bool,
-                      joint: bool) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = (q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint)
-    return _forward(_select(*inputs), *inputs)
-
-
-@_prefix_attention.register_fake
-def _(q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint):
+def _fake(q, joint, **_):
     B, H, Sq, D = q.shape
     stats = q.new_empty((B, H, Sq, 2), dtype=_stats_dtype(q.dtype))
     return q.new_empty((B, H, Sq, D)), stats, stats.new_empty((0,) if joint else (B, H, Sq, 2))
 
 
-def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor,
-                               gate: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor,
-                               stats: Tensor, stats_p: Tensor, scale: float, causal: bool, joint: bool,
-                               needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                         Tensor]:
-    """(dq, dk, dv, dk_p, dv_p, dgate) on ``backend`` (the forward's); a gradient not asked for in
-    ``needs`` comes back empty."""
-    grads = dispatch.get(OP, backend).backward(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal,
-                          joint, needs)
-    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+def _fuzz(draw):
+    """A random call with its float64 truth, for the shared fuzz (tests/test_fuzz.py)."""
+    from fastadapt.testing import FuzzCase
+
+    B, kv_heads, group, D = draw.int(1, 2), draw.int(1, 2), draw.int(1, 2), draw.choice([4, 8, 16])
+    H, Sk, L = kv_heads * group, draw.int(1, 9), draw.int(1, 5)
+    Sq = draw.int(1, Sk)
+    joint, causal, gate_tanh = draw.bool(), draw.bool(), draw.bool()
+    tensors = dict(q=torch.randn(B, H, Sq, D), k=torch.randn(B, kv_heads, Sk, D), v=torch.randn(B, kv_heads, Sk, D),
+                   prefix_k=torch.randn(draw.choice([1, B]), kv_heads, L, D),
+                   gate=None if joint else torch.randn(draw.choice([1, H])),
+                   key_padding_mask=torch.rand(B, Sk) > 0.3 if draw.bool() else None)
+    tensors["prefix_v"] = torch.randn_like(tensors["prefix_k"])
+
+    def call(q, k, v, prefix_k, prefix_v, gate, key_padding_mask):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, gate, mode="joint" if joint else "gated", causal=causal,
+                                key_padding_mask=key_padding_mask, gate_tanh=gate_tanh)
+
+    def exact(keep, q, k, v, prefix_k, prefix_v, gate, key_padding_mask):
+        g = None if joint else (torch.tanh(gate) if gate_tanh else gate).reshape(-1).expand(H)
+        return reference.prefix_attention(q, k, v, prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1), g,
+                                          joint=joint, causal=causal, key_padding_mask=key_padding_mask)
+
+    return FuzzCase(tensors, call, exact, grads=("q", "k", "v", "prefix_k", "prefix_v", "gate"),
+                    fixed=("key_padding_mask",))
 
 
-_prefix_attention_backward = torch.library.custom_op("fastadapt::prefix_attention_backward",
-                                                    mutates_args=())(_run_backward)
-
-
-@_prefix_attention_backward.register_fake
-def _(dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, scale, causal, joint, needs, backend):
-    shapes = (q.shape, k.shape, v.shape, k_p.shape, v_p.shape)
-    grads = [q.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
-    grads.append(q.new_empty((q.shape[1],) if needs[5] else (0,), dtype=stats.dtype))
-    return tuple(grads)
-
-
-def _setup_context(ctx, inputs, output, backend=None):
-    q, k, v, k_p, v_p, gate, key_padding_mask, scale, causal, joint = inputs
-    out, stats, stats_p = output
-    ctx.save_for_backward(q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p)
-    ctx.scale, ctx.causal, ctx.joint = scale, causal, joint
-    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
-
-
-def _backward(ctx, dout, _dstats, _dstats_p):
-    q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:6])
-    needs[5] = needs[5] and not ctx.joint
-    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.prefix_attention_backward
-    grads = run(
-        dout, q, k, v, k_p, v_p, gate, key_padding_mask, out, stats, stats_p, ctx.scale, ctx.causal, ctx.joint,
-        needs, ctx.backend)
-    dq, dk, dv, dk_p, dv_p, dgate = (g if need else None for g, need in zip(grads, needs))
-    return dq, dk, dv, dk_p, dv_p, dgate, None, None, None, None
-
-
-_prefix_attention.register_autograd(_backward, setup_context=_setup_context)
-_PrefixAttention = _eager.function("PrefixAttention", _forward, _setup_context, _backward)
+# ``fastadapt::prefix_attention`` returns ``(out, stats, stats_p)``: the forward saves only the
+# output and, per softmax, the row max and row sum of the base-2 scores, (B, H, Sq, 2) fp32
+# (``stats_p`` is empty in joint mode), as flash-attention saves its logsumexp; the prefix part of
+# the output is recomputed from ``stats_p`` in the backward (L keys, cheap). Every backend saves the
+# same statistics, so a forward and a backward served by different backends still agree.
+PREFIX_ATTENTION = declare(OpSpec(
+    OP,
+    args=(*(Arg(n, "Tensor", grad=True, select=True) for n in ("q", "k", "v", "k_p", "v_p")),
+          Arg("gate", "Tensor?", grad=True), Arg("key_padding_mask", "Tensor?", select=True), Arg("scale", "float"),
+          Arg("causal", "bool"), Arg("joint", "bool")),
+    outputs=("out", "stats", "stats_p"), saved=("out", "stats", "stats_p"), grads=("q", "k", "v", "k_p", "v_p", "gate"),
+    fake=_fake, forward=_forward, backward=_backward, autocast=False, fuzz=_fuzz))
 
 
 def _effective_gate(gate, gate_tanh: bool, heads: int, dtype: torch.dtype) -> Tensor:
@@ -193,29 +180,36 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     # Broadcast views, no copies: the kernels read through strides (batch stride 0).
     prefix_k = prefix_k.expand(B, -1, -1, -1)
     prefix_v = prefix_v.expand(B, -1, -1, -1)
-    inputs = (q, k, v, prefix_k, prefix_v, g, key_padding_mask, scale, causal, joint)
-    if _eager.fast_path(*inputs[:7]):
-        out, _, _ = _eager.run(_PrefixAttention, _select, *inputs)
-    else:
-        out, _, _ = torch.ops.fastadapt.prefix_attention(*inputs)
-    return out
+    return PREFIX_ATTENTION(q, k, v, prefix_k, prefix_v, g, key_padding_mask, scale, causal, joint)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
 
-def _triton_why_not(q, k, v, k_p, v_p, key_padding_mask):
-    reasons = device_reasons("triton", q.device) + dtype_reasons(q.dtype)
-    if len({t.dtype for t in (q, k, v, k_p, v_p)}) > 1:
-        reasons.append("q, k, v, prefix_k and prefix_v must share one dtype")
-    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
-    return reasons
+def _head_dim(backend, q, **_):
+    limit = {"triton": MAX_TRITON_HEAD_DIM, "cuda": MAX_CUDA_HEAD_DIM}.get(backend)
+    return [f"head dim {q.shape[-1]} > {limit}"] if limit is not None and q.shape[-1] > limit else []
 
 
+CAPABILITIES = Capabilities("q", ("q", "k", "v", "k_p", "v_p"), extra=_head_dim)
 _KERNELS = "fastadapt.kernels.prefix_attention"
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
-dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
-                  backward=reference.backward)
+
+
+def _native_forward(*args):
+    return _native.ops().prefix_attention_forward(*args)
+
+
+def _native_backward(*args):
+    needs = [bool(n) for n in args[-1]]
+    grads = _native.ops().prefix_attention_backward(*args[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# csrc/prefix_attention.cpp, csrc/prefix_attention_cuda.cu
+dispatch.register(OP, "cuda", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward,
+                  nondeterministic="the backward sums dK, dV over queries with fp32 atomics")
+dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
+dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

@@ -14,10 +14,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
-from fastadapt.backends import device_reasons, dtype_reasons
-from fastadapt.ops import _autocast, _eager
-from fastadapt.ops.lora import _draw_seed, _rank_segments, _seed, check_adapter_args
+from fastadapt import _checks, _native, dispatch
+from fastadapt.backends import Capabilities
+from fastadapt.ops import _autocast, lora
+from fastadapt.ops._declare import Arg, OpSpec, declare
+from fastadapt.ops.lora import _draw_seed, _rank_segments, check_adapter_args, rows, seed_int
 from fastadapt.reference import qlora as reference
 from fastadapt.reference.qlora import QuantizedWeight
 
@@ -130,87 +131,66 @@ def _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, b
                            (out_features, in_features))
 
 
-def _select(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
-            scaling, bias, *_) -> dispatch.Implementation:
-    return dispatch.select(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-
-
 def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A,
-             lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+             lora_B, scaling, bias, dropout_p, seed, segments, segment_p):
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
-    y, u = impl.forward(x.reshape(-1, x.shape[-1]), q, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed),
-                        segments, segment_p)
+    y, u = impl.forward(rows(x), q, lora_A, lora_B, scaling, bias, dropout_p, seed_int(seed), segments, segment_p)
     return y.view(*x.shape[:-1], out_features), u
 
 
-@torch.library.custom_op("fastadapt::qlora_linear", mutates_args=())
-def _qlora_linear(x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
-                  code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
-                  out_features: int, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor],
-                  dropout_p: float, seed: Optional[Tensor], segments: Optional[list[int]] = None,
-                  segment_p: Optional[list[float]] = None) -> tuple[Tensor, Tensor]:
-    inputs = (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
-              scaling, bias, dropout_p, seed, segments, segment_p)
-    return _forward(_select(*inputs), *inputs)
+def _backward(impl, needs, gy, _gu, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits,
+              out_features, lora_A, lora_B, u, scaling, dropout_p, seed, segments, segment_p, **_):
+    q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
+    gx, *grads = impl.backward(rows(gy), rows(x), q, lora_A, lora_B, u, scaling, dropout_p, seed_int(seed), needs,
+                               segments, segment_p)
+    return (gx.view(x.shape) if gx is not None else None), *grads
 
 
-@_qlora_linear.register_fake
-def _(x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A, lora_B,
-      scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def _fake(x, out_features, lora_A, **_):
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(x.shape[:-1].numel(), lora_A.shape[0])
 
 
-def _run_backward(gy: Tensor, x: Tensor, data: Tensor, code: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
-                  code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, bits: int,
-                  lora_A: Tensor, lora_B: Tensor, u: Tensor, scaling: float, dropout_p: float,
-                  seed: Optional[Tensor], needs: list[bool], backend: str, segments: Optional[list[int]] = None,
-                  segment_p: Optional[list[float]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(gx, gA, gB, gbias) on ``backend``, the forward's; a gradient not asked for comes back empty."""
-    q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, gy.shape[-1], x.shape[-1])
-    grads = dispatch.get(OP, backend).backward(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]), q,
-                                               lora_A, lora_B, u, scaling, dropout_p, _seed(seed), needs, segments,
-                                               segment_p)
-    gx, *rest = (g if g is not None else x.new_empty(0) for g in grads)
-    return (gx.view(x.shape) if needs[0] else gx), *rest
+def _fuzz(draw):
+    """A random call with its float64 truth, for the shared fuzz (tests/test_fuzz.py)."""
+    from fastadapt.reference import lora as lora_reference
+    from fastadapt.testing import FuzzCase
+
+    lead = draw.choice([(0,), (1,), (7,), (2, 3)])
+    n_in, n_out, r = draw.int(1, 24), draw.int(1, 24), draw.int(1, 8)
+    q = reference.random_weight(draw.choice(["nf4", "nf4-nested", "fp8-tensor", "fp8-channel"]), n_out, n_in,
+                                blocksize=draw.choice([32, 64]))
+    p, training, scaling = draw.choice([0.0, 0.1, 0.999]), draw.bool(), draw.choice([0.5, -2.0, 3.0])
+    tensors = dict(x=torch.randn(*lead, n_in), lora_A=torch.randn(r, n_in) / n_in**0.5,
+                   lora_B=torch.randn(n_out, r) / r**0.5, bias=torch.randn(n_out) if draw.bool() else None)
+    dropout = training and p > 0.0
+
+    def call(x, lora_A, lora_B, bias, scaling=scaling):
+        return qlora_linear(x, q, lora_A, lora_B, scaling, bias, p, training)
+
+    def exact(keep, x, lora_A, lora_B, bias, scaling=scaling):
+        mask = keep(0, (x.shape[:-1].numel(), n_in), p).view(x.shape) if dropout else None
+        return lora_reference.lora_linear(x, reference.dequantize(q, x.dtype), lora_A, lora_B, scaling, bias, mask, p)
+
+    return FuzzCase(tensors, call, exact, grads=("x", "lora_A", "lora_B", "bias"), dropout=dropout)
 
 
-_qlora_linear_backward = torch.library.custom_op("fastadapt::qlora_linear_backward", mutates_args=())(_run_backward)
+# ``fastadapt::qlora_linear`` takes the quantized weight as bitsandbytes stores it and returns
+# ``(y, u)``; the weight's value tables and scales stay float32 under autocast (bnb dequantizes in
+# fp32, then rounds once).
+QLORA_LINEAR = declare(OpSpec(
+    OP,
+    args=(Arg("x", "Tensor", grad=True, select=True), Arg("data", "Tensor"), Arg("code", "Tensor", keep=True),
+          Arg("absmax", "Tensor", keep=True), Arg("absmax2", "Tensor?", keep=True), Arg("code2", "Tensor?", keep=True),
+          Arg("offset", "Tensor?", keep=True), Arg("blocksize", "int"), Arg("blocksize2", "int"), Arg("bits", "int"),
+          Arg("out_features", "int"), Arg("lora_A", "Tensor", grad=True, select=True),
+          Arg("lora_B", "Tensor", grad=True, select=True), Arg("scaling", "float"),
+          Arg("bias", "Tensor?", grad=True, select=True), Arg("dropout_p", "float"), Arg("seed", "Tensor?"),
+          Arg("segments", "int[]?", optional=True), Arg("segment_p", "float[]?", optional=True)),
+    outputs=("y", "u"), saved=("u",), grads=("x", "lora_A", "lora_B", "bias"),
+    fake=_fake, forward=_forward, backward=_backward, fuzz=_fuzz))
 
 
-@_qlora_linear_backward.register_fake
-def _(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u, scaling,
-      dropout_p, seed, needs, backend, segments=None, segment_p=None):
-    shapes = (x.shape, lora_A.shape, lora_B.shape, lora_B.shape[:1])
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
-
-
-def _setup_context(ctx, inputs, output, backend=None):
-    (x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, _, lora_A, lora_B, scaling, bias,
-     dropout_p, seed, segments, segment_p) = inputs
-    ctx.save_for_backward(x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, output[1], seed)
-    ctx.meta = (blocksize, blocksize2, bits, scaling, dropout_p, segments, segment_p)
-    ctx.backend = backend or _select(*inputs).backend  # the one the forward just ran on
-
-
-def _backward(ctx, gy, _gu):
-    x, data, code, absmax, absmax2, code2, offset, lora_A, lora_B, u, seed = ctx.saved_tensors
-    blocksize, blocksize2, bits, scaling, dropout_p, segments, segment_p = ctx.meta
-    needs = [ctx.needs_input_grad[i] for i in (0, 11, 12, 14)]  # x, lora_A, lora_B, bias
-    run = _run_backward if getattr(ctx, "eager", False) else torch.ops.fastadapt.qlora_linear_backward
-    grads = run(gy, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, lora_A, lora_B, u,
-                scaling, dropout_p, seed, needs, ctx.backend, segments, segment_p)
-    gx, gA, gB, gbias = (g if need else None for g, need in zip(grads, needs))
-    return gx, *(None,) * 10, gA, gB, None, gbias, None, None, None, None
-
-
-_qlora_linear.register_autograd(_backward, setup_context=_setup_context)
-_QLoRALinear = _eager.function("QLoRALinear", _forward, _setup_context, _backward)
-# The weight's value tables and scales stay float32 (bnb dequantizes in fp32, then rounds once).
-_KEEP = (2, 3, 4, 5, 6)
-_autocast.register(OP, keep=_KEEP)
-
-
-def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Tensor, scaling: float,
+def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Tensor, scaling: Union[float, Tensor],
                  bias: Optional[Tensor] = None, dropout_p: Union[float, Sequence[float]] = 0.0, training: bool = True,
                  ranks: Optional[Sequence[int]] = None) -> Tensor:
     """Fused LoRA linear on a quantized frozen weight (NF4 QLoRA or FP8):
@@ -249,27 +229,48 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
     if dtype is None:
         _checks.same_dtype(x=x, bias=bias)
         dtype = x.dtype
-    inputs = (x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits, q.shape[0],
-              lora_A.to(dtype), lora_B.to(dtype), scaling, bias, p, seed, segments, segment_p)
-    if _eager.fast_path(x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, lora_A, lora_B, bias):
-        y, _ = _eager.run(_QLoRALinear, _select, *inputs, autocast_device=x.device.type, keep=_KEEP)
-    else:
-        y, _ = torch.ops.fastadapt.qlora_linear(*inputs)
-    return y
+    lora_B, scaling = lora.scaled_B(lora_B, scaling, dtype)
+    return QLORA_LINEAR(x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits,
+                        q.shape[0], lora_A.to(dtype), lora_B, scaling, bias, p, seed, segments, segment_p)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends
 
-
-def _triton_why_not(x, lora_A, lora_B, bias):
-    reasons = device_reasons("triton", x.device) + dtype_reasons(x.dtype)
-    if len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) > 1:
-        reasons.append("x, lora_A, lora_B and bias must share one dtype")
-    return reasons
-
-
+CAPABILITIES = Capabilities("x", ("x", "lora_A", "lora_B", "bias"))
 _KERNELS = "fastadapt.kernels.qlora"
-dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
+dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
                   backward=dispatch.lazy(_KERNELS, "backward"))
-dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward, backward=reference.backward)
+
+
+def _weight_args(q: QuantizedWeight) -> tuple:
+    return (q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits)
+
+
+def native_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """The cpp backend's dequantized (N, K) weight (csrc/qlora.cpp)."""
+    return _native.ops().qlora_dequantize(*_weight_args(q), *q.shape, dtype)
+
+
+# Several adapters with their own dropout (rank segments): the LoRA kernels' segmented form on the
+# dequantized weight, which is what qlora_forward/backward do with one segment.
+def _native_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+    if segments is not None:
+        return lora.native_forward(x2d, native_dequantize(q, x2d.dtype), lora_A, lora_B, scaling, bias, 0.0, seed,
+                                   segments, segment_p)
+    return _native.ops().qlora_forward(x2d, *_weight_args(q), q.shape[0], lora_A, lora_B, scaling, bias, dropout_p,
+                                       seed)
+
+
+def _native_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+    needs = [bool(n) for n in needs]
+    if segments is not None:
+        return lora.native_backward(gy, x2d, native_dequantize(q, x2d.dtype), lora_A, lora_B, u, scaling, 0.0, seed,
+                                    [*needs, False], segments, segment_p)[:4]
+    grads = _native.ops().qlora_backward(gy, x2d, *_weight_args(q), lora_A, lora_B, u, scaling, dropout_p, seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# csrc/qlora.cpp; CPU only.
+dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
+dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

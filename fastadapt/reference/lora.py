@@ -21,7 +21,11 @@ adapter's dropout module to x), so segment k has its own D_k, drawn from ``seed 
 
 and only these three products change: y, gu and gB read the whole rank at once.
 
-The fused kernels compute exactly these products; this module states them once, readably.
+The fused kernels compute exactly these products; this module states them once, readably
+(:func:`forward`, :func:`backward`; ``qlora_linear``'s reference runs them on the dequantized
+weight). As ``lora_linear``'s reference backend it computes the forward's products in the order of
+:func:`lora_linear` and takes its gradients through autograd, on the eager path and the custom
+op's alike, so that both give the same bits.
 """
 
 from __future__ import annotations
@@ -62,20 +66,35 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropou
 
     Equivalent PEFT: ``base_layer(x) + sum over adapters of lora_B(lora_A(dropout(x))) * scaling``.
     """
-    y = torch.nn.functional.linear(x, weight, bias)
+    return _lora(x, weight, lora_A, lora_B, scaling, bias, *_spans(keep, dropout_p, ranks, lora_A.shape[0]))[0]
+
+
+def _spans(keep, dropout_p, ranks, rank):
+    """(keep masks, probabilities, row bounds of A) per adapter."""
     if ranks is None:
-        return y + (_dropped(x, keep, dropout_p) @ lora_A.t()) @ lora_B.t() * scaling
-    for (a, b, _, _), k, p in zip(rank_segments(lora_A.shape[0], 0.0, 0, ranks, dropout_p), keep, dropout_p):
-        y = y + (_dropped(x, k, p) @ lora_A[a:b].t()) @ lora_B[:, a:b].t() * scaling
-    return y
+        return [keep], [dropout_p], [(0, rank)]
+    return keep, dropout_p, [(a, b) for a, b, _, _ in rank_segments(rank, 0.0, 0, ranks, dropout_p)]
+
+
+def _lora(x, weight, lora_A, lora_B, scaling, bias, keeps, ps, bounds):
+    """(y, [D_k(x) A_k^T]): the one order of operations of the eager composite and of the
+    backend forward, so that both paths give the same bits."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    parts = []
+    for k, p, (a, b) in zip(keeps, ps, bounds):
+        part = _dropped(x, k, p) @ lora_A[a:b].t()
+        y = y + part @ lora_B[:, a:b].t() * scaling
+        parts.append(part)
+    return y, parts
 
 
 def forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
     """Backend forward: (y, u) for 2-D ``x2d``; the masks come from ``seed``."""
-    u = _cat([_dropped(x2d, dropout_keep(sd, x2d.shape, p, x2d.device), p) @ lora_A[a:b].t()
-              for a, b, p, sd in rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p)], 1) * scaling
-    y = torch.nn.functional.linear(x2d, weight, bias) + u @ lora_B.t()
-    return y, u
+    spans = rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p)
+    keeps = [dropout_keep(sd, x2d.shape, p, x2d.device) for _, _, p, sd in spans]
+    y, parts = _lora(x2d, weight, lora_A, lora_B, scaling, bias, keeps, [p for _, _, p, _ in spans],
+                     [(a, b) for a, b, _, _ in spans])
+    return y, _cat(parts, 1) * scaling
 
 
 def backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):

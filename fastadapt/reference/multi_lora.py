@@ -17,7 +17,8 @@ Math, with ``x`` (M, K), ``W`` (N, K), the adapters stacked and padded to the la
 
 which is :mod:`fastadapt.reference.lora` run on each adapter's own rows. Every function here loops
 over the adapters with row masks (n matmuls over all M rows): readable, and never reads an id on
-the host.
+the host. An adapter's products read only its own rows (the others zeroed in both operands) and
+its padding's gradient is zeroed: a NaN or inf in one row reaches no other adapter, and no padding.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def _per_adapter_rows(adapter_ids, n):
     return [(adapter_ids == a)[:, None] for a in range(n)]
 
 
+def _own(t, rows):
+    """``t`` with the rows of other adapters zeroed, so that a product over rows reads only these."""
+    return torch.where(rows, t, t.new_zeros(()))
+
+
 def multi_lora_linear(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias=None, keep=None,
                       dropout_p=None):
     """``y[m] = x[m] W^T + b + s_a (D(x)[m] A_a^T) B_a^T`` for ``a = adapter_ids[m]``, with autograd.
@@ -69,7 +75,7 @@ def multi_lora_linear(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids,
     xd = _dropped(x, keep, row_dropout_p(adapter_ids, dropout_p))
     y = torch.nn.functional.linear(x, weight, bias)
     for a, rows in enumerate(_per_adapter_rows(adapter_ids, A.shape[0])):
-        y = y + torch.where(rows, (xd @ A[a].t()) @ B[a].t() * scalings[a], y.new_zeros(()))
+        y = y + _own((_own(xd, rows) @ A[a].t()) @ B[a].t() * scalings[a], rows)
     return y
 
 
@@ -104,11 +110,15 @@ def backward(gy, x2d, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids,
         for a, rows in enumerate(masks):
             update = torch.where(rows, gu @ A[a], update)
         gx = gy @ weight + _dropped(update, keep, p_rows)
+    # Beyond its rank an adapter's gu and u columns are zero only while its rows are finite.
+    live_rank = torch.arange(A.shape[1], device=A.device)[None, :] < ranks[:, None]  # (n, r_max)
     if need_A:
         xd = _dropped(x2d, keep, p_rows)
-        gA = torch.stack([torch.where(rows, gu, gu.new_zeros(())).t() @ xd for rows in masks])
+        gA = torch.stack([_own(gu, rows).t() @ _own(xd, rows) for rows in masks])
+        gA = torch.where(live_rank[:, :, None], gA, gA.new_zeros(()))
     if need_B:
-        gB = torch.stack([gy.t() @ torch.where(rows, u, u.new_zeros(())) for rows in masks])
+        gB = torch.stack([_own(gy, rows).t() @ _own(u, rows) for rows in masks])
+        gB = torch.where(live_rank[:, None, :], gB, gB.new_zeros(()))
     gbias = gy.sum(0) if need_bias else None
     gweight = gy.t() @ x2d if need_weight else None
     return gx, gA, gB, gbias, gweight

@@ -163,7 +163,7 @@ def _bn_fwd_kernel(
     stride_zm, stride_zd, stride_rm, stride_rd, stride_wdb, stride_wdd, stride_wud, stride_wub,
     stride_om, stride_od, stride_sc,
     HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr,
-    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RES_BEFORE_LN: tl.constexpr,
+    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
     GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -231,7 +231,7 @@ def _bn_fwd_kernel(
                                 HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
             if GATING:
                 t = t * gate[:, None]
-            if RES_BEFORE_LN and HAS_RES:
+            if RESIDUAL_BEFORE_LN:
                 t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
             cnt = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
             mean_a, m2, n = _chan_update(mean_a, m2, n, t, mask, cnt)
@@ -252,11 +252,11 @@ def _bn_fwd_kernel(
         if HAS_RES:
             rt = _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
         if LN_AFTER:
-            if RES_BEFORE_LN and HAS_RES:
+            if RESIDUAL_BEFORE_LN:
                 t += rt
             y = (t - mean_a[:, None]) * rstd_a[:, None]
             y = y * _vec(lna_w_ptr, cols, col_ok)[None, :] + _vec(lna_b_ptr, cols, col_ok)[None, :]
-            if HAS_RES and not RES_BEFORE_LN:
+            if HAS_RES and not RESIDUAL_BEFORE_LN:
                 y += rt
         else:
             y = t
@@ -274,9 +274,9 @@ def _bn_bwd_rows_kernel(
     stride_gm, stride_gd, stride_zm, stride_zd, stride_rm, stride_rd, stride_wdb, stride_wdd,
     stride_wud, stride_wub, stride_gzm, stride_gzd, stride_grm, stride_grd, stride_sc,
     HAS_RES: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr,
-    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RES_BEFORE_LN: tl.constexpr,
+    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
     GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
-    NEED_Z: tl.constexpr, NEED_R: tl.constexpr, NEED_U: tl.constexpr, RES_IN_LN: tl.constexpr,
+    NEED_Z: tl.constexpr, NEED_R: tl.constexpr, NEED_U: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -308,7 +308,7 @@ def _bn_bwd_rows_kernel(
                                 HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
             if GATING:
                 t = t * gate[:, None]
-            if RES_IN_LN:
+            if RESIDUAL_BEFORE_LN:
                 t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
             that = (t - mean_a[:, None]) * rstd_a[:, None]
             gg = _load_tile(go_ptr, rows64, cols, stride_gm, stride_gd, mask) * _vec(lna_w_ptr, cols, col_ok)[None, :]
@@ -337,12 +337,12 @@ def _bn_bwd_rows_kernel(
             t = q
             if GATING:
                 t = t * gate[:, None]
-            if RES_IN_LN:
+            if RESIDUAL_BEFORE_LN:
                 t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
             that = (t - mean_a[:, None]) * rstd_a[:, None]
             go = go * _vec(lna_w_ptr, cols, col_ok)[None, :]
             go = rstd_a[:, None] * (go - c1[:, None] - that * c2[:, None])
-            if RES_IN_LN and NEED_R:
+            if RESIDUAL_BEFORE_LN and NEED_R:
                 tl.store(gr_ptr + rows64[:, None] * stride_grm + cols[None, :].to(tl.int64) * stride_grd,
                          cast(go, gr_ptr.dtype.element_ty, UPCAST), mask=mask)
         if GATING:
@@ -399,8 +399,8 @@ def _bn_bwd_up_reduce_kernel(
     M, D, B, scaling, p, seed, rows_per_split,
     stride_gm, stride_gd, stride_rm, stride_rd, stride_wud, stride_wub, stride_sc,
     HAS_RES: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr, LN_AFTER: tl.constexpr,
-    RES_BEFORE_LN: tl.constexpr, GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
-    NEED_U: tl.constexpr, RES_IN_LN: tl.constexpr, ATOMIC: tl.constexpr,
+    RESIDUAL_BEFORE_LN: tl.constexpr, GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
+    NEED_U: tl.constexpr, ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -439,7 +439,7 @@ def _bn_bwd_up_reduce_kernel(
             t = u * f
             if GATING:
                 t = t * gate[:, None]
-            if RES_IN_LN:
+            if RESIDUAL_BEFORE_LN:
                 t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
             mean_a = tl.load(stats_ptr + 2 * M + rows, mask=row_ok, other=0.0)
             rstd_a = tl.load(stats_ptr + 3 * M + rows, mask=row_ok, other=0.0)
@@ -585,8 +585,15 @@ def _scale_stride(scale) -> int:
     return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
 
 
+def _residual_before_ln(residual_before_ln, residual, lna_weight) -> bool:
+    # The kernels' RESIDUAL_BEFORE_LN: the flag where it changes the math, with both a residual and
+    # an LN_after (without LN_after, o + r is the same either way).
+    return bool(residual_before_ln) and residual is not None and lna_weight is not None
+
+
 def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
-            lna_weight, lna_bias, gate, scaling, activation, eps, res_before, dropout_p, seed, *, buffers=None):
+            lna_weight, lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, *,
+            buffers=None):
     """Fused forward for 2-D z (M, d): returns (out (M, d), h (M, m), stats (4, M) float32).
 
     stats rows: mean and rstd of the LN_before input, mean and rstd of the LN_after input (rows
@@ -620,14 +627,15 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
         up_weight.stride(0), up_weight.stride(1), out.stride(0), out.stride(1), _scale_stride(scale),
         HAS_RES=residual is not None, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None,
         HAS_SCALE=scale is not None, LN_BEFORE=lnb_weight is not None, LN_AFTER=lna_weight is not None,
-        RES_BEFORE_LN=bool(res_before), GATING=gate is not None, DROPOUT=dropout_p > 0.0,
+        RESIDUAL_BEFORE_LN=_residual_before_ln(residual_before_ln, residual, lna_weight), GATING=gate is not None,
+        DROPOUT=dropout_p > 0.0,
         ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
         num_warps=_num_warps(block_b), num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
     return out, h, stats
 
 
 def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_weight,
-             lnb_bias, lna_weight, lna_bias, gate, scaling, activation, eps, res_before, dropout_p, seed,
+             lnb_bias, lna_weight, lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed,
              needs, *, splits=None):
     """Fused backward: the gradients of (z, residual, down_weight, down_bias, up_weight, up_bias,
     scale, lnb_weight, lnb_bias, lna_weight, lna_bias, gate), ``None`` where not needed.
@@ -653,13 +661,13 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     block_m, block_b, block_d = _blocks(B)
     ln_before = lnb_weight is not None
     ln_after = lna_weight is not None
-    res_in_ln = ln_after and bool(res_before) and residual is not None
+    residual_before_ln = _residual_before_ln(residual_before_ln, residual, lna_weight)
     dummy = h
     r = residual if residual is not None else gout
     consts = dict(**dot_constexprs(z.dtype), num_warps=_num_warps(block_b), num_stages=_num_stages(block_b))
 
     gz = torch.empty((M, D), device=dev, dtype=z.dtype) if need_z else None
-    gr = torch.empty((M, D), device=dev, dtype=z.dtype) if (need_r and res_in_ln) else None
+    gr = torch.empty((M, D), device=dev, dtype=z.dtype) if (need_r and residual_before_ln) else None
     gh = torch.empty((M, B), device=dev, dtype=z.dtype)
     ggate = torch.empty((M,), **f32) if gate is not None else None
     cstats = torch.empty((2, M), **f32)
@@ -675,9 +683,9 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
         down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
         gzt.stride(0), gzt.stride(1), grt.stride(0), grt.stride(1), _scale_stride(scale),
         HAS_RES=residual is not None, HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-        LN_BEFORE=ln_before, LN_AFTER=ln_after, RES_BEFORE_LN=bool(res_before), GATING=gate is not None,
+        LN_BEFORE=ln_before, LN_AFTER=ln_after, RESIDUAL_BEFORE_LN=residual_before_ln, GATING=gate is not None,
         DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], NEED_Z=bool(need_z), NEED_R=gr is not None,
-        NEED_U=ln_after or gate is not None, RES_IN_LN=res_in_ln,
+        NEED_U=ln_after or gate is not None,
         BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
     grads[0], grads[1] = gz, gr
     if need_gate and gate is not None:
@@ -700,9 +708,9 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
             gout.stride(0), gout.stride(1), r.stride(0), r.stride(1), up_weight.stride(0), up_weight.stride(1),
             _scale_stride(scale),
             HAS_RES=residual is not None, HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-            LN_AFTER=ln_after, RES_BEFORE_LN=bool(res_before), GATING=gate is not None,
+            LN_AFTER=ln_after, RESIDUAL_BEFORE_LN=residual_before_ln, GATING=gate is not None,
             DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], ATOMIC=splits > 1,
-            NEED_U=ln_after or scale is not None, RES_IN_LN=res_in_ln,
+            NEED_U=ln_after or scale is not None,
             BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
         if need_wu:
             grads[4] = gwu.to(up_weight.dtype)

@@ -577,63 +577,75 @@ def _num_stages(block_b: int) -> int:
     return 3 if block_b <= 64 else 1
 
 
-def _contiguous(*tensors):
-    # The kernels index the weights and the 1-D operands (biases, LayerNorm parameters, the per-row
-    # gate) as contiguous tensors: a strided view, or a broadcast gate expanded to (M,) with stride
-    # 0, is copied first (at most 2md + M + 5d elements against the M x d of the op).
-    return tuple(t.contiguous() if t is not None else None for t in tensors)
+def _pointers(placeholder, *tensors):
+    # Pointer arguments for optional operands: an absent one is passed as the placeholder, which
+    # the kernel, that operand's flag off, never dereferences.
+    return tuple(t if t is not None else placeholder for t in tensors)
 
 
-def _scale_stride(scale) -> int:
-    # A (1,) "learned" scale is broadcast over the hidden dimension with stride 0.
-    return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
+class _Operands:
+    """One call's operands as the kernels take them, and the meta-parameters they imply.
+
+    The kernels index the weights and the 1-D operands (biases, LayerNorm parameters, the per-row
+    gate) as contiguous tensors: a strided view, or a broadcast gate expanded to (M,) with stride
+    0, is copied first (at most 2md + M + 5d elements against the M x d of the op)."""
+
+    def __init__(self, z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
+                 lna_weight, lna_bias, gate, scaling, activation, residual_before_ln, dropout_p, seed):
+        self.z, self.residual, self.scale = z, residual, scale
+        (self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.lnb_weight, self.lnb_bias,
+         self.lna_weight, self.lna_bias, self.gate) = (
+            t.contiguous() if t is not None else None
+            for t in (down_weight, down_bias, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate))
+        self.scaling, self.dropout_p, self.seed = scaling, dropout_p, seed
+        self.M, self.D = z.shape
+        self.B = down_weight.shape[0]
+        # A (1,) "learned" scale is broadcast over the hidden dimension with stride 0.
+        self.stride_sc = 0 if scale is None or scale.numel() == 1 else scale.stride(0)
+        block_m, block_b, block_d = _blocks(self.B)
+        self.meta = dict(BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_b),
+                         num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
+        # Grid sizes: blocks of rows (the forward, the row backward), tiles of the hidden dimension
+        # (the token reductions).
+        self.row_blocks = triton.cdiv(self.M, block_m)
+        self.col_blocks = triton.cdiv(self.D, block_d)
+        # residual_before_ln changes the math only where both a residual and LN_after are present.
+        self.residual_before_ln = bool(residual_before_ln) and lna_weight is not None and residual is not None
+        # The meta-parameters of _adapter_tile, which the forward, the row backward and the
+        # up-projection reduction share.
+        self.tile = dict(HAS_BU=up_bias is not None, HAS_SCALE=scale is not None, LN_AFTER=lna_weight is not None,
+                         RESIDUAL_BEFORE_LN=self.residual_before_ln, GATING=gate is not None,
+                         DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation])
 
 
-def _residual_before_ln(residual_before_ln, residual, lna_weight) -> bool:
-    # The kernels' RESIDUAL_BEFORE_LN: the flag where it changes the math, with both a residual and
-    # an LN_after (without LN_after, o + r is the same either way).
-    return bool(residual_before_ln) and residual is not None and lna_weight is not None
-
-
-def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
-            lna_weight, lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, *,
-            buffers=None):
+def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+            lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, *, buffers=None):
     """Fused forward for 2-D z (M, d): returns (out (M, d), h (M, m), stats (4, M) float32).
 
     stats rows: mean and rstd of the LN_before input, mean and rstd of the LN_after input (rows
     of a norm that is off stay 0). ``buffers``: preallocated contiguous (out, h, stats) (tests
     pass NaN-filled ones)."""
-    M, D = z.shape
-    B = down_weight.shape[0]
-    down_weight, down_bias, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
-        down_weight, down_bias, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
+    ops = _Operands(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+                    lna_bias, gate, scaling, activation, residual_before_ln, dropout_p, seed)
     if buffers is not None:
         out, h, stats = buffers
     else:
-        out = torch.empty((M, D), device=z.device, dtype=z.dtype)
-        h = torch.empty((M, B), device=z.device, dtype=z.dtype)
+        out = torch.empty((ops.M, ops.D), device=z.device, dtype=z.dtype)
+        h = torch.empty((ops.M, ops.B), device=z.device, dtype=z.dtype)
         # Zeroed: the rows of a norm that is off are never written, and an op output must not
         # carry uninitialised memory (opcheck compares outputs across runs).
-        stats = torch.zeros((4, M), device=z.device, dtype=torch.float32)
-    if M == 0:
+        stats = torch.zeros((4, ops.M), device=z.device, dtype=torch.float32)
+    if ops.M == 0:
         return out, h, stats
-    block_m, block_b, block_d = _blocks(B)
-    dummy = out  # pointer for absent optional tensors (never dereferenced: the flag is off)
-    r = residual if residual is not None else out
-    _bn_fwd_kernel[(triton.cdiv(M, block_m),)](
-        z, down_weight, up_weight, r, down_bias if down_bias is not None else dummy,
-        up_bias if up_bias is not None else dummy, scale if scale is not None else dummy,
-        lnb_weight if lnb_weight is not None else dummy, lnb_bias if lnb_bias is not None else dummy,
-        lna_weight if lna_weight is not None else dummy, lna_bias if lna_bias is not None else dummy,
-        gate if gate is not None else dummy, out, h, stats,
-        M, D, B, scaling, eps, dropout_p, seed,
-        z.stride(0), z.stride(1), r.stride(0), r.stride(1), _scale_stride(scale),
-        HAS_RES=residual is not None, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None,
-        HAS_SCALE=scale is not None, LN_BEFORE=lnb_weight is not None, LN_AFTER=lna_weight is not None,
-        RESIDUAL_BEFORE_LN=_residual_before_ln(residual_before_ln, residual, lna_weight), GATING=gate is not None,
-        DROPOUT=dropout_p > 0.0,
-        ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
-        num_warps=_num_warps(block_b), num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
+    r, bd, bu, sc, lnb_w, lnb_b, lna_w, lna_b, g = _pointers(
+        out, residual, ops.down_bias, ops.up_bias, scale, ops.lnb_weight, ops.lnb_bias, ops.lna_weight, ops.lna_bias,
+        ops.gate)
+    _bn_fwd_kernel[(ops.row_blocks,)](
+        z, ops.down_weight, ops.up_weight, r, bd, bu, sc, lnb_w, lnb_b, lna_w, lna_b, g, out, h, stats,
+        ops.M, ops.D, ops.B, scaling, eps, dropout_p, seed,
+        z.stride(0), z.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        HAS_RES=residual is not None, HAS_BD=down_bias is not None, LN_BEFORE=lnb_weight is not None,
+        **ops.tile, **ops.meta)
     return out, h, stats
 
 
@@ -647,101 +659,88 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     to o + r); elsewhere the caller passes ``gout`` itself on. Parameter gradients are accumulated
     in float32 and returned in each parameter's dtype. ``splits`` overrides the number of row
     splits of the token reductions (tests force > 1 to exercise the atomics on the CPU)."""
-    (need_z, need_r, need_wd, need_bd, need_wu, need_bu, need_sc, need_lnbw, need_lnbb, need_lnaw,
-     need_lnab, need_gate) = needs
-    M, D = z.shape
-    B = down_weight.shape[0]
-    down_weight, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
-        down_weight, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
-    dev = z.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    grads = [None] * 12
-    if M == 0:
-        zeros = [torch.zeros_like(t) if t is not None and need else None
-                 for t, need in zip((z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight,
-                                     lnb_bias, lna_weight, lna_bias, gate), needs)]
-        return tuple(zeros)
-    block_m, block_b, block_d = _blocks(B)
-    ln_before = lnb_weight is not None
-    ln_after = lna_weight is not None
-    residual_before_ln = _residual_before_ln(residual_before_ln, residual, lna_weight)
-    dummy = h
-    r = residual if residual is not None else gout
-    consts = dict(**dot_constexprs(z.dtype), num_warps=_num_warps(block_b), num_stages=_num_stages(block_b))
+    inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+              lna_bias, gate)
+    needs = [bool(need) and t is not None for need, t in zip(needs, inputs)]
+    if z.shape[0] == 0:
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs))
+    ops = _Operands(*inputs, scaling, activation, residual_before_ln, dropout_p, seed)
+    (need_z, need_r, need_wd, need_bd, need_wu, need_bu, need_sc, need_lnbw, need_lnbb, need_lnaw, need_lnab,
+     _) = needs
+    g_z, g_r, g_h, g_gate, lna_sums = _backward_rows(ops, gout, h, stats, need_z, need_r)
+    g_wd = g_lnbw = g_lnbb = g_wu = g_bu = g_sc = g_lnaw = g_lnab = None
+    split = split_rows(ops.M, ops.col_blocks, ops.meta["BLOCK_M"], z.device, splits)
+    if any((need_wu, need_bu, need_sc, need_lnaw, need_lnab)):
+        g_wu, g_bu, g_sc, g_lnaw, g_lnab = _backward_up(ops, gout, h, stats, lna_sums, split, need_sc)
+    if any((need_wd, need_lnbw, need_lnbb)):
+        g_wd, g_lnbw, g_lnbb = _backward_down(ops, g_h, stats, split, need_lnbw or need_lnbb)
+    g_bd = g_h.sum(0, dtype=torch.float32) if need_bd else None
+    grads = (g_z, g_r, g_wd, g_bd, g_wu, g_bu, g_sc, g_lnbw, g_lnbb, g_lnaw, g_lnab, g_gate)
+    # g_r stays None where needed but equal to gout (the caller's); the others are there when needed.
+    return tuple(g.to(t.dtype) if need and g is not None else None for g, need, t in zip(grads, needs, inputs))
 
-    gz = torch.empty((M, D), device=dev, dtype=z.dtype) if need_z else None
-    gr = torch.empty((M, D), device=dev, dtype=z.dtype) if (need_r and residual_before_ln) else None
-    gh = torch.empty((M, B), device=dev, dtype=z.dtype)
-    ggate = torch.empty((M,), **f32) if gate is not None else None
-    lna_sums = torch.empty((2, M), **f32)
-    gzt = gz if gz is not None else gout
-    grt = gr if gr is not None else gout
-    _bn_bwd_rows_kernel[(triton.cdiv(M, block_m),)](
-        gout, z, down_weight, up_weight, h, stats, r, up_bias if up_bias is not None else dummy,
-        scale if scale is not None else dummy, lnb_weight if ln_before else dummy,
-        lna_weight if ln_after else dummy, gate if gate is not None else dummy,
-        gzt, grt, gh, ggate if ggate is not None else lna_sums, lna_sums,
-        M, D, B, scaling, dropout_p, seed,
-        gout.stride(0), gout.stride(1), z.stride(0), z.stride(1), r.stride(0), r.stride(1), _scale_stride(scale),
-        HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-        LN_BEFORE=ln_before, LN_AFTER=ln_after, RESIDUAL_BEFORE_LN=residual_before_ln, GATING=gate is not None,
-        DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], NEED_Z=bool(need_z), NEED_R=gr is not None,
-        BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-    grads[0], grads[1] = gz, gr
-    if need_gate and gate is not None:
-        grads[11] = ggate.to(gate.dtype)
 
-    tiles = triton.cdiv(D, block_d)
-    splits, rows_per_split = split_rows(M, tiles, block_m, dev, splits)
+def _backward_rows(ops: _Operands, gout, h, stats, need_z: bool, need_r: bool):
+    """The row pass: (g_z, g_r, g_h, g_gate, LN_after's row means (2, M) float32); g_r only where
+    the residual is inside LN_after, g_gate only with a gate."""
+    z = ops.z
+    like_z, f32 = dict(device=z.device, dtype=z.dtype), dict(device=z.device, dtype=torch.float32)
+    g_z = torch.empty((ops.M, ops.D), **like_z) if need_z else None
+    g_r = torch.empty((ops.M, ops.D), **like_z) if need_r and ops.residual_before_ln else None
+    g_h = torch.empty((ops.M, ops.B), **like_z)
+    g_gate = torch.empty((ops.M,), **f32) if ops.gate is not None else None
+    lna_sums = torch.empty((2, ops.M), **f32)
+    r, bu, sc, lnb_w, lna_w, g = _pointers(h, ops.residual, ops.up_bias, ops.scale, ops.lnb_weight, ops.lna_weight,
+                                           ops.gate)
+    gz, gr, ggate = _pointers(gout, g_z, g_r) + _pointers(lna_sums, g_gate)
+    _bn_bwd_rows_kernel[(ops.row_blocks,)](
+        gout, z, ops.down_weight, ops.up_weight, h, stats, r, bu, sc, lnb_w, lna_w, g, gz, gr, g_h, ggate, lna_sums,
+        ops.M, ops.D, ops.B, ops.scaling, ops.dropout_p, ops.seed,
+        gout.stride(0), gout.stride(1), z.stride(0), z.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        LN_BEFORE=ops.lnb_weight is not None, NEED_Z=need_z, NEED_R=g_r is not None, **ops.tile, **ops.meta)
+    return g_z, g_r, g_h, g_gate, lna_sums
+
+
+def _reduction_buffer(ops: _Operands, splits: int):
+    # Split rows add their partial sums atomically into a zeroed buffer.
     make = torch.zeros if splits > 1 else torch.empty
-    if need_wu or need_bu or need_sc or need_lnaw or need_lnab:
-        gwu = make((D, B), **f32)
-        gbu = make((D,), **f32)
-        gsc = make((D,), **f32) if scale is not None else None
-        glnaw = make((D,), **f32) if ln_after else None
-        glnab = make((D,), **f32) if ln_after else None
-        _bn_bwd_up_reduce_kernel[(tiles, splits)](
-            gout, up_weight, h, stats, lna_sums, r, up_bias if up_bias is not None else dummy,
-            scale if scale is not None else dummy, lna_weight if ln_after else dummy,
-            gate if gate is not None else dummy,
-            gwu, gbu, gsc if gsc is not None else gbu, glnaw if ln_after else gbu, glnab if ln_after else gbu,
-            M, D, B, scaling, dropout_p, seed, rows_per_split,
-            gout.stride(0), gout.stride(1), r.stride(0), r.stride(1), _scale_stride(scale),
-            HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-            LN_AFTER=ln_after, RESIDUAL_BEFORE_LN=residual_before_ln, GATING=gate is not None,
-            DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], ATOMIC=splits > 1,
-            BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-        if need_wu:
-            grads[4] = gwu.to(up_weight.dtype)
-        if need_bu and up_bias is not None:
-            grads[5] = gbu.to(up_bias.dtype)
-        if need_sc and scale is not None:
-            g = gsc * scaling
-            # A "learned" scalar: the d per-channel partials are summed in float64 (one number
-            # from M*d terms of both signs; the extra precision costs nothing here).
-            grads[6] = (g.double().sum().reshape(scale.shape) if scale.numel() == 1 else g).to(scale.dtype)
-        if ln_after and need_lnaw:
-            grads[9] = glnaw.to(lna_weight.dtype)
-        if ln_after and need_lnab:
-            grads[10] = glnab.to(lna_bias.dtype)
+    return lambda *shape: make(shape, device=ops.z.device, dtype=torch.float32)
 
-    need_lnb = ln_before and (need_lnbw or need_lnbb)
-    if need_wd or need_lnb:
-        gwd = make((B, D), **f32)
-        glnbw = make((D,), **f32) if need_lnb else None
-        glnbb = make((D,), **f32) if need_lnb else None
-        _bn_bwd_down_reduce_kernel[(tiles, splits)](
-            z, down_weight, gh, stats, lnb_weight if ln_before else dummy, lnb_bias if ln_before else dummy,
-            gwd, glnbw if need_lnb else gwd, glnbb if need_lnb else gwd,
-            M, D, B, rows_per_split, z.stride(0), z.stride(1),
-            LN_BEFORE=ln_before, NEED_LN=need_lnb, ATOMIC=splits > 1,
-            BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-        if need_wd:
-            grads[2] = gwd.to(down_weight.dtype)
-        if need_lnb and need_lnbw:
-            grads[7] = glnbw.to(lnb_weight.dtype)
-        if need_lnb and need_lnbb:
-            grads[8] = glnbb.to(lnb_bias.dtype)
-    if need_bd and down_bias is not None:
-        grads[3] = gh.sum(0, dtype=torch.float32).to(down_bias.dtype)
-    return tuple(grads)
+
+def _backward_up(ops: _Operands, gout, h, stats, lna_sums, split, need_sc: bool):
+    """The up-projection side's token reductions: (g_W_u, g_b_u, g_scale, g_LN_after weight, bias)
+    in float32, None for an absent operand; g_scale with the ``scaling`` factor folded in where
+    needed (float64 for a "learned" scalar)."""
+    splits, rows_per_split = split
+    alloc = _reduction_buffer(ops, splits)
+    g_wu, g_bu = alloc(ops.D, ops.B), alloc(ops.D)
+    g_sc = alloc(ops.D) if ops.scale is not None else None
+    g_lnaw, g_lnab = (alloc(ops.D), alloc(ops.D)) if ops.lna_weight is not None else (None, None)
+    r, bu, sc, lna_w, g = _pointers(h, ops.residual, ops.up_bias, ops.scale, ops.lna_weight, ops.gate)
+    _bn_bwd_up_reduce_kernel[(ops.col_blocks, splits)](
+        gout, ops.up_weight, h, stats, lna_sums, r, bu, sc, lna_w, g,
+        g_wu, *_pointers(g_bu, g_bu, g_sc, g_lnaw, g_lnab),
+        ops.M, ops.D, ops.B, ops.scaling, ops.dropout_p, ops.seed, rows_per_split,
+        gout.stride(0), gout.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        ATOMIC=splits > 1, **ops.tile, **ops.meta)
+    if need_sc:
+        g_sc = g_sc * ops.scaling
+        # A "learned" scalar: the d per-channel partials are summed in float64 (one number from
+        # M*d terms of both signs; the extra precision costs nothing here).
+        g_sc = g_sc.double().sum().reshape(ops.scale.shape) if ops.scale.numel() == 1 else g_sc
+    return g_wu, g_bu, g_sc, g_lnaw, g_lnab
+
+
+def _backward_down(ops: _Operands, g_h, stats, split, need_ln: bool):
+    """The down-projection side's token reductions: (g_W_d, g_LN_before weight, bias), float32; the
+    LN_before ones only if ``need_ln``."""
+    splits, rows_per_split = split
+    alloc = _reduction_buffer(ops, splits)
+    g_wd = alloc(ops.B, ops.D)
+    g_lnbw, g_lnbb = (alloc(ops.D), alloc(ops.D)) if need_ln else (None, None)
+    _bn_bwd_down_reduce_kernel[(ops.col_blocks, splits)](
+        ops.z, ops.down_weight, g_h, stats, *_pointers(g_h, ops.lnb_weight, ops.lnb_bias),
+        g_wd, *_pointers(g_wd, g_lnbw, g_lnbb),
+        ops.M, ops.D, ops.B, rows_per_split, ops.z.stride(0), ops.z.stride(1),
+        LN_BEFORE=ops.lnb_weight is not None, NEED_LN=need_ln, ATOMIC=splits > 1, **ops.meta)
+    return g_wd, g_lnbw, g_lnbb

@@ -18,10 +18,12 @@ The math is in ``fastadapt/reference/bottleneck.py``. Four kernels cover the who
   with the LN_before parameters), one program per hidden-dimension tile, the token dimension split
   across programs with fp32 atomics so that a few tiles still fill the GPU (as ``lora_reduce``).
 
-Dropout masks are drawn from (seed, flat index in the (M, d) output) by ``dropout_scale`` and
-regenerated, never stored. Activations on chip are rounded to the input dtype where eager PyTorch
-would round them (h, a, LN outputs, g_u, g_h), so the tensor-core operands are the same dtype as
-eager's and the backward recomputes exactly the forward's values.
+Every pass computes its tile of the adapter output (up-projection, scale, dropout, gate, the
+residual before LN_after) with one helper, ``_adapter_tile``, and the LayerNorms' forward and
+backward with the ``_ln_*`` helpers. Dropout masks are drawn from (seed, flat index in the (M, d)
+output) by ``dropout_scale`` and regenerated, never stored. Activations on chip are rounded to the
+input dtype where eager PyTorch would round them (h, a, LN outputs, g_u, g_h), so the tensor-core
+operands are the same dtype as eager's and the backward recomputes exactly the forward's values.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _chan_init(BLOCK_M: tl.constexpr):
+    """Per-row (mean, M2, count) of no columns yet, for :func:`_chan_update`."""
+    zero = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return zero, zero, zero
+
+
+@triton.jit
 def _chan_update(mean, m2, n, x, mask, cnt):
     """Merge one chunk of columns into running per-row (mean, M2, count) (Chan et al.): one pass
     over the row, without the cancellation of sum-of-squares when |mean| >> std."""
@@ -116,10 +125,35 @@ def _chan_update(mean, m2, n, x, mask, cnt):
     return mean, m2, n_new
 
 
+# ---------------------------------------------------------------------------------------------
+# Pieces of the kernels. Row indices are int64 (from an int64 program id): an (M, d) offset passes
+# 2^31 at M * d > 2^31, which a 4096-wide activation reaches at 512K tokens.
+
+
 @triton.jit
-def _load_tile(ptr, rows64, cols, stride_m, stride_d, mask):
-    return tl.load(ptr + rows64[:, None] * stride_m + cols[None, :].to(tl.int64) * stride_d,
-                   mask=mask, other=0.0).to(tl.float32)
+def _col_block(d0, D, row_ok, BLOCK_D: tl.constexpr):
+    """(cols, col_ok, mask) of the columns d0 + [0, BLOCK_D) of a block of rows."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    return cols, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _split_program(M, D, B, rows_per_split, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(cols, col_ok, bcols, b_ok, m_start, m_end) of a token reduction's program: a tile of the
+    hidden dimension (program id 0), the whole bottleneck, a split [m_start, m_end) of the rows
+    (program id 1)."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    bcols = tl.arange(0, BLOCK_B)
+    m_start = tl.program_id(1).to(tl.int64) * rows_per_split
+    return cols, cols < D, bcols, bcols < B, m_start, tl.minimum(M, m_start + rows_per_split)
+
+
+@triton.jit
+def _tile(ptr, rows, cols, stride_m, stride_n, mask):
+    """The (rows, cols) tile of a 2-D tensor in its own dtype, 0 where masked."""
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n,
+                   mask=mask, other=0.0)
 
 
 @triton.jit
@@ -128,291 +162,303 @@ def _vec(ptr, cols, col_ok):
 
 
 @triton.jit
-def _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-             HAS_BU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """u = a W_u^T + b_u for one (BLOCK_M, BLOCK_D) tile, fp32. a: (BLOCK_M, BLOCK_B), input dtype."""
-    wut = tl.load(wu_ptr + bcols[:, None] * stride_wub + cols[None, :].to(tl.int64) * stride_wud,
-                  mask=b_ok[:, None] & col_ok[None, :], other=0.0)
-    u = mma(a, wut, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
-    if HAS_BU:
-        u += _vec(bu_ptr, cols, col_ok)[None, :]
-    return u
+def _load_pair(ptr, k: tl.constexpr, M, rows, row_ok):
+    """Rows k and k + 1 of a (K, M) float32 array of per-row values (k * M in int64: it passes
+    2^31 at M > 2^31 / k)."""
+    first = ptr + tl.cast(M, tl.int64) * k + rows
+    return tl.load(first, mask=row_ok, other=0.0), tl.load(first + M, mask=row_ok, other=0.0)
 
 
 @triton.jit
-def _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """The (BLOCK_M, BLOCK_D) factor D' * s with which q = D(s u) multiplies u."""
+def _store_pair(ptr, k: tl.constexpr, M, rows, row_ok, x, y):
+    first = ptr + tl.cast(M, tl.int64) * k + rows
+    tl.store(first, x, mask=row_ok)
+    tl.store(first + M, y, mask=row_ok)
+
+
+@triton.jit
+def _row_gate(gate_ptr, rows, row_ok, GATING: tl.constexpr):
+    """The per-row gate g in fp32; without gating a placeholder that no tile reads."""
+    gate = 1.0
+    if GATING:
+        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return gate
+
+
+@triton.jit
+def _normalize(x, mean, rstd):
+    """x^ = (x - mean) * rstd, per row."""
+    return (x - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _ln_affine(xhat, w_ptr, b_ptr, cols, col_ok):
+    return xhat * _vec(w_ptr, cols, col_ok)[None, :] + _vec(b_ptr, cols, col_ok)[None, :]
+
+
+@triton.jit
+def _ln_bwd_start(stats_ptr, k: tl.constexpr, M, rows, row_ok, BLOCK_M: tl.constexpr):
+    """(mean, rstd, c1, c2) that start a LayerNorm backward over a block of rows: the forward's
+    statistics (rows k and k + 1 of stats) and the sums of :func:`_ln_row_sums` at 0. Both sums
+    run over the whole row before any element of the input gradient is known."""
+    mean, rstd = _load_pair(stats_ptr, k, M, rows, row_ok)
+    zero = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return mean, rstd, zero, zero
+
+
+@triton.jit
+def _ln_row_sums(c1, c2, g, w, xhat, mask):
+    """Add one tile's columns to the row sums of g w and g w x^ (their means are c1, c2 of
+    :func:`_ln_input_grad`)."""
+    gw = g * w[None, :]
+    return c1 + tl.sum(gw, 1), c2 + tl.sum(tl.where(mask, gw * xhat, 0.0), 1)
+
+
+@triton.jit
+def _ln_input_grad(g, xhat, w, rstd, c1, c2):
+    """The LayerNorm backward to its input, rstd (g w - c1 - x^ c2), with the row means
+    c1 = mean(g w) and c2 = mean(g w x^)."""
+    return rstd[:, None] * (g * w[None, :] - c1[:, None] - xhat * c2[:, None])
+
+
+@triton.jit
+def _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr, r_ptr,
+                  stride_sc, stride_rm, stride_rd, NEED_U: tl.constexpr,
+                  HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr, GATING: tl.constexpr, DROPOUT: tl.constexpr,
+                  RESIDUAL_BEFORE_LN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(u, f, D', t) of one (BLOCK_M, BLOCK_D) tile, fp32, from a = f(h) (BLOCK_M, BLOCK_B) in the
+    input dtype, for every pass of the forward and the backward:
+
+    * f = s D', with which q = D(s u) = u f: s is the scaling times each column's scale, D' the
+      dropout factor, regenerated from the seed (1 without dropout);
+    * where NEED_U (else 0 placeholders), the up-projection u = a W_u^T + b_u, recomputed, and
+      t = g q (+ r where the residual is added before LN_after): the input of LN_after, or the
+      adapter output o."""
+    col_ok = cols < D
     if HAS_SCALE:
         s = scaling * tl.load(sc_ptr + cols * stride_sc, mask=col_ok, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BLOCK_D,), dtype=tl.float32) + scaling
     f = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + s[None, :]
+    drop = 1.0
     if DROPOUT:
-        f = f * dropout_scale(seed, rows, cols, D, p)
-    return f
+        drop = dropout_scale(seed, rows, cols, D, p)
+        f = f * drop
+    u = 0.0
+    t = 0.0
+    if NEED_U:
+        bcols = tl.arange(0, BLOCK_B)
+        wut = _tile(wu_ptr, bcols, cols, 1, B, (bcols < B)[:, None] & col_ok[None, :])
+        u = mma(a, wut, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
+        if HAS_BU:
+            u += _vec(bu_ptr, cols, col_ok)[None, :]
+        t = u * f
+        if GATING:
+            t = t * gate[:, None]
+        if RESIDUAL_BEFORE_LN:
+            t += _tile(r_ptr, rows, cols, stride_rm, stride_rd, mask).to(tl.float32)
+    return u, f, drop, t
+
+
+@triton.jit
+def _down_grad_tile(gh, wd_ptr, cols, D, B, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """g_h W_d[:, cols], fp32: the gradient of LN_before's output (of z without LN_before)."""
+    bcols = tl.arange(0, BLOCK_B)
+    wdt = _tile(wd_ptr, bcols, cols, D, 1, (bcols < B)[:, None] & (cols < D)[None, :])
+    return mma(gh, wdt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
+
+
+@triton.jit
+def _store_z_grad(gh, rows, row_ok, z_ptr, wd_ptr, lnb_w_ptr, stats_ptr, gz_ptr, M, D, B, stride_zm, stride_zd,
+                  LN_BEFORE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store g_z = LN_before_bwd(g_h W_d) (M, d, contiguous) of a block of rows from its g_h."""
+    if LN_BEFORE:
+        mean_b, rstd_b, c1, c2 = _ln_bwd_start(stats_ptr, 0, M, rows, row_ok, BLOCK_M)
+        for d0 in range(0, D, BLOCK_D):
+            cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+            zhat = _normalize(_tile(z_ptr, rows, cols, stride_zm, stride_zd, mask).to(tl.float32), mean_b, rstd_b)
+            gzn = _down_grad_tile(gh, wd_ptr, cols, D, B, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
+            c1, c2 = _ln_row_sums(c1, c2, gzn, _vec(lnb_w_ptr, cols, col_ok), zhat, mask)
+        c1 = c1 / D
+        c2 = c2 / D
+    for d0 in range(0, D, BLOCK_D):
+        cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+        gz = _down_grad_tile(gh, wd_ptr, cols, D, B, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
+        if LN_BEFORE:
+            zhat = _normalize(_tile(z_ptr, rows, cols, stride_zm, stride_zd, mask).to(tl.float32), mean_b, rstd_b)
+            gz = _ln_input_grad(gz, zhat, _vec(lnb_w_ptr, cols, col_ok), rstd_b, c1, c2)
+        tl.store(gz_ptr + rows[:, None] * D + cols[None, :], cast(gz, gz_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+@triton.jit
+def _accumulate(ptrs, x, mask, ATOMIC: tl.constexpr):
+    """Write one program's partial sum: added atomically where the rows are split across programs."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Arguments: pointers (the optional operands last, a placeholder where absent and their
+# flag off), sizes and scalars, strides (weights, biases and the outputs are contiguous), meta-
+# parameters. RESIDUAL_BEFORE_LN: a residual is added before LN_after (both present).
 
 
 @triton.jit
 def _bn_fwd_kernel(
-    z_ptr, r_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sc_ptr, lnb_w_ptr, lnb_b_ptr, lna_w_ptr, lna_b_ptr,
-    gate_ptr, out_ptr, h_ptr, stats_ptr,
+    z_ptr, wd_ptr, wu_ptr, r_ptr, bd_ptr, bu_ptr, sc_ptr, lnb_w_ptr, lnb_b_ptr, lna_w_ptr, lna_b_ptr, gate_ptr,
+    out_ptr, h_ptr, stats_ptr,
     M, D, B, scaling, eps, p, seed,
-    stride_zm, stride_zd, stride_rm, stride_rd, stride_wdb, stride_wdd, stride_wud, stride_wub,
-    stride_om, stride_od, stride_sc,
+    stride_zm, stride_zd, stride_rm, stride_rd, stride_sc,
     HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr,
-    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RES_BEFORE_LN: tl.constexpr,
-    GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr, GATING: tl.constexpr,
+    DROPOUT: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rows64 = rows.to(tl.int64)
     bcols = tl.arange(0, BLOCK_B)
     b_ok = bcols < B
 
     # LN_before statistics: one extra read of the z rows (the tile is too wide to keep on chip).
     if LN_BEFORE:
-        mean_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        n = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean_b, m2, n = _chan_init(BLOCK_M)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_ok[:, None] & (cols < D)[None, :]
-            zt = _load_tile(z_ptr, rows64, cols, stride_zm, stride_zd, mask)
-            cnt = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
-            mean_b, m2, n = _chan_update(mean_b, m2, n, zt, mask, cnt)
+            cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+            zt = _tile(z_ptr, rows, cols, stride_zm, stride_zd, mask).to(tl.float32)
+            mean_b, m2, n = _chan_update(mean_b, m2, n, zt, mask, tl.minimum(D - d0, BLOCK_D).to(tl.float32))
         rstd_b = 1.0 / tl.sqrt(m2 / D + eps)
-        tl.store(stats_ptr + rows, mean_b, mask=row_ok)
-        tl.store(stats_ptr + M + rows, rstd_b, mask=row_ok)
+        _store_pair(stats_ptr, 0, M, rows, row_ok, mean_b, rstd_b)
 
     # Down-projection: h = LN_before(z) W_d^T + b_d, accumulated in fp32 over the hidden dimension.
     acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        zt = tl.load(z_ptr + rows64[:, None] * stride_zm + cols[None, :].to(tl.int64) * stride_zd,
-                     mask=mask, other=0.0)
+        cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+        zt = _tile(z_ptr, rows, cols, stride_zm, stride_zd, mask)
         if LN_BEFORE:
-            zn = (zt.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None]
-            zn = zn * _vec(lnb_w_ptr, cols, col_ok)[None, :] + _vec(lnb_b_ptr, cols, col_ok)[None, :]
+            zn = _ln_affine(_normalize(zt.to(tl.float32), mean_b, rstd_b), lnb_w_ptr, lnb_b_ptr, cols, col_ok)
             zt = cast(tl.where(mask, zn, 0.0), z_ptr.dtype.element_ty, UPCAST)
-        wdt = tl.load(wd_ptr + cols[:, None].to(tl.int64) * stride_wdd + bcols[None, :] * stride_wdb,
-                      mask=col_ok[:, None] & b_ok[None, :], other=0.0)
-        acc = mma(zt, wdt, acc, UPCAST, PRECISION)
+        acc = mma(zt, _tile(wd_ptr, cols, bcols, 1, D, col_ok[:, None] & b_ok[None, :]), acc, UPCAST, PRECISION)
     if HAS_BD:
         acc += _vec(bd_ptr, bcols, b_ok)[None, :]
     # Rounded to the input dtype, as eager's nn.Linear output is: the backward recomputes a from
     # this stored h and so sees exactly the forward's activation.
     h = cast(acc, z_ptr.dtype.element_ty, UPCAST)
-    tl.store(h_ptr + rows64[:, None] * B + bcols[None, :], h, mask=row_ok[:, None] & b_ok[None, :])
+    tl.store(h_ptr + rows[:, None] * B + bcols[None, :], h, mask=row_ok[:, None] & b_ok[None, :])
     a = cast(_act(h.to(tl.float32), ACT), z_ptr.dtype.element_ty, UPCAST)
+    gate = _row_gate(gate_ptr, rows, row_ok, GATING)
 
-    if GATING:
-        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-
-    # LN_after statistics of t = o (+ r): the up-projection is recomputed in the output pass rather
-    # than t being written and re-read (m multiply-adds per element against 2 HBM bytes per element).
+    # LN_after statistics of t: the up-projection is recomputed in the output pass rather than t
+    # being written and re-read (m multiply-adds per element against 2 HBM bytes per element).
     if LN_AFTER:
-        mean_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        n = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean_a, m2, n = _chan_init(BLOCK_M)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            mask = row_ok[:, None] & col_ok[None, :]
-            u = _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-                         HAS_BU, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
-            t = u * _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                                HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
-            if GATING:
-                t = t * gate[:, None]
-            if RES_BEFORE_LN and HAS_RES:
-                t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
-            cnt = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
-            mean_a, m2, n = _chan_update(mean_a, m2, n, t, mask, cnt)
+            cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+            _, _, _, t = _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr,
+                                       r_ptr, stride_sc, stride_rm, stride_rd, True, HAS_BU, HAS_SCALE, GATING, DROPOUT,
+                                       RESIDUAL_BEFORE_LN, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
+            mean_a, m2, n = _chan_update(mean_a, m2, n, t, mask, tl.minimum(D - d0, BLOCK_D).to(tl.float32))
         rstd_a = 1.0 / tl.sqrt(m2 / D + eps)
-        tl.store(stats_ptr + 2 * M + rows, mean_a, mask=row_ok)
-        tl.store(stats_ptr + 3 * M + rows, rstd_a, mask=row_ok)
+        _store_pair(stats_ptr, 2, M, rows, row_ok, mean_a, rstd_a)
 
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        u = _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-                     HAS_BU, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
-        t = u * _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                            HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
-        if GATING:
-            t = t * gate[:, None]
-        if HAS_RES:
-            rt = _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
+        cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+        _, _, _, y = _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr, r_ptr,
+                                   stride_sc, stride_rm, stride_rd, True, HAS_BU, HAS_SCALE, GATING, DROPOUT,
+                                   RESIDUAL_BEFORE_LN, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
         if LN_AFTER:
-            if RES_BEFORE_LN and HAS_RES:
-                t += rt
-            y = (t - mean_a[:, None]) * rstd_a[:, None]
-            y = y * _vec(lna_w_ptr, cols, col_ok)[None, :] + _vec(lna_b_ptr, cols, col_ok)[None, :]
-            if HAS_RES and not RES_BEFORE_LN:
-                y += rt
-        else:
-            y = t
-            if HAS_RES:
-                y += rt
-        tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :].to(tl.int64) * stride_od,
-                 cast(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+            y = _ln_affine(_normalize(y, mean_a, rstd_a), lna_w_ptr, lna_b_ptr, cols, col_ok)
+        if HAS_RES and not RESIDUAL_BEFORE_LN:
+            y += _tile(r_ptr, rows, cols, stride_rm, stride_rd, mask).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
 def _bn_bwd_rows_kernel(
-    go_ptr, z_ptr, r_ptr, wd_ptr, wu_ptr, bu_ptr, sc_ptr, lnb_w_ptr, lna_w_ptr, gate_ptr,
-    h_ptr, stats_ptr, gz_ptr, gr_ptr, gh_ptr, ggate_ptr, cstats_ptr,
+    gout_ptr, z_ptr, wd_ptr, wu_ptr, h_ptr, stats_ptr, r_ptr, bu_ptr, sc_ptr, lnb_w_ptr, lna_w_ptr, gate_ptr,
+    gz_ptr, gr_ptr, gh_ptr, ggate_ptr, lna_sums_ptr,
     M, D, B, scaling, p, seed,
-    stride_gm, stride_gd, stride_zm, stride_zd, stride_rm, stride_rd, stride_wdb, stride_wdd,
-    stride_wud, stride_wub, stride_gzm, stride_gzd, stride_grm, stride_grd, stride_sc,
-    HAS_RES: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr,
-    LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr, RES_BEFORE_LN: tl.constexpr,
-    GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
-    NEED_Z: tl.constexpr, NEED_R: tl.constexpr, NEED_U: tl.constexpr, RES_IN_LN: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    stride_gm, stride_gd, stride_zm, stride_zd, stride_rm, stride_rd, stride_sc,
+    HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr, LN_BEFORE: tl.constexpr, LN_AFTER: tl.constexpr,
+    RESIDUAL_BEFORE_LN: tl.constexpr, GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
+    NEED_Z: tl.constexpr, NEED_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """g_h (M, m); g_z (M, d) if NEED_Z; the residual gradient where it differs from gout (LN_after
+    of o + r) if NEED_R; g_gate (M,); LN_after's row means c1, c2 (2, M) for the up-projection
+    reduction."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rows64 = rows.to(tl.int64)
     bcols = tl.arange(0, BLOCK_B)
     b_ok = bcols < B
     bmask = row_ok[:, None] & b_ok[None, :]
 
-    h = tl.load(h_ptr + rows64[:, None] * B + bcols[None, :], mask=bmask, other=0.0).to(tl.float32)
+    h = _tile(h_ptr, rows, bcols, B, 1, bmask).to(tl.float32)
     a = cast(_act(h, ACT), z_ptr.dtype.element_ty, UPCAST)
-    if GATING:
-        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gate = _row_gate(gate_ptr, rows, row_ok, GATING)
 
-    # LN_after backward needs two row sums over the whole row before any g_t element is known.
+    # LN_after backward: its row sums, a pass over the whole row before the g_a pass.
     if LN_AFTER:
-        mean_a = tl.load(stats_ptr + 2 * M + rows, mask=row_ok, other=0.0)
-        rstd_a = tl.load(stats_ptr + 3 * M + rows, mask=row_ok, other=0.0)
-        c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean_a, rstd_a, c1, c2 = _ln_bwd_start(stats_ptr, 2, M, rows, row_ok, BLOCK_M)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            mask = row_ok[:, None] & col_ok[None, :]
-            u = _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-                         HAS_BU, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
-            t = u * _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                                HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
-            if GATING:
-                t = t * gate[:, None]
-            if RES_IN_LN:
-                t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
-            that = (t - mean_a[:, None]) * rstd_a[:, None]
-            gg = _load_tile(go_ptr, rows64, cols, stride_gm, stride_gd, mask) * _vec(lna_w_ptr, cols, col_ok)[None, :]
-            c1 += tl.sum(gg, 1)
-            c2 += tl.sum(tl.where(mask, gg * that, 0.0), 1)
+            cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+            _, _, _, t = _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr,
+                                       r_ptr, stride_sc, stride_rm, stride_rd, True, HAS_BU, HAS_SCALE, GATING, DROPOUT,
+                                       RESIDUAL_BEFORE_LN, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
+            c1, c2 = _ln_row_sums(c1, c2, _tile(gout_ptr, rows, cols, stride_gm, stride_gd, mask).to(tl.float32),
+                                  _vec(lna_w_ptr, cols, col_ok), _normalize(t, mean_a, rstd_a), mask)
         c1 = c1 / D
         c2 = c2 / D
-        tl.store(cstats_ptr + rows, c1, mask=row_ok)
-        tl.store(cstats_ptr + M + rows, c2, mask=row_ok)
+        _store_pair(lna_sums_ptr, 0, M, rows, row_ok, c1, c2)
 
     # g_a = g_u W_u, accumulated on chip over the hidden dimension.
     ga = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     ggate = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        go = _load_tile(go_ptr, rows64, cols, stride_gm, stride_gd, mask)
-        f = _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                        HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
-        if NEED_U:
-            u = _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-                         HAS_BU, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
-            q = u * f
+        cols, col_ok, mask = _col_block(d0, D, row_ok, BLOCK_D)
+        go = _tile(gout_ptr, rows, cols, stride_gm, stride_gd, mask).to(tl.float32)
+        u, f, _, t = _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr, r_ptr,
+                                   stride_sc, stride_rm, stride_rd, LN_AFTER or GATING, HAS_BU, HAS_SCALE, GATING,
+                                   DROPOUT, RESIDUAL_BEFORE_LN, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
         if LN_AFTER:
-            t = q
-            if GATING:
-                t = t * gate[:, None]
-            if RES_IN_LN:
-                t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
-            that = (t - mean_a[:, None]) * rstd_a[:, None]
-            go = go * _vec(lna_w_ptr, cols, col_ok)[None, :]
-            go = rstd_a[:, None] * (go - c1[:, None] - that * c2[:, None])
-            if RES_IN_LN and NEED_R:
-                tl.store(gr_ptr + rows64[:, None] * stride_grm + cols[None, :].to(tl.int64) * stride_grd,
-                         cast(go, gr_ptr.dtype.element_ty, UPCAST), mask=mask)
+            go = _ln_input_grad(go, _normalize(t, mean_a, rstd_a), _vec(lna_w_ptr, cols, col_ok), rstd_a, c1, c2)
+            if NEED_R:
+                tl.store(gr_ptr + rows[:, None] * D + cols[None, :], cast(go, gr_ptr.dtype.element_ty, UPCAST),
+                         mask=mask)
         if GATING:
-            ggate += tl.sum(tl.where(mask, go * q, 0.0), 1)
+            ggate += tl.sum(tl.where(mask, go * (u * f), 0.0), 1)
             go = go * gate[:, None]
         gu = cast(tl.where(mask, go * f, 0.0), z_ptr.dtype.element_ty, UPCAST)
-        wut = tl.load(wu_ptr + cols[:, None].to(tl.int64) * stride_wud + bcols[None, :] * stride_wub,
-                      mask=col_ok[:, None] & b_ok[None, :], other=0.0)
-        ga = mma(gu, wut, ga, UPCAST, PRECISION)
+        ga = mma(gu, _tile(wu_ptr, cols, bcols, B, 1, col_ok[:, None] & b_ok[None, :]), ga, UPCAST, PRECISION)
     if GATING:
         tl.store(ggate_ptr + rows, ggate, mask=row_ok)
     gh = cast(ga * _act_grad(h, ACT), z_ptr.dtype.element_ty, UPCAST)
-    tl.store(gh_ptr + rows64[:, None] * B + bcols[None, :], gh, mask=bmask)
+    tl.store(gh_ptr + rows[:, None] * B + bcols[None, :], gh, mask=bmask)
 
-    # g_z = LN_before_bwd(g_h W_d), in the same program: g_h never goes back through HBM for it.
+    # g_z in the same program: g_h never goes back through HBM for it.
     if NEED_Z:
-        if LN_BEFORE:
-            mean_b = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-            rstd_b = tl.load(stats_ptr + M + rows, mask=row_ok, other=0.0)
-            c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                col_ok = cols < D
-                mask = row_ok[:, None] & col_ok[None, :]
-                wdt = tl.load(wd_ptr + bcols[:, None] * stride_wdb + cols[None, :].to(tl.int64) * stride_wdd,
-                              mask=b_ok[:, None] & col_ok[None, :], other=0.0)
-                gzn = mma(gh, wdt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
-                zhat = (_load_tile(z_ptr, rows64, cols, stride_zm, stride_zd, mask) - mean_b[:, None]) * rstd_b[:, None]
-                gg = gzn * _vec(lnb_w_ptr, cols, col_ok)[None, :]
-                c1 += tl.sum(gg, 1)
-                c2 += tl.sum(tl.where(mask, gg * zhat, 0.0), 1)
-            c1 = c1 / D
-            c2 = c2 / D
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            mask = row_ok[:, None] & col_ok[None, :]
-            wdt = tl.load(wd_ptr + bcols[:, None] * stride_wdb + cols[None, :].to(tl.int64) * stride_wdd,
-                          mask=b_ok[:, None] & col_ok[None, :], other=0.0)
-            gz = mma(gh, wdt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
-            if LN_BEFORE:
-                zhat = (_load_tile(z_ptr, rows64, cols, stride_zm, stride_zd, mask) - mean_b[:, None]) * rstd_b[:, None]
-                gz = gz * _vec(lnb_w_ptr, cols, col_ok)[None, :]
-                gz = rstd_b[:, None] * (gz - c1[:, None] - zhat * c2[:, None])
-            tl.store(gz_ptr + rows64[:, None] * stride_gzm + cols[None, :].to(tl.int64) * stride_gzd,
-                     cast(gz, gz_ptr.dtype.element_ty, UPCAST), mask=mask)
+        _store_z_grad(gh, rows, row_ok, z_ptr, wd_ptr, lnb_w_ptr, stats_ptr, gz_ptr, M, D, B, stride_zm, stride_zd,
+                      LN_BEFORE, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
 
 
 @triton.jit
 def _bn_bwd_up_reduce_kernel(
-    go_ptr, r_ptr, wu_ptr, bu_ptr, sc_ptr, lna_w_ptr, gate_ptr, h_ptr, stats_ptr, cstats_ptr,
+    gout_ptr, wu_ptr, h_ptr, stats_ptr, lna_sums_ptr, r_ptr, bu_ptr, sc_ptr, lna_w_ptr, gate_ptr,
     gwu_ptr, gbu_ptr, gsc_ptr, glna_w_ptr, glna_b_ptr,
     M, D, B, scaling, p, seed, rows_per_split,
-    stride_gm, stride_gd, stride_rm, stride_rd, stride_wud, stride_wub, stride_sc,
-    HAS_RES: tl.constexpr, HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr, LN_AFTER: tl.constexpr,
-    RES_BEFORE_LN: tl.constexpr, GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr,
-    NEED_U: tl.constexpr, RES_IN_LN: tl.constexpr, ATOMIC: tl.constexpr,
+    stride_gm, stride_gd, stride_rm, stride_rd, stride_sc,
+    HAS_BU: tl.constexpr, HAS_SCALE: tl.constexpr, LN_AFTER: tl.constexpr, RESIDUAL_BEFORE_LN: tl.constexpr,
+    GATING: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr, ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g_W_u (d, m) = g_u^T a, g_b_u, g_scale (per channel, before the ``scaling`` factor is
     folded), g_LN_after weight/bias, over one hidden-dimension tile and one split of the rows."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    cols64 = cols.to(tl.int64)
-    bcols = tl.arange(0, BLOCK_B)
-    b_ok = bcols < B
-    m_start = tl.program_id(1) * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
+    cols, col_ok, bcols, b_ok, m_start, m_end = _split_program(M, D, B, rows_per_split, BLOCK_D, BLOCK_B)
 
     acc = tl.zeros((BLOCK_D, BLOCK_B), dtype=tl.float32)
     gbu = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -422,84 +468,53 @@ def _bn_bwd_up_reduce_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < m_end
-        rows64 = rows.to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
-        h = tl.load(h_ptr + rows64[:, None] * B + bcols[None, :], mask=row_ok[:, None] & b_ok[None, :],
-                    other=0.0).to(tl.float32)
+        h = _tile(h_ptr, rows, bcols, B, 1, row_ok[:, None] & b_ok[None, :]).to(tl.float32)
         a = cast(_act(h, ACT), h_ptr.dtype.element_ty, UPCAST)
-        go = _load_tile(go_ptr, rows64, cols, stride_gm, stride_gd, mask)
-        f = _scale_drop(rows, cols, col_ok, D, scaling, sc_ptr, stride_sc, p, seed,
-                        HAS_SCALE, DROPOUT, BLOCK_M, BLOCK_D)
-        if GATING:
-            gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if NEED_U:
-            u = _up_tile(a, wu_ptr, bu_ptr, cols, col_ok, bcols, b_ok, stride_wud, stride_wub,
-                         HAS_BU, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+        go = _tile(gout_ptr, rows, cols, stride_gm, stride_gd, mask).to(tl.float32)
+        gate = _row_gate(gate_ptr, rows, row_ok, GATING)
+        u, f, drop, t = _adapter_tile(a, gate, rows, cols, mask, D, B, scaling, p, seed, wu_ptr, bu_ptr, sc_ptr,
+                                      r_ptr, stride_sc, stride_rm, stride_rd, LN_AFTER or HAS_SCALE, HAS_BU, HAS_SCALE,
+                                      GATING, DROPOUT, RESIDUAL_BEFORE_LN, UPCAST, PRECISION, BLOCK_M, BLOCK_B, BLOCK_D)
         if LN_AFTER:
-            t = u * f
-            if GATING:
-                t = t * gate[:, None]
-            if RES_IN_LN:
-                t += _load_tile(r_ptr, rows64, cols, stride_rm, stride_rd, mask)
-            mean_a = tl.load(stats_ptr + 2 * M + rows, mask=row_ok, other=0.0)
-            rstd_a = tl.load(stats_ptr + 3 * M + rows, mask=row_ok, other=0.0)
-            c1 = tl.load(cstats_ptr + rows, mask=row_ok, other=0.0)
-            c2 = tl.load(cstats_ptr + M + rows, mask=row_ok, other=0.0)
-            that = tl.where(mask, (t - mean_a[:, None]) * rstd_a[:, None], 0.0)
+            mean_a, rstd_a = _load_pair(stats_ptr, 2, M, rows, row_ok)
+            c1, c2 = _load_pair(lna_sums_ptr, 0, M, rows, row_ok)
+            that = tl.where(mask, _normalize(t, mean_a, rstd_a), 0.0)
             gw += tl.sum(go * that, 0)
             gb += tl.sum(go, 0)
-            go = go * _vec(lna_w_ptr, cols, col_ok)[None, :]
-            go = rstd_a[:, None] * (go - c1[:, None] - that * c2[:, None])
+            go = _ln_input_grad(go, that, _vec(lna_w_ptr, cols, col_ok), rstd_a, c1, c2)
         if GATING:
             go = go * gate[:, None]
         go = tl.where(mask, go, 0.0)
         if HAS_SCALE:
-            gq = go * u
-            if DROPOUT:
-                gq = gq * dropout_scale(seed, rows, cols, D, p)
-            gsc += tl.sum(gq, 0)
+            gsc += tl.sum(go * u * drop, 0)
         gu = go * f
         gbu += tl.sum(gu, 0)
         acc = mma(tl.trans(cast(gu, h_ptr.dtype.element_ty, UPCAST)), a, acc, UPCAST, PRECISION)
 
-    wmask = col_ok[:, None] & b_ok[None, :]
-    wptrs = gwu_ptr + cols64[:, None] * B + bcols[None, :]
-    if ATOMIC:
-        tl.atomic_add(wptrs, acc, mask=wmask)
-        tl.atomic_add(gbu_ptr + cols, gbu, mask=col_ok)
-        if HAS_SCALE:
-            tl.atomic_add(gsc_ptr + cols, gsc, mask=col_ok)
-        if LN_AFTER:
-            tl.atomic_add(glna_w_ptr + cols, gw, mask=col_ok)
-            tl.atomic_add(glna_b_ptr + cols, gb, mask=col_ok)
-    else:
-        tl.store(wptrs, acc, mask=wmask)
-        tl.store(gbu_ptr + cols, gbu, mask=col_ok)
-        if HAS_SCALE:
-            tl.store(gsc_ptr + cols, gsc, mask=col_ok)
-        if LN_AFTER:
-            tl.store(glna_w_ptr + cols, gw, mask=col_ok)
-            tl.store(glna_b_ptr + cols, gb, mask=col_ok)
+    _accumulate(gwu_ptr + cols[:, None].to(tl.int64) * B + bcols[None, :], acc, col_ok[:, None] & b_ok[None, :],
+                ATOMIC)
+    _accumulate(gbu_ptr + cols, gbu, col_ok, ATOMIC)
+    if HAS_SCALE:
+        _accumulate(gsc_ptr + cols, gsc, col_ok, ATOMIC)
+    if LN_AFTER:
+        _accumulate(glna_w_ptr + cols, gw, col_ok, ATOMIC)
+        _accumulate(glna_b_ptr + cols, gb, col_ok, ATOMIC)
 
 
 @triton.jit
 def _bn_bwd_down_reduce_kernel(
-    z_ptr, wd_ptr, lnb_w_ptr, lnb_b_ptr, gh_ptr, stats_ptr, gwd_ptr, glnb_w_ptr, glnb_b_ptr,
+    z_ptr, wd_ptr, gh_ptr, stats_ptr, lnb_w_ptr, lnb_b_ptr,
+    gwd_ptr, glnb_w_ptr, glnb_b_ptr,
     M, D, B, rows_per_split,
-    stride_zm, stride_zd, stride_wdb, stride_wdd,
+    stride_zm, stride_zd,
     LN_BEFORE: tl.constexpr, NEED_LN: tl.constexpr, ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g_W_d^T (d, m) = zn^T g_h and the LN_before weight/bias grads, over one hidden-dimension
     tile and one split of the rows; zn is recomputed from z and the saved row statistics."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    cols64 = cols.to(tl.int64)
-    bcols = tl.arange(0, BLOCK_B)
-    b_ok = bcols < B
-    m_start = tl.program_id(1) * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
+    cols, col_ok, bcols, b_ok, m_start, m_end = _split_program(M, D, B, rows_per_split, BLOCK_D, BLOCK_B)
 
     acc = tl.zeros((BLOCK_D, BLOCK_B), dtype=tl.float32)
     gw = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -508,20 +523,16 @@ def _bn_bwd_down_reduce_kernel(
         lw = _vec(lnb_w_ptr, cols, col_ok)
         lb = _vec(lnb_b_ptr, cols, col_ok)
     if NEED_LN:
-        wdt = tl.load(wd_ptr + bcols[:, None] * stride_wdb + cols64[None, :] * stride_wdd,
-                      mask=b_ok[:, None] & col_ok[None, :], other=0.0)
+        wdt = _tile(wd_ptr, bcols, cols, D, 1, b_ok[:, None] & col_ok[None, :])
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < m_end
-        rows64 = rows.to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
-        gh = tl.load(gh_ptr + rows64[:, None] * B + bcols[None, :], mask=row_ok[:, None] & b_ok[None, :],
-                     other=0.0)
-        zt = tl.load(z_ptr + rows64[:, None] * stride_zm + cols64[None, :] * stride_zd, mask=mask, other=0.0)
+        gh = _tile(gh_ptr, rows, bcols, B, 1, row_ok[:, None] & b_ok[None, :])
+        zt = _tile(z_ptr, rows, cols, stride_zm, stride_zd, mask)
         if LN_BEFORE:
-            mean_b = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-            rstd_b = tl.load(stats_ptr + M + rows, mask=row_ok, other=0.0)
-            zhat = tl.where(mask, (zt.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None], 0.0)
+            mean_b, rstd_b = _load_pair(stats_ptr, 0, M, rows, row_ok)
+            zhat = tl.where(mask, _normalize(zt.to(tl.float32), mean_b, rstd_b), 0.0)
             zt = cast(tl.where(mask, zhat * lw[None, :] + lb[None, :], 0.0), z_ptr.dtype.element_ty, UPCAST)
             if NEED_LN:
                 gzn = mma(gh, wdt, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), UPCAST, PRECISION)
@@ -529,19 +540,12 @@ def _bn_bwd_down_reduce_kernel(
                 gb += tl.sum(gzn, 0)
         acc = mma(tl.trans(zt), gh, acc, UPCAST, PRECISION)
 
-    wmask = col_ok[:, None] & b_ok[None, :]
     # g_W_d is (m, d): the kernel's (d, m) tile is written through transposed indexing.
-    wptrs = gwd_ptr + bcols[None, :].to(tl.int64) * D + cols64[:, None]
-    if ATOMIC:
-        tl.atomic_add(wptrs, acc, mask=wmask)
-        if NEED_LN:
-            tl.atomic_add(glnb_w_ptr + cols, gw, mask=col_ok)
-            tl.atomic_add(glnb_b_ptr + cols, gb, mask=col_ok)
-    else:
-        tl.store(wptrs, acc, mask=wmask)
-        if NEED_LN:
-            tl.store(glnb_w_ptr + cols, gw, mask=col_ok)
-            tl.store(glnb_b_ptr + cols, gb, mask=col_ok)
+    _accumulate(gwd_ptr + bcols[None, :].to(tl.int64) * D + cols[:, None], acc, col_ok[:, None] & b_ok[None, :],
+                ATOMIC)
+    if NEED_LN:
+        _accumulate(glnb_w_ptr + cols, gw, col_ok, ATOMIC)
+        _accumulate(glnb_b_ptr + cols, gb, col_ok, ATOMIC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,61 +577,80 @@ def _num_stages(block_b: int) -> int:
     return 3 if block_b <= 64 else 1
 
 
-def _contiguous(*vectors):
-    # The kernels index the 1-D operands (biases, LayerNorm parameters, the per-row gate) as
-    # ``ptr + i``: a strided view, or a broadcast gate expanded to (M,) with stride 0, is copied
-    # first (at most M + 5d elements against the M x d of the op).
-    return tuple(t.contiguous() if t is not None else None for t in vectors)
+def _pointers(placeholder, *tensors):
+    # Pointer arguments for optional operands: an absent one is passed as the placeholder, which
+    # the kernel, that operand's flag off, never dereferences.
+    return tuple(t if t is not None else placeholder for t in tensors)
 
 
-def _scale_stride(scale) -> int:
-    # A (1,) "learned" scale is broadcast over the hidden dimension with stride 0.
-    return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
+class _Operands:
+    """One call's operands as the kernels take them, and the meta-parameters they imply.
+
+    The kernels index the weights and the 1-D operands (biases, LayerNorm parameters, the per-row
+    gate) as contiguous tensors: a strided view, or a broadcast gate expanded to (M,) with stride
+    0, is copied first (at most 2md + M + 5d elements against the M x d of the op)."""
+
+    def __init__(self, z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
+                 lna_weight, lna_bias, gate, scaling, activation, residual_before_ln, dropout_p, seed):
+        self.z, self.residual, self.scale = z, residual, scale
+        (self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.lnb_weight, self.lnb_bias,
+         self.lna_weight, self.lna_bias, self.gate) = (
+            t.contiguous() if t is not None else None
+            for t in (down_weight, down_bias, up_weight, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate))
+        self.scaling, self.dropout_p, self.seed = scaling, dropout_p, seed
+        self.M, self.D = z.shape
+        self.B = down_weight.shape[0]
+        # A (1,) "learned" scale is broadcast over the hidden dimension with stride 0.
+        self.stride_sc = 0 if scale is None or scale.numel() == 1 else scale.stride(0)
+        block_m, block_b, block_d = _blocks(self.B)
+        self.meta = dict(BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_b),
+                         num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
+        # Grid sizes: blocks of rows (the forward, the row backward), tiles of the hidden dimension
+        # (the token reductions).
+        self.row_blocks = triton.cdiv(self.M, block_m)
+        self.col_blocks = triton.cdiv(self.D, block_d)
+        # residual_before_ln changes the math only where both a residual and LN_after are present.
+        self.residual_before_ln = bool(residual_before_ln) and lna_weight is not None and residual is not None
+        # The meta-parameters of _adapter_tile, which the forward, the row backward and the
+        # up-projection reduction share.
+        self.tile = dict(HAS_BU=up_bias is not None, HAS_SCALE=scale is not None, LN_AFTER=lna_weight is not None,
+                         RESIDUAL_BEFORE_LN=self.residual_before_ln, GATING=gate is not None,
+                         DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation])
 
 
-def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
-            lna_weight, lna_bias, gate, scaling, activation, eps, res_before, dropout_p, seed, *, buffers=None):
+def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+            lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed, *, buffers=None):
     """Fused forward for 2-D z (M, d): returns (out (M, d), h (M, m), stats (4, M) float32).
 
     stats rows: mean and rstd of the LN_before input, mean and rstd of the LN_after input (rows
-    of a norm that is off stay 0). ``buffers``: preallocated (out, h, stats) (tests
+    of a norm that is off stay 0). ``buffers``: preallocated contiguous (out, h, stats) (tests
     pass NaN-filled ones)."""
-    M, D = z.shape
-    B = down_weight.shape[0]
-    down_bias, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
-        down_bias, up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
+    ops = _Operands(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+                    lna_bias, gate, scaling, activation, residual_before_ln, dropout_p, seed)
     if buffers is not None:
         out, h, stats = buffers
     else:
-        out = torch.empty((M, D), device=z.device, dtype=z.dtype)
-        h = torch.empty((M, B), device=z.device, dtype=z.dtype)
+        out = torch.empty((ops.M, ops.D), device=z.device, dtype=z.dtype)
+        h = torch.empty((ops.M, ops.B), device=z.device, dtype=z.dtype)
         # Zeroed: the rows of a norm that is off are never written, and an op output must not
         # carry uninitialised memory (opcheck compares outputs across runs).
-        stats = torch.zeros((4, M), device=z.device, dtype=torch.float32)
-    if M == 0:
+        stats = torch.zeros((4, ops.M), device=z.device, dtype=torch.float32)
+    if ops.M == 0:
         return out, h, stats
-    block_m, block_b, block_d = _blocks(B)
-    dummy = out  # pointer for absent optional tensors (never dereferenced: the flag is off)
-    r = residual if residual is not None else out
-    _bn_fwd_kernel[(triton.cdiv(M, block_m),)](
-        z, r, down_weight, down_bias if down_bias is not None else dummy, up_weight,
-        up_bias if up_bias is not None else dummy, scale if scale is not None else dummy,
-        lnb_weight if lnb_weight is not None else dummy, lnb_bias if lnb_bias is not None else dummy,
-        lna_weight if lna_weight is not None else dummy, lna_bias if lna_bias is not None else dummy,
-        gate if gate is not None else dummy, out, h, stats,
-        M, D, B, scaling, eps, dropout_p, seed,
-        z.stride(0), z.stride(1), r.stride(0), r.stride(1), down_weight.stride(0), down_weight.stride(1),
-        up_weight.stride(0), up_weight.stride(1), out.stride(0), out.stride(1), _scale_stride(scale),
-        HAS_RES=residual is not None, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None,
-        HAS_SCALE=scale is not None, LN_BEFORE=lnb_weight is not None, LN_AFTER=lna_weight is not None,
-        RES_BEFORE_LN=bool(res_before), GATING=gate is not None, DROPOUT=dropout_p > 0.0,
-        ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
-        num_warps=_num_warps(block_b), num_stages=_num_stages(block_b), **dot_constexprs(z.dtype))
+    r, bd, bu, sc, lnb_w, lnb_b, lna_w, lna_b, g = _pointers(
+        out, residual, ops.down_bias, ops.up_bias, scale, ops.lnb_weight, ops.lnb_bias, ops.lna_weight, ops.lna_bias,
+        ops.gate)
+    _bn_fwd_kernel[(ops.row_blocks,)](
+        z, ops.down_weight, ops.up_weight, r, bd, bu, sc, lnb_w, lnb_b, lna_w, lna_b, g, out, h, stats,
+        ops.M, ops.D, ops.B, scaling, eps, dropout_p, seed,
+        z.stride(0), z.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        HAS_RES=residual is not None, HAS_BD=down_bias is not None, LN_BEFORE=lnb_weight is not None,
+        **ops.tile, **ops.meta)
     return out, h, stats
 
 
 def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_weight,
-             lnb_bias, lna_weight, lna_bias, gate, scaling, activation, eps, res_before, dropout_p, seed,
+             lnb_bias, lna_weight, lna_bias, gate, scaling, activation, eps, residual_before_ln, dropout_p, seed,
              needs, *, splits=None):
     """Fused backward: the gradients of (z, residual, down_weight, down_bias, up_weight, up_bias,
     scale, lnb_weight, lnb_bias, lna_weight, lna_bias, gate), ``None`` where not needed.
@@ -636,105 +659,88 @@ def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, s
     to o + r); elsewhere the caller passes ``gout`` itself on. Parameter gradients are accumulated
     in float32 and returned in each parameter's dtype. ``splits`` overrides the number of row
     splits of the token reductions (tests force > 1 to exercise the atomics on the CPU)."""
-    (need_z, need_r, need_wd, need_bd, need_wu, need_bu, need_sc, need_lnbw, need_lnbb, need_lnaw,
-     need_lnab, need_gate) = needs
-    M, D = z.shape
-    B = down_weight.shape[0]
-    up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate = _contiguous(
-        up_bias, lnb_weight, lnb_bias, lna_weight, lna_bias, gate)
-    dev = z.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    grads = [None] * 12
-    if M == 0:
-        zeros = [torch.zeros_like(t) if t is not None and need else None
-                 for t, need in zip((z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight,
-                                     lnb_bias, lna_weight, lna_bias, gate), needs)]
-        return tuple(zeros)
-    block_m, block_b, block_d = _blocks(B)
-    ln_before = lnb_weight is not None
-    ln_after = lna_weight is not None
-    res_in_ln = ln_after and bool(res_before) and residual is not None
-    dummy = h
-    r = residual if residual is not None else gout
-    consts = dict(**dot_constexprs(z.dtype), num_warps=_num_warps(block_b), num_stages=_num_stages(block_b))
+    inputs = (z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias, lna_weight,
+              lna_bias, gate)
+    needs = [bool(need) and t is not None for need, t in zip(needs, inputs)]
+    if z.shape[0] == 0:
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs))
+    ops = _Operands(*inputs, scaling, activation, residual_before_ln, dropout_p, seed)
+    (need_z, need_r, need_wd, need_bd, need_wu, need_bu, need_sc, need_lnbw, need_lnbb, need_lnaw, need_lnab,
+     _) = needs
+    g_z, g_r, g_h, g_gate, lna_sums = _backward_rows(ops, gout, h, stats, need_z, need_r)
+    g_wd = g_lnbw = g_lnbb = g_wu = g_bu = g_sc = g_lnaw = g_lnab = None
+    split = split_rows(ops.M, ops.col_blocks, ops.meta["BLOCK_M"], z.device, splits)
+    if any((need_wu, need_bu, need_sc, need_lnaw, need_lnab)):
+        g_wu, g_bu, g_sc, g_lnaw, g_lnab = _backward_up(ops, gout, h, stats, lna_sums, split, need_sc)
+    if any((need_wd, need_lnbw, need_lnbb)):
+        g_wd, g_lnbw, g_lnbb = _backward_down(ops, g_h, stats, split, need_lnbw or need_lnbb)
+    g_bd = g_h.sum(0, dtype=torch.float32) if need_bd else None
+    grads = (g_z, g_r, g_wd, g_bd, g_wu, g_bu, g_sc, g_lnbw, g_lnbb, g_lnaw, g_lnab, g_gate)
+    # g_r stays None where needed but equal to gout (the caller's); the others are there when needed.
+    return tuple(g.to(t.dtype) if need and g is not None else None for g, need, t in zip(grads, needs, inputs))
 
-    gz = torch.empty((M, D), device=dev, dtype=z.dtype) if need_z else None
-    gr = torch.empty((M, D), device=dev, dtype=z.dtype) if (need_r and res_in_ln) else None
-    gh = torch.empty((M, B), device=dev, dtype=z.dtype)
-    ggate = torch.empty((M,), **f32) if gate is not None else None
-    cstats = torch.empty((2, M), **f32)
-    gzt = gz if gz is not None else gout
-    grt = gr if gr is not None else gout
-    _bn_bwd_rows_kernel[(triton.cdiv(M, block_m),)](
-        gout, z, r, down_weight, up_weight, up_bias if up_bias is not None else dummy,
-        scale if scale is not None else dummy, lnb_weight if ln_before else dummy,
-        lna_weight if ln_after else dummy, gate if gate is not None else dummy,
-        h, stats, gzt, grt, gh, ggate if ggate is not None else cstats, cstats,
-        M, D, B, scaling, dropout_p, seed,
-        gout.stride(0), gout.stride(1), z.stride(0), z.stride(1), r.stride(0), r.stride(1),
-        down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
-        gzt.stride(0), gzt.stride(1), grt.stride(0), grt.stride(1), _scale_stride(scale),
-        HAS_RES=residual is not None, HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-        LN_BEFORE=ln_before, LN_AFTER=ln_after, RES_BEFORE_LN=bool(res_before), GATING=gate is not None,
-        DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], NEED_Z=bool(need_z), NEED_R=gr is not None,
-        NEED_U=ln_after or gate is not None, RES_IN_LN=res_in_ln,
-        BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-    grads[0], grads[1] = gz, gr
-    if need_gate and gate is not None:
-        grads[11] = ggate.to(gate.dtype)
 
-    tiles = triton.cdiv(D, block_d)
-    splits, rows_per_split = split_rows(M, tiles, block_m, dev, splits)
+def _backward_rows(ops: _Operands, gout, h, stats, need_z: bool, need_r: bool):
+    """The row pass: (g_z, g_r, g_h, g_gate, LN_after's row means (2, M) float32); g_r only where
+    the residual is inside LN_after, g_gate only with a gate."""
+    z = ops.z
+    like_z, f32 = dict(device=z.device, dtype=z.dtype), dict(device=z.device, dtype=torch.float32)
+    g_z = torch.empty((ops.M, ops.D), **like_z) if need_z else None
+    g_r = torch.empty((ops.M, ops.D), **like_z) if need_r and ops.residual_before_ln else None
+    g_h = torch.empty((ops.M, ops.B), **like_z)
+    g_gate = torch.empty((ops.M,), **f32) if ops.gate is not None else None
+    lna_sums = torch.empty((2, ops.M), **f32)
+    r, bu, sc, lnb_w, lna_w, g = _pointers(h, ops.residual, ops.up_bias, ops.scale, ops.lnb_weight, ops.lna_weight,
+                                           ops.gate)
+    gz, gr, ggate = _pointers(gout, g_z, g_r) + _pointers(lna_sums, g_gate)
+    _bn_bwd_rows_kernel[(ops.row_blocks,)](
+        gout, z, ops.down_weight, ops.up_weight, h, stats, r, bu, sc, lnb_w, lna_w, g, gz, gr, g_h, ggate, lna_sums,
+        ops.M, ops.D, ops.B, ops.scaling, ops.dropout_p, ops.seed,
+        gout.stride(0), gout.stride(1), z.stride(0), z.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        LN_BEFORE=ops.lnb_weight is not None, NEED_Z=need_z, NEED_R=g_r is not None, **ops.tile, **ops.meta)
+    return g_z, g_r, g_h, g_gate, lna_sums
+
+
+def _reduction_buffer(ops: _Operands, splits: int):
+    # Split rows add their partial sums atomically into a zeroed buffer.
     make = torch.zeros if splits > 1 else torch.empty
-    if need_wu or need_bu or need_sc or need_lnaw or need_lnab:
-        gwu = make((D, B), **f32)
-        gbu = make((D,), **f32)
-        gsc = make((D,), **f32) if scale is not None else None
-        glnaw = make((D,), **f32) if ln_after else None
-        glnab = make((D,), **f32) if ln_after else None
-        _bn_bwd_up_reduce_kernel[(tiles, splits)](
-            gout, r, up_weight, up_bias if up_bias is not None else dummy, scale if scale is not None else dummy,
-            lna_weight if ln_after else dummy, gate if gate is not None else dummy, h, stats, cstats,
-            gwu, gbu, gsc if gsc is not None else gbu, glnaw if ln_after else gbu, glnab if ln_after else gbu,
-            M, D, B, scaling, dropout_p, seed, rows_per_split,
-            gout.stride(0), gout.stride(1), r.stride(0), r.stride(1), up_weight.stride(0), up_weight.stride(1),
-            _scale_stride(scale),
-            HAS_RES=residual is not None, HAS_BU=up_bias is not None, HAS_SCALE=scale is not None,
-            LN_AFTER=ln_after, RES_BEFORE_LN=bool(res_before), GATING=gate is not None,
-            DROPOUT=dropout_p > 0.0, ACT=ACT_CODES[activation], ATOMIC=splits > 1,
-            NEED_U=ln_after or scale is not None, RES_IN_LN=res_in_ln,
-            BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-        if need_wu:
-            grads[4] = gwu.to(up_weight.dtype)
-        if need_bu and up_bias is not None:
-            grads[5] = gbu.to(up_bias.dtype)
-        if need_sc and scale is not None:
-            g = gsc * scaling
-            # A "learned" scalar: the d per-channel partials are summed in float64 (one number
-            # from M*d terms of both signs; the extra precision costs nothing here).
-            grads[6] = (g.double().sum().reshape(scale.shape) if scale.numel() == 1 else g).to(scale.dtype)
-        if ln_after and need_lnaw:
-            grads[9] = glnaw.to(lna_weight.dtype)
-        if ln_after and need_lnab:
-            grads[10] = glnab.to(lna_bias.dtype)
+    return lambda *shape: make(shape, device=ops.z.device, dtype=torch.float32)
 
-    need_lnb = ln_before and (need_lnbw or need_lnbb)
-    if need_wd or need_lnb:
-        gwd = make((B, D), **f32)
-        glnbw = make((D,), **f32) if need_lnb else None
-        glnbb = make((D,), **f32) if need_lnb else None
-        _bn_bwd_down_reduce_kernel[(tiles, splits)](
-            z, down_weight, lnb_weight if ln_before else dummy, lnb_bias if ln_before else dummy, gh, stats,
-            gwd, glnbw if need_lnb else gwd, glnbb if need_lnb else gwd,
-            M, D, B, rows_per_split, z.stride(0), z.stride(1), down_weight.stride(0), down_weight.stride(1),
-            LN_BEFORE=ln_before, NEED_LN=need_lnb, ATOMIC=splits > 1,
-            BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d, **consts)
-        if need_wd:
-            grads[2] = gwd.to(down_weight.dtype)
-        if need_lnb and need_lnbw:
-            grads[7] = glnbw.to(lnb_weight.dtype)
-        if need_lnb and need_lnbb:
-            grads[8] = glnbb.to(lnb_bias.dtype)
-    if need_bd and down_bias is not None:
-        grads[3] = gh.sum(0, dtype=torch.float32).to(down_bias.dtype)
-    return tuple(grads)
+
+def _backward_up(ops: _Operands, gout, h, stats, lna_sums, split, need_sc: bool):
+    """The up-projection side's token reductions: (g_W_u, g_b_u, g_scale, g_LN_after weight, bias)
+    in float32, None for an absent operand; g_scale with the ``scaling`` factor folded in where
+    needed (float64 for a "learned" scalar)."""
+    splits, rows_per_split = split
+    alloc = _reduction_buffer(ops, splits)
+    g_wu, g_bu = alloc(ops.D, ops.B), alloc(ops.D)
+    g_sc = alloc(ops.D) if ops.scale is not None else None
+    g_lnaw, g_lnab = (alloc(ops.D), alloc(ops.D)) if ops.lna_weight is not None else (None, None)
+    r, bu, sc, lna_w, g = _pointers(h, ops.residual, ops.up_bias, ops.scale, ops.lna_weight, ops.gate)
+    _bn_bwd_up_reduce_kernel[(ops.col_blocks, splits)](
+        gout, ops.up_weight, h, stats, lna_sums, r, bu, sc, lna_w, g,
+        g_wu, *_pointers(g_bu, g_bu, g_sc, g_lnaw, g_lnab),
+        ops.M, ops.D, ops.B, ops.scaling, ops.dropout_p, ops.seed, rows_per_split,
+        gout.stride(0), gout.stride(1), r.stride(0), r.stride(1), ops.stride_sc,
+        ATOMIC=splits > 1, **ops.tile, **ops.meta)
+    if need_sc:
+        g_sc = g_sc * ops.scaling
+        # A "learned" scalar: the d per-channel partials are summed in float64 (one number from
+        # M*d terms of both signs; the extra precision costs nothing here).
+        g_sc = g_sc.double().sum().reshape(ops.scale.shape) if ops.scale.numel() == 1 else g_sc
+    return g_wu, g_bu, g_sc, g_lnaw, g_lnab
+
+
+def _backward_down(ops: _Operands, g_h, stats, split, need_ln: bool):
+    """The down-projection side's token reductions: (g_W_d, g_LN_before weight, bias), float32; the
+    LN_before ones only if ``need_ln``."""
+    splits, rows_per_split = split
+    alloc = _reduction_buffer(ops, splits)
+    g_wd = alloc(ops.B, ops.D)
+    g_lnbw, g_lnbb = (alloc(ops.D), alloc(ops.D)) if need_ln else (None, None)
+    _bn_bwd_down_reduce_kernel[(ops.col_blocks, splits)](
+        ops.z, ops.down_weight, g_h, stats, *_pointers(g_h, ops.lnb_weight, ops.lnb_bias),
+        g_wd, *_pointers(g_wd, g_lnbw, g_lnbb),
+        ops.M, ops.D, ops.B, rows_per_split, ops.z.stride(0), ops.z.stride(1),
+        LN_BEFORE=ops.lnb_weight is not None, NEED_LN=need_ln, ATOMIC=splits > 1, **ops.meta)
+    return g_wd, g_lnbw, g_lnbb

@@ -1,5 +1,5 @@
 // Pieces shared by every native kernel of fastadapt, host and device: the dropout draw and the
-// argument checks of the entry points that csrc/ops.cpp registers.
+// vocabulary of the argument checks that every entry point (csrc/OP.cpp, csrc/OP_cuda.cu) runs first.
 #pragma once
 
 #include <cstdint>
@@ -43,8 +43,8 @@ FA_HOST_DEVICE bool dropout_keep_at(uint64_t seed, uint64_t index, uint32_t thre
 }
 
 // The ops torch.ops.fastadapt_C.* are public and their kernels index raw pointers, so each entry
-// point checks every argument itself (the contracts are in csrc/ops.cpp) and names the one that is
-// wrong. Strides are free: each kernel copies what it indexes as contiguous (rows or vectors).
+// point checks every argument itself (each op's contracts are in its csrc/OP.cpp) and names the one
+// that is wrong. Strides are free: each kernel copies what it indexes as contiguous (rows or vectors).
 constexpr int64_t kAnySize = -1;
 
 class ArgCheck {
@@ -110,5 +110,12 @@ class ArgCheck {
   const char* op_;
   c10::Device device_{c10::kCPU};
 };
+
+// The contract of dropout_keep (csrc/ops.cpp; its CUDA kernel is in csrc/lora_cuda.cu).
+inline void check_dropout_keep(c10::DeviceType device, const at::Tensor& like, double p) {
+  const ArgCheck c("fastadapt_C::dropout_keep", like, device);
+  c("like", like, {kAnySize, kAnySize}, like.scalar_type());
+  c.probability("p", p);
+}
 
 }  // namespace fastadapt

@@ -16,12 +16,69 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include "cpu_common.h"
-#include "ops.h"
 
 namespace fastadapt {
 namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// (M, K, N, n, r_max) of a multi-adapter LoRA call; the per-adapter values are read and checked
+// too (ids in [-1, n), ranks in [1, r_max], dropout probabilities in [0, 1)).
+struct MultiLoraDims {
+  int64_t M, K, N, n, R;
+};
+
+MultiLoraDims check_multi_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                               const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
+                               const Tensor& adapter_ids, const OptTensor& dropout_p) {
+  const at::ScalarType dt = x.scalar_type();
+  c("x", x, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  c("weight", weight, {kAnySize, K}, dt);
+  c("A_stack", A_stack, {kAnySize, kAnySize, K}, dt);
+  const int64_t N = weight.size(0), n = A_stack.size(0), R = A_stack.size(1);
+  c("B_stack", B_stack, {n, N, R}, dt);
+  c("scalings", scalings, {n}, at::kFloat);
+  c("ranks", ranks, {n}, at::kInt);
+  c("adapter_ids", adapter_ids, {M}, at::kLong);
+  c("dropout_p", dropout_p, {n}, at::kFloat);
+  const Tensor ids = adapter_ids.contiguous(), rk = ranks.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(id[m] >= -1 && id[m] < n, c.op(), ": adapter_ids must be in [-1, ", n, "), got ", id[m], " at row ",
+                m);
+  const int32_t* r = rk.data_ptr<int32_t>();
+  for (int64_t a = 0; a < n; ++a)
+    TORCH_CHECK(r[a] >= 1 && r[a] <= R, c.op(), ": ranks must be in [1, r_max = ", R, "], got ", r[a],
+                " for adapter ", a);
+  if (dropout_p.has_value() && dropout_p->defined()) {
+    const Tensor p = dropout_p->contiguous();
+    for (int64_t a = 0; a < n; ++a) c.probability("dropout_p", p.data_ptr<float>()[a]);
+  }
+  return {M, K, N, n, R};
+}
+
+void check_multi_lora_forward(const Tensor& x, const Tensor& weight, const Tensor& A_stack, const Tensor& B_stack,
+                              const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_ids,
+                              const OptTensor& bias, const OptTensor& dropout_p) {
+  const ArgCheck c("fastadapt_C::multi_lora_forward", x, c10::kCPU);
+  const MultiLoraDims s = check_multi_lora(c, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, dropout_p);
+  c("bias", bias, {s.N}, x.scalar_type());
+}
+
+void check_multi_lora_backward(const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& A_stack,
+                               const Tensor& B_stack, const Tensor& u, const Tensor& scalings, const Tensor& ranks,
+                               const Tensor& adapter_ids, const OptTensor& dropout_p) {
+  const ArgCheck c("fastadapt_C::multi_lora_backward", x, c10::kCPU);
+  const MultiLoraDims s = check_multi_lora(c, x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, dropout_p);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("u", u, {s.M, s.R}, x.scalar_type());
+}
 
 // fn(a, idx, rows, r, p) for each adapter a with rows in the batch: its rows (ascending, as a
 // vector and as an index tensor), its rank and its dropout probability.
@@ -57,13 +114,11 @@ Tensor dropped(const Tensor& t, const std::vector<int64_t>& rows, double p, int6
   return t.to(at::kFloat).mul(dropout_scale(rows, t.size(1), p, seed)).to(t.scalar_type());
 }
 
-}  // namespace
-
 std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x_in, const Tensor& weight, const Tensor& A_stack,
                                                   const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
                                                   const Tensor& adapter_ids, const std::optional<Tensor>& bias,
                                                   const std::optional<Tensor>& dropout_p, int64_t seed) {
-  check_multi_lora_forward(c10::kCPU, x_in, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p);
+  check_multi_lora_forward(x_in, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p);
   const int64_t M = x_in.size(0), R = A_stack.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor x = cpu::rows_contiguous(x_in);
@@ -84,8 +139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
     const Tensor& gy_in, const Tensor& x_in, const Tensor& weight, const Tensor& A_stack, const Tensor& B_stack,
     const Tensor& u, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_ids,
     const std::optional<Tensor>& dropout_p, int64_t seed, std::array<bool, 5> needs) {
-  check_multi_lora_backward(c10::kCPU, gy_in, x_in, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids,
-                            dropout_p);
+  check_multi_lora_backward(gy_in, x_in, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, dropout_p);
   const bool need_x = needs[0], need_A = needs[1], need_B = needs[2], need_bias = needs[3], need_w = needs[4];
   const Tensor gy = cpu::rows_contiguous(gy_in), x = cpu::rows_contiguous(x_in);
   const auto opts = x.options();
@@ -111,4 +165,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
   return {gx, gA, gB, gbias, gweight};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+  // Backend signatures of fastadapt/ops/multi_lora.py; gradients not asked for in `needs`
+  // (x, A_stack, B_stack, bias, weight) come back as empty tensors. CPU only: on CUDA the Triton
+  // kernels group the rows on the device.
+  m.def("multi_lora_forward(Tensor x, Tensor weight, Tensor A_stack, Tensor B_stack, Tensor scalings, Tensor ranks, "
+        "Tensor adapter_ids, Tensor? bias, Tensor? dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("multi_lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor A_stack, Tensor B_stack, Tensor u, "
+        "Tensor scalings, Tensor ranks, Tensor adapter_ids, Tensor? dropout_p, int seed, bool[5] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("multi_lora_forward", &fastadapt::multi_lora_forward_cpu);
+  m.impl("multi_lora_backward", &fastadapt::multi_lora_backward_cpu);
+}

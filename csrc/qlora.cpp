@@ -9,12 +9,52 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include "cpu_common.h"
-#include "ops.h"
+#include "lora.h"
 
 namespace fastadapt {
 namespace {
+
+// A quantized frozen weight (NF4 / FP8) as fastadapt/reference/qlora.py lays it out: codes in
+// `data` (uint8; 2 per byte at 4 bits), the value table `code`, block scales `absmax` (uint8 and
+// decoded through absmax2 / code2 / offset when double-quantized).
+struct QuantizedWeight {
+  Tensor data, code, absmax;
+  std::optional<Tensor> absmax2, code2, offset;
+  int64_t blocksize, blocksize2, bits;
+};
+
+bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_qlora_weight(const QuantizedWeight& q, int64_t out_features, int64_t in_features) {
+  const ArgCheck c("fastadapt_C::qlora", q.data, c10::kCPU);
+  const char* op = c.op();
+  TORCH_CHECK(q.bits == 4 || q.bits == 8, op, ": bits must be 4 (NF4) or 8 (FP8), got ", q.bits);
+  TORCH_CHECK(out_features > 0 && in_features > 0, op, ": the weight shape must be non-empty, got (", out_features,
+              ", ", in_features, ")");
+  TORCH_CHECK(q.blocksize > 0, op, ": blocksize must be positive, got ", q.blocksize);
+  const int64_t numel = out_features * in_features, blocks = (numel + q.blocksize - 1) / q.blocksize;
+  const bool nested = present(q.absmax2);
+  // Flat buffers: each must hold exactly what the kernel indexes, contiguous.
+  auto flat = [&](const char* name, const Tensor& t, int64_t n, at::ScalarType dt) {
+    c(name, t.reshape(-1), {n}, dt);
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  flat("data", q.data, (numel * q.bits + 7) / 8, at::kByte);
+  flat("code", q.code, int64_t{1} << q.bits, at::kFloat);
+  flat("absmax", q.absmax, blocks, nested ? at::kByte : at::kFloat);
+  if (nested) {
+    TORCH_CHECK(present(q.code2) && present(q.offset), op, ": a double-quantized weight needs absmax2, code2 and offset");
+    TORCH_CHECK(q.blocksize2 > 0, op, ": blocksize2 must be positive, got ", q.blocksize2);
+    flat("absmax2", *q.absmax2, (blocks + q.blocksize2 - 1) / q.blocksize2, at::kFloat);
+    flat("code2", *q.code2, 256, at::kFloat);
+    flat("offset", *q.offset, 1, at::kFloat);
+  } else {
+    TORCH_CHECK(!present(q.code2) && !present(q.offset), op, ": code2 / offset given without absmax2");
+  }
+}
 
 template <typename T>
 void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
@@ -45,15 +85,13 @@ void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
 }
 
 Tensor dequantize(const QuantizedWeight& q, int64_t out_features, int64_t in_features, at::ScalarType dtype) {
-  check_qlora_weight(c10::kCPU, q, out_features, in_features);
+  check_qlora_weight(q, out_features, in_features);
   Tensor w = at::empty({out_features, in_features}, q.code.options().dtype(dtype));
   FA_DISPATCH_CPU(dtype, "fastadapt_C::qlora_dequantize", [&] {
     dequantize_blocks<scalar_t>(q, out_features * in_features, w.data_ptr<scalar_t>());
   });
   return w;
 }
-
-}  // namespace
 
 Tensor qlora_dequantize_cpu(const Tensor& data, const Tensor& code, const Tensor& absmax,
                             const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2,
@@ -93,4 +131,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qlora_backward_cpu(
   return {gx, gA, gB, gbias};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+  // Backend signatures of fastadapt/ops/qlora.py (the quantized weight as its parts), and the
+  // dequantized weight alone, for the tests; gradients (x, lora_A, lora_B, bias).
+  m.def("qlora_dequantize(Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int blocksize2, int bits, int out_features, int in_features, ScalarType dtype) -> Tensor");
+  m.def("qlora_forward(Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, int out_features, Tensor lora_A, Tensor lora_B, "
+        "float scaling, Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("qlora_backward(Tensor gy, Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, float dropout_p, int seed, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("qlora_dequantize", &fastadapt::qlora_dequantize_cpu);
+  m.impl("qlora_forward", &fastadapt::qlora_forward_cpu);
+  m.impl("qlora_backward", &fastadapt::qlora_backward_cpu);
+}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,23 @@ def test_cuda_backend_says_why_it_has_no_kernels():
         assert "CPU-only" in _native.cuda_reason()
     info = _native.info()
     assert info["fastadapt._C"].startswith("available")
+
+
+def test_sources_are_listed_and_each_op_is_defined_in_its_own_file():
+    # _native.py's lists are what the JIT build, setup.py and the source hash read: a file missing
+    # there is silently not compiled, or not hashed (a stale cached build).
+    listed = _native.CPP_SOURCES + _native.CUDA_SOURCES + _native.HEADERS
+    assert len(set(listed)) == len(listed)
+    assert set(listed) == {p.name for p in _native.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")}
+    # csrc/OP.cpp defines the schemas of OP_* (ops.cpp: what every op shares), nowhere else.
+    shared = {"build_info", "has_cuda", "dropout_keep"}
+    for name in _native.CPP_SOURCES:
+        text = (_native.CSRC / name).read_text()
+        defined = re.findall(r'm\.def\("(\w+)\(', text)
+        assert defined, f"{name} defines no schema"
+        stem = Path(name).stem
+        assert all(op.startswith(stem + "_") if stem != "ops" else op in shared for op in defined), (name, defined)
+    assert "TORCH_LIBRARY(" in (_native.CSRC / "ops.cpp").read_text()
 
 
 @needs_native

@@ -1,7 +1,7 @@
 """The ``cpp`` (C++ CPU) and ``cuda`` backends: dispatch registrations of the kernels in csrc/.
 
-The kernels are ops of the extension ``fastadapt._C`` (``torch.ops.fastadapt_C.*``, registered in
-csrc/ops.cpp) with the same signatures as the Triton backends. Registering them costs nothing:
+The kernels are ops of the extension ``fastadapt._C`` (``torch.ops.fastadapt_C.*``, each registered
+by its csrc/OP.cpp) with the same signatures as the Triton backends. Registering them costs nothing:
 the extension is built or loaded only when dispatch first asks one of these backends whether it
 can serve (:func:`fastadapt.backends.native_status`).
 """

@@ -30,6 +30,7 @@
 
 #include "bottleneck.h"
 #include "cpu_common.h"
+#include "registration.h"
 
 namespace fastadapt {
 namespace {
@@ -576,7 +577,8 @@ std::vector<Tensor> backward_cpu(const BottleneckArgs& args, const Tensor& gout_
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
   // GRAD_NAMES order (empty where not needed or the input is absent).
   m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "

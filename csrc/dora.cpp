@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "lora.h"
 
 namespace fastadapt {
@@ -169,7 +170,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_backward_cpu(
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/dora.py: (y, u, pre, norm), and the gradients of
   // (x, lora_A, lora_B, magnitude, bias, weight), empty where not asked for in `needs`. CPU only.
   m.def("dora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, "

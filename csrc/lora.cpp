@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "lora.h"
 
 namespace fastadapt {
@@ -303,7 +304,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/lora.py; gradients not asked for in `needs`
   // (x, lora_A, lora_B, bias, weight) come back as empty tensors.
   m.def("lora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "

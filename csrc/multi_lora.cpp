@@ -7,18 +7,19 @@
 // Dropout: each adapter's rows are scaled by the mask drawn from (seed, flat index of x) with that
 // adapter's probability (csrc/common.h), the same draw as fastadapt_C::dropout_keep, regenerated
 // in the backward, never stored.
+#include <algorithm>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 
 namespace fastadapt {
 namespace {
@@ -93,7 +94,10 @@ void for_each_adapter(const Tensor& ids, const Tensor& ranks, const std::optiona
   const float* p = dropout_p.has_value() && dropout_p->defined() ? dropout_p->data_ptr<float>() : nullptr;
   for (int64_t a = 0; a < n; ++a) {
     if (rows[a].empty()) continue;
-    const Tensor idx = at::from_blob(rows[a].data(), {static_cast<int64_t>(rows[a].size())}, at::kLong);
+    // A tensor of its own, not a view of `rows`: what is handed to ATen may outlive this loop
+    // (index_select keeps its index for a backward, were autograd recording).
+    Tensor idx = at::empty({static_cast<int64_t>(rows[a].size())}, at::kLong);
+    std::copy(rows[a].begin(), rows[a].end(), idx.data_ptr<int64_t>());
     fn(a, idx, rows[a], static_cast<int64_t>(rk[a]), p ? static_cast<double>(p[a]) : 0.0);
   }
 }
@@ -168,7 +172,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/multi_lora.py; gradients not asked for in `needs`
   // (x, A_stack, B_stack, bias, weight) come back as empty tensors. CPU only: on CUDA the Triton
   // kernels group the rows on the device.

@@ -7,10 +7,13 @@
 #include <string>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 
 namespace fastadapt {
 namespace {
@@ -69,11 +72,33 @@ at::Tensor dropout_keep_cpu(const at::Tensor& like, double p, int64_t seed) {
 }
 
 }  // namespace
+
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().defined() && v.toTensor().requires_grad()), op.schema().name(), ": ",
+                  args[i].name(), " requires grad, and the native kernels are not differentiable: autograd must not "
+                  "record them. They are the cpp / cuda backends of fastadapt's ops (fastadapt.lora_linear, ...), "
+                  "whose autograd runs them forward and backward; called directly, they take detached tensors or run "
+                  "under torch.no_grad(). A double backward (create_graph=True) through these backends is not "
+                  "supported: run the op on the reference backend for it "
+                  "(fastadapt.dispatch.use_backend(\"reference\") or FASTADAPT_BACKEND=reference).");
+    }
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace fastadapt
 
-TORCH_LIBRARY(fastadapt_C, m) {
-  m.def("build_info() -> str", &fastadapt::build_info);
-  m.def("has_cuda() -> bool", &fastadapt::has_cuda);
+TORCH_LIBRARY(fastadapt_C, lib) {
+  // No tensor arguments: nothing for autograd to record.
+  lib.def("build_info() -> str", &fastadapt::build_info);
+  lib.def("has_cuda() -> bool", &fastadapt::has_cuda);
+  const fastadapt::Schemas m(lib);
   // Flat index dropout mask (csrc/common.h) of a 2-D (M, K) input, True = kept.
   m.def("dropout_keep(Tensor like, float p, int seed) -> Tensor");
 }

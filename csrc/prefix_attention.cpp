@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "prefix_attention.h"
 
 namespace fastadapt {
@@ -408,7 +409,8 @@ std::vector<Tensor> prefix_attention_backward_cpu(
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/prefix_attention.py: (out, stats, stats_p), and
   // (dq, dk, dv, dk_p, dv_p, dgate).
   m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor k_p, Tensor v_p, Tensor? gate, "

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "lora.h"
 
 namespace fastadapt {
@@ -134,7 +135,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qlora_backward_cpu(
 }  // namespace
 }  // namespace fastadapt
 
-TORCH_LIBRARY_FRAGMENT(fastadapt_C, m) {
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
   // Backend signatures of fastadapt/ops/qlora.py (the quantized weight as its parts), and the
   // dequantized weight alone, for the tests; gradients (x, lora_A, lora_B, bias).
   m.def("qlora_dequantize(Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "

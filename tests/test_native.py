@@ -338,6 +338,61 @@ def test_native_ops_reject_malformed_calls(call, match):
         call(_native.ops())
 
 
+@needs_native
+def test_native_ops_are_never_recorded_by_autograd():
+    # Without an Autograd kernel of its own an op ran under PyTorch's fallback, which recorded the
+    # kernel's inner ATen calls: here index_select's saved index, a view of a vector the kernel had
+    # freed (use after free at backward). Every fastadapt_C op refuses instead, naming the argument.
+    ops = _native.ops()
+    x, weight = torch.randn(6, 16, requires_grad=True), torch.randn(8, 16)
+    A, B = torch.randn(2, 3, 16), torch.randn(2, 8, 3)
+    rest = (torch.ones(2), torch.tensor([3, 2], dtype=torch.int32), torch.tensor([0, 1, 0, -1, 1, 1]), None, None, 0)
+    with pytest.raises(RuntimeError, match="multi_lora_forward: x requires grad, and the native kernels are not "
+                                           "differentiable"):
+        ops.multi_lora_forward(x, weight, A, B, *rest)
+    with torch.no_grad():  # nothing to record: it runs, below autograd
+        y, u = ops.multi_lora_forward(x, weight, A, B, *rest)
+    assert y.grad_fn is None and not y.requires_grad
+    y2, _ = ops.multi_lora_forward(x.detach(), weight, A, B, *rest)
+    assert torch.equal(y, y2)
+
+
+def _double_backward_call(op, x):
+    """``op`` through the public API on x (4, 8): its output, a function of x."""
+    w, A, B = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    if op == "lora_linear":
+        return fastadapt.lora_linear(x, w, A, B, 1.0, dropout_p=0.1)
+    if op == "dora_linear":
+        return fastadapt.dora_linear(x, w, A, B, torch.rand(6) + 0.5, 1.0)
+    if op == "multi_lora_linear":
+        return fastadapt.multi_lora_linear(x, w, torch.stack([A, A]), torch.stack([B, B]), [1.0, 2.0],
+                                           torch.tensor([0, 1, -1, 0]))
+    if op == "qlora_linear":
+        from fastadapt.reference.qlora import random_weight
+        return fastadapt.qlora_linear(x, random_weight("nf4", 6, 8), A, B, 1.0)
+    if op == "bottleneck_adapter":
+        return fastadapt.bottleneck_adapter(x, torch.randn(3, 8), None, torch.randn(8, 3), None)
+    q = x.view(1, 2, 2, 8)
+    return fastadapt.prefix_attention(q, q, q, torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(2))
+
+
+@needs_native
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear", "multi_lora_linear", "qlora_linear",
+                                "bottleneck_adapter", "prefix_attention"])
+def test_double_backward_through_the_cpp_backend_is_refused(op):
+    # The backward of a cpp forward runs the native backward kernel; with create_graph=True autograd
+    # would record its inner ATen calls (garbage where the kernel writes through raw pointers).
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    with dispatch.use_backend("cpp"):
+        y = _double_backward_call(op, x)
+    assert isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)  # the fused op, not a composite
+    with pytest.raises(RuntimeError, match=r"_backward: \w+ requires grad, and the native kernels are not "
+                                           r"differentiable(.|\n)*double backward \(create_graph=True\)"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    torch.autograd.grad(y.square().sum(), x)  # a plain backward is unaffected
+
+
 @pytest.mark.skipif(not os.environ.get("FASTADAPT_SANITIZE_TEST"),
                     reason="set FASTADAPT_SANITIZE_TEST=1 (builds fastadapt._C under AddressSanitizer, "
                            "about 2 min on 2 cores)")

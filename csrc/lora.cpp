@@ -45,16 +45,17 @@ LoraDims check_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, co
 }
 
 void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p) {
-  const ArgCheck c("fastadapt_C::lora_forward", x, device);
+                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p, const char* op) {
+  const ArgCheck c(op, x, device);
   const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
   c("bias", bias, {s.N}, x.scalar_type());
   c.probability("dropout_p", dropout_p);
 }
 
 void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
-                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p) {
-  const ArgCheck c("fastadapt_C::lora_backward", x, device);
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p,
+                         const char* op) {
+  const ArgCheck c(op, x, device);
   const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
   c("gy", gy, {s.M, s.N}, x.scalar_type());
   c("u", u, {s.M, s.r}, x.scalar_type());
@@ -64,17 +65,19 @@ void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor&
 namespace {
 
 // Rank segments of lora_A (r rows): one probability each, every segment at least one row, r in all.
-void check_lora_segments(const char* op, int64_t r, at::IntArrayRef segments, at::ArrayRef<double> segment_p) {
+void check_lora_segments(const char* op, const Tensor& lora_A, at::IntArrayRef segments,
+                         at::ArrayRef<double> segment_p) {
+  const ArgCheck c(op, lora_A, c10::kCPU);
   TORCH_CHECK(!segments.empty() && segments.size() == segment_p.size(), op, ": segments and segment_p need one entry "
               "per segment, got ", segments.size(), " and ", segment_p.size());
-  int64_t total = 0;
+  int64_t total = 0;  // overflow-checked: a sum that wraps to r let segments past r through
   for (size_t k = 0; k < segments.size(); ++k) {
     TORCH_CHECK(segments[k] >= 1, op, ": segment ", k, " has ", segments[k], " rows, expected at least 1");
     TORCH_CHECK(segment_p[k] >= 0.0 && segment_p[k] < 1.0, op, ": segment_p[", k, "] must be in [0, 1), got ",
                 segment_p[k]);
-    total += segments[k];
+    total = c.add("the sum of segments", total, segments[k]);
   }
-  TORCH_CHECK(total == r, op, ": segments sum to ", total, ", expected r = ", r);
+  TORCH_CHECK(total == lora_A.size(0), op, ": segments sum to ", total, ", expected r = ", lora_A.size(0));
 }
 
 using cpu::RB;
@@ -89,7 +92,9 @@ std::vector<Segment> segments_of(int64_t r, at::IntArrayRef segments, at::ArrayR
   std::vector<Segment> out;
   int64_t begin = 0;
   for (size_t k = 0; k < segments.size(); ++k) {
-    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed + static_cast<int64_t>(k))});
+    // Segment k's mask from seed + k, wrapping (in uint64: a signed seed + k may overflow).
+    const auto seed_k = static_cast<int64_t>(static_cast<uint64_t>(seed) + k);
+    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed_k)});
     begin += segments[k];
   }
   return out;
@@ -286,8 +291,9 @@ std::tuple<Tensor, Tensor> lora_segments_forward_cpu(const Tensor& x, const Tens
                                                      const Tensor& lora_B, double scaling,
                                                      const std::optional<Tensor>& bias, at::IntArrayRef segments,
                                                      at::ArrayRef<double> segment_p, int64_t seed) {
-  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0);
-  check_lora_segments("fastadapt_C::lora_segments_forward", lora_A.size(0), segments, segment_p);
+  const char* op = "fastadapt_C::lora_segments_forward";
+  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0, op);
+  check_lora_segments(op, lora_A, segments, segment_p);
   return forward(x, weight, lora_A, lora_B, scaling, bias, segments_of(lora_A.size(0), segments, segment_p, seed));
 }
 
@@ -295,8 +301,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed,
     std::array<bool, 5> needs) {
-  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0);
-  check_lora_segments("fastadapt_C::lora_segments_backward", lora_A.size(0), segments, segment_p);
+  const char* op = "fastadapt_C::lora_segments_backward";
+  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0, op);
+  check_lora_segments(op, lora_A, segments, segment_p);
   return backward(gy, x, weight, lora_A, lora_B, u, scaling, segments_of(lora_A.size(0), segments, segment_p, seed),
                   needs);
 }

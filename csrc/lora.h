@@ -24,11 +24,13 @@ LoraDims check_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, co
                     const Tensor& lora_B);
 
 // The contracts of the lora_forward / lora_backward schemas; each kernel, CPU or CUDA, runs its
-// op's check first with its device type.
+// op's check first with its device type (`op`: the name errors give, lora_segments_* too).
 void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p);
+                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p,
+                        const char* op = "fastadapt_C::lora_forward");
 void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
-                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p);
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p,
+                         const char* op = "fastadapt_C::lora_backward");
 
 // The CPU kernels, which csrc/qlora.cpp runs on the dequantized weight; math in
 // fastadapt/reference/lora.py.

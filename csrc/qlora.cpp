@@ -36,20 +36,23 @@ void check_qlora_weight(const QuantizedWeight& q, int64_t out_features, int64_t 
   TORCH_CHECK(out_features > 0 && in_features > 0, op, ": the weight shape must be non-empty, got (", out_features,
               ", ", in_features, ")");
   TORCH_CHECK(q.blocksize > 0, op, ": blocksize must be positive, got ", q.blocksize);
-  const int64_t numel = out_features * in_features, blocks = (numel + q.blocksize - 1) / q.blocksize;
+  // Overflow-free: a wrapped block count let a short (or empty) absmax pass, and the kernel read
+  // past it or left the weight unwritten.
+  const int64_t numel = c.mul("the weight's size out_features * in_features", out_features, in_features);
+  const int64_t blocks = ceil_div(numel, q.blocksize);
   const bool nested = present(q.absmax2);
   // Flat buffers: each must hold exactly what the kernel indexes, contiguous.
   auto flat = [&](const char* name, const Tensor& t, int64_t n, at::ScalarType dt) {
     c(name, t.reshape(-1), {n}, dt);
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   };
-  flat("data", q.data, (numel * q.bits + 7) / 8, at::kByte);
+  flat("data", q.data, ceil_div(numel, 8 / q.bits), at::kByte);  // 2 codes a byte at 4 bits
   flat("code", q.code, int64_t{1} << q.bits, at::kFloat);
   flat("absmax", q.absmax, blocks, nested ? at::kByte : at::kFloat);
   if (nested) {
     TORCH_CHECK(present(q.code2) && present(q.offset), op, ": a double-quantized weight needs absmax2, code2 and offset");
     TORCH_CHECK(q.blocksize2 > 0, op, ": blocksize2 must be positive, got ", q.blocksize2);
-    flat("absmax2", *q.absmax2, (blocks + q.blocksize2 - 1) / q.blocksize2, at::kFloat);
+    flat("absmax2", *q.absmax2, ceil_div(blocks, q.blocksize2), at::kFloat);
     flat("code2", *q.code2, 256, at::kFloat);
     flat("offset", *q.offset, 1, at::kFloat);
   } else {
@@ -62,7 +65,7 @@ void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
   const uint8_t* data = q.data.data_ptr<uint8_t>();
   const float* code = q.code.data_ptr<float>();
   const bool nested = q.absmax2.has_value() && q.absmax2->defined();
-  const int64_t bs = q.blocksize, blocks = (numel + bs - 1) / bs;
+  const int64_t bs = q.blocksize, blocks = ceil_div(numel, bs);
   at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / bs), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float scale;
@@ -75,8 +78,8 @@ void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
       } else {
         scale = q.absmax.data_ptr<float>()[b];
       }
-      const int64_t end = std::min(numel, (b + 1) * bs);
-      for (int64_t i = b * bs; i < end; ++i) {
+      const int64_t begin = b * bs, end = begin + std::min(bs, numel - begin);  // (b + 1) * bs may overflow
+      for (int64_t i = begin; i < end; ++i) {
         // NF4: element 2j is byte j's high nibble.
         const uint8_t c = q.bits == 4 ? (data[i >> 1] >> ((i & 1) ? 0 : 4)) & 0xF : data[i];
         out[i] = static_cast<T>(code[c] * scale);  // the fp32 product, rounded once to T

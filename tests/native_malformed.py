@@ -78,6 +78,24 @@ def _multi_backward(ops, **bad):
                                    *(t[k] for k in _MULTI_ORDER[4:]), t["dropout_p"], 0, [True] * 5)
 
 
+QN, QK = 8, 64  # quantized weight: out_features, in_features (NF4 double-quantized, 64-element blocks)
+
+
+def _qlora():
+    from fastadapt.reference.qlora import random_weight
+    q = random_weight("nf4-nested", QN, QK)
+    return dict(data=q.data, code=q.code, absmax=q.absmax, absmax2=q.absmax2, code2=q.code2, offset=q.offset,
+                blocksize=q.blocksize, blocksize2=q.blocksize2, bits=q.bits)
+
+
+_Q_ORDER = ("data", "code", "absmax", "absmax2", "code2", "offset", "blocksize", "blocksize2", "bits")
+
+
+def _dequantize(ops, out_features=QN, in_features=QK, **bad):
+    t = {**_qlora(), **bad}
+    return ops.qlora_dequantize(*(t[k] for k in _Q_ORDER), out_features, in_features, torch.float32)
+
+
 def _bottleneck():
     return dict(z=torch.randn(M, D), residual=torch.randn(M, D), down_weight=torch.randn(BN, D),
                 down_bias=torch.randn(BN), up_weight=torch.randn(D, BN), up_bias=torch.randn(D), scale=torch.randn(D),
@@ -156,6 +174,13 @@ CASES = [
      r"lora_B must have shape \(8, 3\)"),
     ("lora segments backward sum", lambda ops: _segments_backward(ops, segments=(2, 2)),
      r"segments sum to 4, expected r = 3"),
+    # Sums that wrap to r: the segments ran past lora_A's rows.
+    ("lora segments sum wraps", lambda ops: _segments_forward(ops, segments=(2**62,) * 3 + (2**62 + 3,),
+                                                              segment_p=(0.1,) * 4),
+     r"the sum of segments \(.*\) overflows int64"),
+    ("lora segments backward sum wraps", lambda ops: _segments_backward(ops, segments=(2**63 - 1, 4),
+                                                                        segment_p=(0.1, 0.1)),
+     r"the sum of segments \(.*\) overflows int64"),
     ("lora segments backward u short", lambda ops: _segments_backward(ops, u=torch.randn(M, R - 1)),
      r"u must have shape \(5, 3\)"),
     ("dora magnitude short", lambda ops: _dora_forward(ops, magnitude=torch.rand(N - 1)),
@@ -203,6 +228,15 @@ CASES = [
      r"gy must have shape \(5, 8\)"),
     ("multi_lora backward id past n", lambda ops: _multi_backward(ops, adapter_ids=torch.tensor([0, 1, -1, 2, 0])),
      r"adapter_ids must be in \[-1, 2\)"),
+    # A block count that wrapped: a short or empty absmax (absmax2) passed, the kernel left the
+    # weight unwritten (read past absmax2).
+    ("qlora blocksize wraps",
+     lambda ops: _dequantize(ops, blocksize=2**63 - 1, absmax=torch.empty(0, dtype=torch.uint8)),
+     r"absmax must have shape \(1,\), got \[0\]"),
+    ("qlora blocksize2 wraps", lambda ops: _dequantize(ops, blocksize2=2**63 - 1, absmax2=torch.empty(0)),
+     r"absmax2 must have shape \(1,\), got \[0\]"),
+    ("qlora weight size overflows", lambda ops: _dequantize(ops, out_features=2**32, in_features=2**32),
+     r"out_features \* in_features \(4294967296 \* 4294967296\) overflows int64"),
     ("dropout_keep 1-D", lambda ops: ops.dropout_keep(torch.empty(7), 0.5, 1), r"like must have shape \(\*, \*\)"),
     ("dropout_keep p", lambda ops: ops.dropout_keep(torch.empty(2, 7), 1.5, 1), r"p must be in \[0, 1\)"),
     ("bottleneck ln_before_weight short", lambda ops: _bottleneck_forward(ops, ln_before_weight=torch.randn(D - 1)),
@@ -281,6 +315,9 @@ VALID = [
     ("dora backward", lambda ops: _dora_backward(ops, p=0.2)),
     ("multi_lora forward", lambda ops: _multi_forward(ops)),
     ("multi_lora backward", lambda ops: _multi_backward(ops)),
+    ("qlora dequantize", lambda ops: _dequantize(ops)),
+    ("qlora one block", lambda ops: _dequantize(ops, blocksize=2**63 - 1, blocksize2=2**63 - 1,
+                                                absmax=torch.zeros(1, dtype=torch.uint8), absmax2=torch.ones(1))),
     ("bottleneck forward", lambda ops: _bottleneck_forward(ops)),
     ("bottleneck backward", lambda ops: _bottleneck_backward(ops)),
     ("prefix forward", lambda ops: _prefix_forward(ops)),

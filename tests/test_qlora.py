@@ -112,6 +112,24 @@ def test_backend_dequantization_is_exact(backend, device, dtype, fmt):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("fmt,field", [("nf4", "blocksize"), ("nf4-nested", "blocksize"),
+                                       ("nf4-nested", "blocksize2")])
+def test_one_block_of_the_largest_blocksize(backend, device, fmt, field):
+    # A block size of 2**63 - 1: one block for the whole weight (or for all of absmax). The cpp
+    # check computed the block count as (numel + blocksize - 1) // blocksize, which wrapped.
+    if field == "blocksize":
+        q = _quantized(fmt, 8, 64, device, blocksize=2**63 - 1)  # absmax of one element
+    else:
+        q = _quantized(fmt, 8, 64, device)._replace(blocksize2=2**63 - 1)  # absmax2 of one element, as it was
+    x, A, B = (torch.randn(*shape, device=device) for shape in ((5, 64), (2, 64), (8, 2)))
+    with dispatch.use_backend(backend):
+        y = fastadapt.qlora_linear(x, q, A, B, 0.5)
+    expected = lora_reference.lora_linear(x.double(), reference.dequantize(q, torch.float32).double(), A.double(),
+                                          B.double(), 0.5)
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_eval_mode_and_empty_batch(backend, device):
     q = _quantized("nf4", 32, 64, device)
     A, B = torch.randn(4, 64, device=device), torch.randn(32, 4, device=device)

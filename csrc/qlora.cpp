@@ -97,6 +97,14 @@ Tensor dequantize(const QuantizedWeight& q, int64_t out_features, int64_t in_fea
   return w;
 }
 
+// x (M, K) in a kernel dtype, checked before the weight is dequantized to its dtype.
+ArgCheck check_x(const char* op, const Tensor& x) {
+  ArgCheck c(op, x, c10::kCPU);
+  c("x", x, {kAnySize, kAnySize}, x.scalar_type());
+  c.kernel_dtype("x", x);
+  return c;
+}
+
 Tensor qlora_dequantize_cpu(const Tensor& data, const Tensor& code, const Tensor& absmax,
                             const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2,
                             const std::optional<Tensor>& offset, int64_t blocksize, int64_t blocksize2, int64_t bits,
@@ -111,11 +119,13 @@ std::tuple<Tensor, Tensor> qlora_forward_cpu(const Tensor& x, const Tensor& data
                                              int64_t blocksize, int64_t blocksize2, int64_t bits, int64_t out_features,
                                              const Tensor& lora_A, const Tensor& lora_B, double scaling,
                                              const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
-  TORCH_CHECK(x.dim() == 2, "fastadapt_C::qlora_forward: x must have shape (M, K), got ", x.sizes());
-  TORCH_CHECK(x.device() == data.device(), "fastadapt_C::qlora_forward: data must be on ", x.device(), ", got ",
-              data.device());
+  const char* op = "fastadapt_C::qlora_forward";
+  check_x(op, x);
   const Tensor w = dequantize({data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits},
                               out_features, x.size(1), x.scalar_type());
+  // The LoRA arguments against the weight, under this op's name (lora_forward_cpu checks them again
+  // under its own: a few comparisons).
+  check_lora_forward(c10::kCPU, x, w, lora_A, lora_B, bias, dropout_p, op);
   return lora_forward_cpu(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed);
 }
 
@@ -124,12 +134,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qlora_backward_cpu(
     const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2, const std::optional<Tensor>& offset,
     int64_t blocksize, int64_t blocksize2, int64_t bits, const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
     double scaling, double dropout_p, int64_t seed, std::array<bool, 4> needs) {
-  TORCH_CHECK(x.dim() == 2 && gy.dim() == 2, "fastadapt_C::qlora_backward: x and gy must be 2-D, got ", x.sizes(),
-              " and ", gy.sizes());
-  TORCH_CHECK(x.device() == data.device(), "fastadapt_C::qlora_backward: data must be on ", x.device(), ", got ",
-              data.device());
+  const char* op = "fastadapt_C::qlora_backward";
+  const ArgCheck c = check_x(op, x);
+  c("gy", gy, {x.size(0), kAnySize}, x.scalar_type());  // out_features: gy's columns
   const Tensor w = dequantize({data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits}, gy.size(1),
                               x.size(1), x.scalar_type());
+  check_lora_backward(c10::kCPU, gy, x, w, lora_A, lora_B, u, dropout_p, op);  // as in the forward
   auto [gx, gA, gB, gbias, gw] = lora_backward_cpu(gy, x, w, lora_A, lora_B, u, scaling, dropout_p, seed,
                                                    {needs[0], needs[1], needs[2], needs[3], false});
   return {gx, gA, gB, gbias};

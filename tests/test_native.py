@@ -393,6 +393,19 @@ def test_double_backward_through_the_cpp_backend_is_refused(op):
     torch.autograd.grad(y.square().sum(), x)  # a plain backward is unaffected
 
 
+@needs_native
+@pytest.mark.parametrize("op,cls", [(op, cls) for op in native_malformed.ARGS
+                                    for cls in (*native_malformed.CLASSES, "scalars")])
+def test_native_ops_survive_the_generated_table(op, cls):
+    # Every tensor argument of the op in the class (a view in any layout gives its contiguous copy's
+    # outputs or is refused by name; an empty, absent, wrong-dtype, other-device or grad-requiring
+    # one is run or refused by the op's own check), or its scalars' bad values.
+    ops = _native.ops()
+    failures = [f"{name}: {problem}" for o, c, name, check in native_malformed.fuzz_table(ops)
+                if (o, c) == (op, cls) and (problem := check(ops))]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.skipif(not os.environ.get("FASTADAPT_SANITIZE_TEST"),
                     reason="set FASTADAPT_SANITIZE_TEST=1 (builds fastadapt._C under AddressSanitizer, "
                            "about 2 min on 2 cores)")

@@ -26,15 +26,72 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
+#include "bottleneck.h"
 #include "cpu_common.h"
-#include "ops.h"
+#include "registration.h"
 
 namespace fastadapt {
 namespace {
 
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+BottleneckDims check_bottleneck(const ArgCheck& c, const BottleneckArgs& a) {
+  const Tensor& z = a.z;
+  const at::ScalarType dt = z.scalar_type();
+  c("z", z, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("z", z);
+  const int64_t M = z.size(0), d = z.size(1);
+  c("down_weight", a.down_weight, {kAnySize, d}, dt);
+  const int64_t m = a.down_weight.size(0);
+  c("up_weight", a.up_weight, {d, m}, dt);
+  c("residual", a.residual, {M, d}, dt);
+  c("down_bias", a.down_bias, {m}, dt);
+  c("up_bias", a.up_bias, {d}, dt);
+  c("scale", a.scale, {kAnySize}, dt);
+  TORCH_CHECK(!present(a.scale) || a.scale->numel() == 1 || a.scale->numel() == d, c.op(),
+              ": scale must have 1 or d = ", d, " elements, got ", a.scale->numel());
+  c("ln_before_weight", a.ln_before_weight, {d}, dt);
+  c("ln_before_bias", a.ln_before_bias, {d}, dt);
+  c("ln_after_weight", a.ln_after_weight, {d}, dt);
+  c("ln_after_bias", a.ln_after_bias, {d}, dt);
+  TORCH_CHECK(present(a.ln_before_weight) == present(a.ln_before_bias), c.op(),
+              ": ln_before_weight and ln_before_bias come together");
+  TORCH_CHECK(present(a.ln_after_weight) == present(a.ln_after_bias), c.op(),
+              ": ln_after_weight and ln_after_bias come together");
+  c("gate", a.gate, {M}, dt);
+  TORCH_CHECK(std::isfinite(a.eps) && a.eps > 0.0, c.op(), ": eps must be positive and finite, got ", a.eps);
+  c.probability("dropout_p", a.dropout_p);
+  return {M, d, m};
+}
+
+}  // namespace
+
+BottleneckDims check_bottleneck_forward(c10::DeviceType device, const BottleneckArgs& a) {
+  return check_bottleneck(ArgCheck("fastadapt_C::bottleneck_forward", a.z, device), a);
+}
+
+void check_bottleneck_backward(c10::DeviceType device, const BottleneckArgs& a, const Tensor& gout, const Tensor& h,
+                               const Tensor& stats) {
+  const ArgCheck c("fastadapt_C::bottleneck_backward", a.z, device);
+  const BottleneckDims s = check_bottleneck(c, a);
+  c("gout", gout, {s.M, s.d}, a.z.scalar_type());
+  c("h", h, {s.M, s.m}, a.z.scalar_type());
+  c("stats", stats, {4, s.M}, at::kFloat);
+}
+
+std::array<bool, 12> wanted_grads(const BottleneckArgs& a, std::array<bool, 12> needs) {
+  const std::array<const OptTensor*, 12> optional = {nullptr, &a.residual, nullptr, &a.down_bias, nullptr,
+                                                     &a.up_bias, &a.scale, &a.ln_before_weight, &a.ln_before_bias,
+                                                     &a.ln_after_weight, &a.ln_after_bias, &a.gate};
+  for (size_t i = 0; i < needs.size(); ++i) needs[i] = needs[i] && (optional[i] == nullptr || present(*optional[i]));
+  return needs;
+}
+
+namespace {
+
 using cpu::RB;
-using OptTensor = std::optional<Tensor>;
 
 enum class Act { identity, relu, gelu, gelu_tanh, silu, tanh, leakyrelu };
 constexpr float kLeakySlope = 0.01f;  // F.leaky_relu's default, which adapters uses
@@ -138,8 +195,6 @@ Tensor f32(const OptTensor& t) {
 }
 
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 int64_t chunks_for(int64_t M) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (M + RB - 1) / RB));
@@ -378,43 +433,35 @@ void ln_before_backward(const Tensor& g_zn, const Tensor& z, const float* w, con
   });
 }
 
-Epilogue make_epilogue(const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w32, const Tensor& lna_b32,
-                       bool res_in_ln, double scaling, double eps, double dropout_p, int64_t seed) {
+Epilogue make_epilogue(const BottleneckArgs& a, const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w32,
+                       const Tensor& lna_b32, bool res_in_ln) {
   Epilogue e;
   e.scale = ptr(scale32);
   e.scale_n = scale32.defined() ? scale32.numel() : 0;
-  e.scaling = static_cast<float>(scaling);
+  e.scaling = static_cast<float>(a.scaling);
   e.gate = ptr(gate32);
   e.lna_w = ptr(lna_w32);
   e.lna_b = ptr(lna_b32);
   e.res_in_ln = res_in_ln;
-  e.eps = static_cast<float>(eps);
-  e.drop = cpu::Dropout(dropout_p, seed);
+  e.eps = static_cast<float>(a.eps);
+  e.drop = cpu::Dropout(a.dropout_p, a.seed);
   return e;
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(
-    const Tensor& z_in, const OptTensor& residual, const Tensor& down_weight, const OptTensor& down_bias,
-    const Tensor& up_weight, const OptTensor& up_bias, const OptTensor& scale, const OptTensor& ln_before_weight,
-    const OptTensor& ln_before_bias, const OptTensor& ln_after_weight, const OptTensor& ln_after_bias,
-    const OptTensor& gate, double scaling, std::string activation, double eps, bool residual_before_ln,
-    double dropout_p, int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const BottleneckArgs& args) {
   const char* name = "fastadapt_C::bottleneck_forward";
-  check_bottleneck_forward(c10::kCPU, z_in, residual, down_weight, down_bias, up_weight, up_bias, scale,
-                           ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps, dropout_p);
-  const Act act = parse_activation(activation);
-  const int64_t M = z_in.size(0), d = z_in.size(1), m = down_weight.size(0);
-  const auto opts = z_in.options();
+  const BottleneckDims s = check_bottleneck_forward(c10::kCPU, args);
+  const Act act = parse_activation(args.activation);
+  const int64_t M = s.M, d = s.d;
+  const auto opts = args.z.options();
   Tensor stats = at::zeros({4, M}, opts.dtype(at::kFloat));
-  if (M == 0) return {at::empty({0, d}, opts), at::empty({0, m}, opts), stats};
-  const Tensor z = cpu::rows_contiguous(z_in);
+  if (M == 0) return {at::empty({0, d}, opts), at::empty({0, s.m}, opts), stats};
+  const Tensor z = cpu::rows_contiguous(args.z);
   Tensor r;
-  if (present(residual)) r = cpu::rows_contiguous(*residual);
-  const Tensor lnb_w = f32(ln_before_weight), lnb_b = f32(ln_before_bias);
-  const Tensor lna_w = f32(ln_after_weight), lna_b = f32(ln_after_bias);
-  const Tensor scale32 = f32(scale), gate32 = f32(gate);
+  if (present(args.residual)) r = cpu::rows_contiguous(*args.residual);
+  const Tensor lnb_w = f32(args.ln_before_weight), lnb_b = f32(args.ln_before_bias);
+  const Tensor lna_w = f32(args.ln_after_weight), lna_b = f32(args.ln_after_bias);
+  const Tensor scale32 = f32(args.scale), gate32 = f32(args.gate);
   float* st = stats.data_ptr<float>();
 
   Tensor out = at::empty({M, d}, opts), h, u;
@@ -422,52 +469,41 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cpu(
     Tensor zn = z;
     if (lnb_w.defined()) {
       zn = at::empty({M, d}, opts);
-      layer_norm_pass<scalar_t>(z, lnb_w.data_ptr<float>(), lnb_b.data_ptr<float>(), static_cast<float>(eps), zn,
+      layer_norm_pass<scalar_t>(z, lnb_w.data_ptr<float>(), lnb_b.data_ptr<float>(), static_cast<float>(args.eps), zn,
                                 st, st + M, false);
     }
-    h = present(down_bias) ? at::addmm(*down_bias, zn, down_weight.t()) : at::mm(zn, down_weight.t());
+    h = present(args.down_bias) ? at::addmm(*args.down_bias, zn, args.down_weight.t())
+                                : at::mm(zn, args.down_weight.t());
     Tensor a = at::empty_like(h);
     activation_pass<scalar_t>(h, act, a);
-    u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
-    const Epilogue e = make_epilogue(scale32, gate32, lna_w, lna_b, residual_before_ln && r.defined(), scaling, eps,
-                                     dropout_p, seed);
+    u = present(args.up_bias) ? at::addmm(*args.up_bias, a, args.up_weight.t()) : at::mm(a, args.up_weight.t());
+    const Epilogue e = make_epilogue(args, scale32, gate32, lna_w, lna_b, args.residual_before_ln && r.defined());
     epilogue_forward<scalar_t>(u, r.defined() ? r.data_ptr<scalar_t>() : nullptr, r.defined() ? r.stride(0) : 0,
                                e, out, st + 2 * M, st + 3 * M);
   });
   return {out, h, stats};
 }
 
-std::vector<Tensor> bottleneck_backward_cpu(
-    const Tensor& gout_in, const Tensor& z_in, const OptTensor& residual, const Tensor& down_weight,
-    const OptTensor& down_bias, const Tensor& up_weight, const OptTensor& up_bias, const Tensor& h,
-    const Tensor& stats, const OptTensor& scale, const OptTensor& ln_before_weight, const OptTensor& ln_before_bias,
-    const OptTensor& ln_after_weight, const OptTensor& ln_after_bias, const OptTensor& gate, double scaling,
-    std::string activation, double eps, bool residual_before_ln, double dropout_p, int64_t seed,
-    std::array<bool, 12> needs) {
+std::vector<Tensor> backward_cpu(const BottleneckArgs& args, const Tensor& gout_in, const Tensor& h,
+                                 const Tensor& stats, std::array<bool, 12> needs) {
   const char* name = "fastadapt_C::bottleneck_backward";
-  check_bottleneck_backward(c10::kCPU, gout_in, z_in, residual, down_weight, down_bias, up_weight, up_bias, h, stats,
-                            scale, ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps,
-                            dropout_p);
-  const Act act = parse_activation(activation);
-  const int64_t M = z_in.size(0), d = z_in.size(1);
-  const auto opts = z_in.options();
-  const std::array<const OptTensor*, 12> inputs = {nullptr, &residual, nullptr, &down_bias, nullptr, &up_bias,
-                                                   &scale, &ln_before_weight, &ln_before_bias, &ln_after_weight,
-                                                   &ln_after_bias, &gate};
+  check_bottleneck_backward(c10::kCPU, args, gout_in, h, stats);
+  const Act act = parse_activation(args.activation);
+  const int64_t M = args.z.size(0), d = args.z.size(1);
+  const auto opts = args.z.options();
   std::vector<Tensor> grads(12);
   for (auto& g : grads) g = at::empty({0}, opts);
-  auto wanted = [&](int i) { return needs[i] && (inputs[i] == nullptr || present(*inputs[i])); };
-  bool any = false;
-  for (int i = 0; i < 12; ++i) any = any || wanted(i);
-  if (!any) return grads;
+  const std::array<bool, 12> want = wanted_grads(args, needs);
+  auto wanted = [&](int i) { return want[i]; };
+  if (std::none_of(want.begin(), want.end(), [](bool w) { return w; })) return grads;
 
-  const Tensor z = cpu::rows_contiguous(z_in), gout = cpu::rows_contiguous(gout_in);
+  const Tensor z = cpu::rows_contiguous(args.z), gout = cpu::rows_contiguous(gout_in);
   const Tensor hc = h.contiguous(), st = stats.contiguous();
   Tensor r;
-  if (present(residual)) r = cpu::rows_contiguous(*residual);
-  const Tensor lnb_w = f32(ln_before_weight), lnb_b = f32(ln_before_bias);
-  const Tensor lna_w = f32(ln_after_weight), lna_b = f32(ln_after_bias);
-  const Tensor scale32 = f32(scale), gate32 = f32(gate);
+  if (present(args.residual)) r = cpu::rows_contiguous(*args.residual);
+  const Tensor lnb_w = f32(args.ln_before_weight), lnb_b = f32(args.ln_before_bias);
+  const Tensor lna_w = f32(args.ln_after_weight), lna_b = f32(args.ln_after_bias);
+  const Tensor scale32 = f32(args.scale), gate32 = f32(args.gate);
   const float* mean_b = st.data_ptr<float>();
   const float* rstd_b = mean_b + M;
   const float* mean_a = mean_b + 2 * M;
@@ -482,9 +518,9 @@ std::vector<Tensor> bottleneck_backward_cpu(
     // Without LN_after, gate or a scale gradient, g_u does not depend on u: no recompute (a GEMM).
     const bool need_u = lna_w.defined() || gate32.defined() || wanted(6);
     Tensor u;
-    if (need_u) u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
-    const Epilogue e = make_epilogue(scale32, gate32, lna_w, lna_b, residual_before_ln && r.defined(), scaling, eps,
-                                     dropout_p, seed);
+    if (need_u)
+      u = present(args.up_bias) ? at::addmm(*args.up_bias, a, args.up_weight.t()) : at::mm(a, args.up_weight.t());
+    const Epilogue e = make_epilogue(args, scale32, gate32, lna_w, lna_b, args.residual_before_ln && r.defined());
     Tensor g_u = at::empty({M, d}, opts);
     Tensor g_r = (wanted(1) && r.defined() && lna_w.defined() && e.res_in_ln) ? at::empty({M, d}, opts) : Tensor();
     Tensor g_gate = (wanted(11) && gate32.defined()) ? at::empty({M}, opts.dtype(at::kFloat)) : Tensor();
@@ -496,33 +532,33 @@ std::vector<Tensor> bottleneck_backward_cpu(
                            g_gate.defined() ? g_gate.data_ptr<float>() : nullptr, fslots, dslots, wanted(6));
     const Tensor fsum = fslots.sum(0);
     if (g_r.defined()) grads[1] = g_r;
-    if (wanted(9)) grads[9] = fsum.narrow(0, 0, d).to(ln_after_weight->scalar_type(), false, true);
-    if (wanted(10)) grads[10] = fsum.narrow(0, d, d).to(ln_after_bias->scalar_type(), false, true);
-    if (wanted(5)) grads[5] = fsum.narrow(0, 2 * d, d).to(up_bias->scalar_type(), false, true);
+    if (wanted(9)) grads[9] = fsum.narrow(0, 0, d).to(args.ln_after_weight->scalar_type(), false, true);
+    if (wanted(10)) grads[10] = fsum.narrow(0, d, d).to(args.ln_after_bias->scalar_type(), false, true);
+    if (wanted(5)) grads[5] = fsum.narrow(0, 2 * d, d).to(args.up_bias->scalar_type(), false, true);
     if (wanted(6)) {
       const Tensor gs = dslots.sum(0);
-      grads[6] = (scale->numel() == 1 ? gs.sum().reshape({1}) : gs).to(scale->scalar_type());
+      grads[6] = (args.scale->numel() == 1 ? gs.sum().reshape({1}) : gs).to(args.scale->scalar_type());
     }
-    if (wanted(11)) grads[11] = g_gate.to(gate->scalar_type(), false, true);
+    if (wanted(11)) grads[11] = g_gate.to(args.gate->scalar_type(), false, true);
     if (wanted(4)) grads[4] = at::mm(g_u.t(), a);
 
     const bool need_down = wanted(0) || wanted(2) || wanted(3) || wanted(7) || wanted(8);
     if (!need_down) return;
-    Tensor g_a = at::mm(g_u, up_weight);
+    Tensor g_a = at::mm(g_u, args.up_weight);
     Tensor g_h = at::empty_like(hc);
     activation_grad_pass<T>(hc, g_a, act, g_h);
-    if (wanted(3)) grads[3] = at::sum(g_h, {0}, false, at::kFloat).to(down_bias->scalar_type());
+    if (wanted(3)) grads[3] = at::sum(g_h, {0}, false, at::kFloat).to(args.down_bias->scalar_type());
     if (wanted(2)) {
       Tensor zn = z;
       if (lnb_w.defined()) {
         zn = at::empty({M, d}, opts);
-        layer_norm_pass<T>(z, lnb_w.data_ptr<float>(), lnb_b.data_ptr<float>(), static_cast<float>(eps), zn,
+        layer_norm_pass<T>(z, lnb_w.data_ptr<float>(), lnb_b.data_ptr<float>(), static_cast<float>(args.eps), zn,
                            const_cast<float*>(mean_b), const_cast<float*>(rstd_b), true);
       }
       grads[2] = at::mm(g_h.t(), zn);
     }
     if (!(wanted(0) || wanted(7) || wanted(8))) return;
-    Tensor g_zn = at::mm(g_h, down_weight);
+    Tensor g_zn = at::mm(g_h, args.down_weight);
     if (!lnb_w.defined()) {
       if (wanted(0)) grads[0] = g_zn;
       return;
@@ -532,10 +568,30 @@ std::vector<Tensor> bottleneck_backward_cpu(
     if (M > 0) ln_before_backward<T>(g_zn, z, lnb_w.data_ptr<float>(), mean_b, rstd_b, g_z, slots);
     const Tensor ssum = slots.sum(0);
     if (wanted(0)) grads[0] = g_z;
-    if (wanted(7)) grads[7] = ssum.narrow(0, 0, d).to(ln_before_weight->scalar_type(), false, true);
-    if (wanted(8)) grads[8] = ssum.narrow(0, d, d).to(ln_before_bias->scalar_type(), false, true);
+    if (wanted(7)) grads[7] = ssum.narrow(0, 0, d).to(args.ln_before_weight->scalar_type(), false, true);
+    if (wanted(8)) grads[8] = ssum.narrow(0, d, d).to(args.ln_before_bias->scalar_type(), false, true);
   });
   return grads;
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
+  // Backend signatures of fastadapt/ops/bottleneck.py: (out, h, stats), and the 12 gradients in
+  // GRAD_NAMES order (empty where not needed or the input is absent).
+  m.def("bottleneck_forward(Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+        "Tensor? up_bias, Tensor? scale, Tensor? ln_before_weight, Tensor? ln_before_bias, Tensor? ln_after_weight, "
+        "Tensor? ln_after_bias, Tensor? gate, float scaling, str activation, float eps, bool residual_before_ln, "
+        "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("bottleneck_backward(Tensor gout, Tensor z, Tensor? residual, Tensor down_weight, Tensor? down_bias, "
+        "Tensor up_weight, Tensor? up_bias, Tensor h, Tensor stats, Tensor? scale, Tensor? ln_before_weight, "
+        "Tensor? ln_before_bias, Tensor? ln_after_weight, Tensor? ln_after_bias, Tensor? gate, float scaling, "
+        "str activation, float eps, bool residual_before_ln, float dropout_p, int seed, bool[12] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_entry<&fastadapt::forward_cpu>);
+  m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_entry<&fastadapt::backward_cpu>);
+}

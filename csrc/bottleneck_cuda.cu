@@ -18,19 +18,19 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
+#include "bottleneck.h"
 #include "cuda_common.cuh"
-#include "ops.h"
 
 namespace fastadapt {
 namespace {
 
 using namespace fastadapt::cuda;
-using OptTensor = std::optional<Tensor>;
 
 enum Act : int { kIdentity, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kLeakyRelu };
 constexpr float kLeakySlope = 0.01f;
@@ -325,10 +325,10 @@ std::pair<int64_t, int64_t> column_splits(int64_t M, int64_t d, int device) {
   return {cdiv(std::max<int64_t>(M, 1), per), per};
 }
 
-Epi make_epi(const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w, const Tensor& lna_b, bool res_in_ln,
-             double scaling, double eps, double dropout_p, int64_t seed) {
-  return Epi{ptr(scale32), scale32.defined() ? scale32.numel() : 0, static_cast<float>(scaling), ptr(gate32),
-             ptr(lna_w), ptr(lna_b), res_in_ln, static_cast<float>(eps), make_dropout(dropout_p, seed)};
+Epi make_epi(const BottleneckArgs& a, const Tensor& scale32, const Tensor& gate32, const Tensor& lna_w,
+             const Tensor& lna_b, bool res_in_ln) {
+  return Epi{ptr(scale32), scale32.defined() ? scale32.numel() : 0, static_cast<float>(a.scaling), ptr(gate32),
+             ptr(lna_w), ptr(lna_b), res_in_ln, static_cast<float>(a.eps), make_dropout(a.dropout_p, a.seed)};
 }
 
 template <typename T>
@@ -351,43 +351,37 @@ void launch_ln(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& out, f
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cuda(
-    const Tensor& z_in, const OptTensor& residual, const Tensor& down_weight, const OptTensor& down_bias,
-    const Tensor& up_weight, const OptTensor& up_bias, const OptTensor& scale, const OptTensor& ln_before_weight,
-    const OptTensor& ln_before_bias, const OptTensor& ln_after_weight, const OptTensor& ln_after_bias,
-    const OptTensor& gate, double scaling, std::string activation, double eps, bool residual_before_ln,
-    double dropout_p, int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> forward_cuda(const BottleneckArgs& args) {
   const char* name = "fastadapt_C::bottleneck_forward";
-  check_bottleneck_forward(c10::kCUDA, z_in, residual, down_weight, down_bias, up_weight, up_bias, scale,
-                           ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps, dropout_p);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const int act = parse_activation(activation);
-  const int64_t M = z_in.size(0), d = z_in.size(1), m = down_weight.size(0);
-  const auto opts = z_in.options();
+  const BottleneckDims s = check_bottleneck_forward(c10::kCUDA, args);
+  const c10::cuda::CUDAGuard guard(args.z.device());
+  const int act = parse_activation(args.activation);
+  const int64_t M = s.M, d = s.d, m = s.m;
+  const auto opts = args.z.options();
   Tensor stats = at::zeros({4, M}, opts.dtype(at::kFloat));
   if (M == 0) return {at::empty({0, d}, opts), at::empty({0, m}, opts), stats};
-  const Tensor z = rows_contiguous(z_in);
+  const Tensor z = rows_contiguous(args.z);
   Tensor r;
-  if (present(residual)) r = rows_contiguous(*residual);
-  const Tensor lnb_w = f32(ln_before_weight), lnb_b = f32(ln_before_bias);
-  const Tensor lna_w = f32(ln_after_weight), lna_b = f32(ln_after_bias);
-  const Tensor scale32 = f32(scale), gate32 = f32(gate);
+  if (present(args.residual)) r = rows_contiguous(*args.residual);
+  const Tensor lnb_w = f32(args.ln_before_weight), lnb_b = f32(args.ln_before_bias);
+  const Tensor lna_w = f32(args.ln_after_weight), lna_b = f32(args.ln_after_bias);
+  const Tensor scale32 = f32(args.scale), gate32 = f32(args.gate);
   float* st = stats.data_ptr<float>();
   Tensor out = at::empty({M, d}, opts), h;
   FA_DISPATCH_CUDA_TYPES(z.scalar_type(), name, [&] {
     Tensor zn = z;
     if (lnb_w.defined()) {
       zn = at::empty({M, d}, opts);
-      launch_ln<scalar_t>(z, lnb_w, lnb_b, zn, st, st + M, eps, false);
+      launch_ln<scalar_t>(z, lnb_w, lnb_b, zn, st, st + M, args.eps, false);
     }
-    h = present(down_bias) ? at::addmm(*down_bias, zn, down_weight.t()) : at::mm(zn, down_weight.t());
+    h = present(args.down_bias) ? at::addmm(*args.down_bias, zn, args.down_weight.t())
+                                : at::mm(zn, args.down_weight.t());
     Tensor a = at::empty_like(h);
     launch_act<scalar_t>(h, a, act);
-    const Tensor u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
-    const Epi e = make_epi(scale32, gate32, lna_w, lna_b, residual_before_ln && r.defined() && lna_w.defined(),
-                           scaling, eps, dropout_p, seed);
+    const Tensor u =
+        present(args.up_bias) ? at::addmm(*args.up_bias, a, args.up_weight.t()) : at::mm(a, args.up_weight.t());
+    const Epi e = make_epi(args, scale32, gate32, lna_w, lna_b,
+                           args.residual_before_ln && r.defined() && lna_w.defined());
     epilogue_fwd_kernel<scalar_t><<<static_cast<unsigned>(M), kThreads, 0, stream()>>>(
         u.data_ptr<scalar_t>(), r.defined() ? r.data_ptr<scalar_t>() : nullptr, r.defined() ? r.stride(0) : 0, e,
         out.data_ptr<scalar_t>(), st + 2 * M, st + 3 * M, d);
@@ -396,38 +390,27 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward_cuda(
   return {out, h, stats};
 }
 
-std::vector<Tensor> bottleneck_backward_cuda(
-    const Tensor& gout_in, const Tensor& z_in, const OptTensor& residual, const Tensor& down_weight,
-    const OptTensor& down_bias, const Tensor& up_weight, const OptTensor& up_bias, const Tensor& h,
-    const Tensor& stats, const OptTensor& scale, const OptTensor& ln_before_weight, const OptTensor& ln_before_bias,
-    const OptTensor& ln_after_weight, const OptTensor& ln_after_bias, const OptTensor& gate, double scaling,
-    std::string activation, double eps, bool residual_before_ln, double dropout_p, int64_t seed,
-    std::array<bool, 12> needs) {
+std::vector<Tensor> backward_cuda(const BottleneckArgs& args, const Tensor& gout_in, const Tensor& h,
+                                  const Tensor& stats, std::array<bool, 12> needs) {
   const char* name = "fastadapt_C::bottleneck_backward";
-  check_bottleneck_backward(c10::kCUDA, gout_in, z_in, residual, down_weight, down_bias, up_weight, up_bias, h, stats,
-                            scale, ln_before_weight, ln_before_bias, ln_after_weight, ln_after_bias, gate, eps,
-                            dropout_p);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const int act = parse_activation(activation);
-  const int64_t M = z_in.size(0), d = z_in.size(1);
-  const auto opts = z_in.options();
-  const std::array<const OptTensor*, 12> inputs = {nullptr, &residual, nullptr, &down_bias, nullptr, &up_bias,
-                                                   &scale, &ln_before_weight, &ln_before_bias, &ln_after_weight,
-                                                   &ln_after_bias, &gate};
+  check_bottleneck_backward(c10::kCUDA, args, gout_in, h, stats);
+  const c10::cuda::CUDAGuard guard(args.z.device());
+  const int act = parse_activation(args.activation);
+  const int64_t M = args.z.size(0), d = args.z.size(1);
+  const auto opts = args.z.options();
   std::vector<Tensor> grads(12);
   for (auto& g : grads) g = at::empty({0}, opts);
-  auto wanted = [&](int i) { return needs[i] && (inputs[i] == nullptr || present(*inputs[i])); };
-  bool any = false;
-  for (int i = 0; i < 12; ++i) any = any || wanted(i);
-  if (!any) return grads;
+  const std::array<bool, 12> want = wanted_grads(args, needs);
+  auto wanted = [&](int i) { return want[i]; };
+  if (std::none_of(want.begin(), want.end(), [](bool w) { return w; })) return grads;
 
-  const Tensor z = rows_contiguous(z_in), gout = rows_contiguous(gout_in), hc = h.contiguous();
+  const Tensor z = rows_contiguous(args.z), gout = rows_contiguous(gout_in), hc = h.contiguous();
   const Tensor st = stats.contiguous();
   Tensor r;
-  if (present(residual)) r = rows_contiguous(*residual);
-  const Tensor lnb_w = f32(ln_before_weight), lnb_b = f32(ln_before_bias);
-  const Tensor lna_w = f32(ln_after_weight), lna_b = f32(ln_after_bias);
-  const Tensor scale32 = f32(scale), gate32 = f32(gate);
+  if (present(args.residual)) r = rows_contiguous(*args.residual);
+  const Tensor lnb_w = f32(args.ln_before_weight), lnb_b = f32(args.ln_before_bias);
+  const Tensor lna_w = f32(args.ln_after_weight), lna_b = f32(args.ln_after_bias);
+  const Tensor scale32 = f32(args.scale), gate32 = f32(args.gate);
   float* mean_b = st.data_ptr<float>();
   float* rstd_b = mean_b + M;
   const float* mean_a = mean_b + 2 * M;
@@ -440,9 +423,10 @@ std::vector<Tensor> bottleneck_backward_cuda(
     launch_act<T>(hc, a, act);
     const bool need_u = lna_w.defined() || gate32.defined() || wanted(6);
     Tensor u;
-    if (need_u) u = present(up_bias) ? at::addmm(*up_bias, a, up_weight.t()) : at::mm(a, up_weight.t());
-    const Epi e = make_epi(scale32, gate32, lna_w, lna_b, residual_before_ln && r.defined() && lna_w.defined(),
-                           scaling, eps, dropout_p, seed);
+    if (need_u)
+      u = present(args.up_bias) ? at::addmm(*args.up_bias, a, args.up_weight.t()) : at::mm(a, args.up_weight.t());
+    const Epi e = make_epi(args, scale32, gate32, lna_w, lna_b,
+                           args.residual_before_ln && r.defined() && lna_w.defined());
     const T* up = u.defined() ? u.data_ptr<T>() : nullptr;
     const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
     const int64_t ldr = r.defined() ? r.stride(0) : 0;
@@ -471,32 +455,32 @@ std::vector<Tensor> bottleneck_backward_cuda(
       }
     }
     if (g_r.defined()) grads[1] = g_r;
-    if (wanted(9)) grads[9] = cols[0].to(ln_after_weight->scalar_type(), false, true);
-    if (wanted(10)) grads[10] = cols[1].to(ln_after_bias->scalar_type(), false, true);
-    if (wanted(5)) grads[5] = cols[2].to(up_bias->scalar_type(), false, true);
-    if (wanted(6)) grads[6] = (scale->numel() == 1 ? g_sc.sum().reshape({1}) : g_sc).to(scale->scalar_type());
-    if (wanted(11)) grads[11] = g_gate.to(gate->scalar_type(), false, true);
+    if (wanted(9)) grads[9] = cols[0].to(args.ln_after_weight->scalar_type(), false, true);
+    if (wanted(10)) grads[10] = cols[1].to(args.ln_after_bias->scalar_type(), false, true);
+    if (wanted(5)) grads[5] = cols[2].to(args.up_bias->scalar_type(), false, true);
+    if (wanted(6)) grads[6] = (args.scale->numel() == 1 ? g_sc.sum().reshape({1}) : g_sc).to(args.scale->scalar_type());
+    if (wanted(11)) grads[11] = g_gate.to(args.gate->scalar_type(), false, true);
     if (wanted(4)) grads[4] = at::mm(g_u.t(), a);
 
     if (!(wanted(0) || wanted(2) || wanted(3) || wanted(7) || wanted(8))) return;
-    Tensor g_a = at::mm(g_u, up_weight);
+    Tensor g_a = at::mm(g_u, args.up_weight);
     Tensor g_h = at::empty_like(hc);
     if (g_h.numel() > 0) {
       act_grad_kernel<T><<<static_cast<unsigned>(cdiv(g_h.numel(), kThreads)), kThreads, 0, stream()>>>(
           hc.data_ptr<T>(), g_a.data_ptr<T>(), g_h.data_ptr<T>(), g_h.numel(), act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (wanted(3)) grads[3] = at::sum(g_h, {0}, false, at::kFloat).to(down_bias->scalar_type());
+    if (wanted(3)) grads[3] = at::sum(g_h, {0}, false, at::kFloat).to(args.down_bias->scalar_type());
     if (wanted(2)) {
       Tensor zn = z;
       if (lnb_w.defined()) {
         zn = at::empty({M, d}, opts);
-        launch_ln<T>(z, lnb_w, lnb_b, zn, mean_b, rstd_b, eps, true);
+        launch_ln<T>(z, lnb_w, lnb_b, zn, mean_b, rstd_b, args.eps, true);
       }
       grads[2] = at::mm(g_h.t(), zn);
     }
     if (!(wanted(0) || wanted(7) || wanted(8))) return;
-    Tensor g_zn = at::mm(g_h, down_weight);
+    Tensor g_zn = at::mm(g_h, args.down_weight);
     if (!lnb_w.defined()) {
       if (wanted(0)) grads[0] = g_zn;
       return;
@@ -515,10 +499,16 @@ std::vector<Tensor> bottleneck_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (wanted(0)) grads[0] = g_z;
-    if (wanted(7)) grads[7] = lncols[0].to(ln_before_weight->scalar_type(), false, true);
-    if (wanted(8)) grads[8] = lncols[1].to(ln_before_bias->scalar_type(), false, true);
+    if (wanted(7)) grads[7] = lncols[0].to(args.ln_before_weight->scalar_type(), false, true);
+    if (wanted(8)) grads[8] = lncols[1].to(args.ln_before_bias->scalar_type(), false, true);
   });
   return grads;
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CUDA, m) {
+  m.impl("bottleneck_forward", &fastadapt::bottleneck_forward_entry<&fastadapt::forward_cuda>);
+  m.impl("bottleneck_backward", &fastadapt::bottleneck_backward_entry<&fastadapt::backward_cuda>);
+}

@@ -1,15 +1,17 @@
 // Pieces shared by every native kernel of fastadapt, host and device: the dropout draw and the
-// argument checks of the entry points that csrc/ops.cpp registers.
+// vocabulary of the argument checks that every entry point (csrc/OP.cpp, csrc/OP_cuda.cu) runs first.
 #pragma once
 
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <ostream>
 #include <sstream>
 #include <string>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #if defined(__CUDACC__)
 #define FA_HOST_DEVICE __host__ __device__ __forceinline__
@@ -43,9 +45,33 @@ FA_HOST_DEVICE bool dropout_keep_at(uint64_t seed, uint64_t index, uint32_t thre
 }
 
 // The ops torch.ops.fastadapt_C.* are public and their kernels index raw pointers, so each entry
-// point checks every argument itself (the contracts are in csrc/ops.cpp) and names the one that is
-// wrong. Strides are free: each kernel copies what it indexes as contiguous (rows or vectors).
-constexpr int64_t kAnySize = -1;
+// point checks every argument itself (each op's contracts are in its csrc/OP.cpp) and names the one
+// that is wrong. Strides are free: each kernel reads what it checked, copied as contiguous where it
+// indexes it so (rows or vectors).
+
+// "Any size" in an expected shape. A type of its own, not a reserved value such as -1: a size
+// computed from the caller's integers (wrapped, or negative) can never stand for it.
+struct AnySize {};
+inline constexpr AnySize kAnySize{};
+
+// One dimension of an expected shape: an exact size, or kAnySize.
+class Dim {
+ public:
+  // Implicit, so that a shape reads {kAnySize, K}.
+  Dim(int64_t size) : size_(size) {}
+  Dim(AnySize) : any_(true) {}
+  bool matches(int64_t size) const { return any_ || size == size_; }
+  friend std::ostream& operator<<(std::ostream& out, const Dim& d) {
+    return d.any_ ? out << "*" : out << d.size_;
+  }
+
+ private:
+  int64_t size_ = 0;
+  bool any_ = false;
+};
+
+// ceil(a / b) for a >= 0, b > 0, without the a + b - 1 that overflows for a large b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 class ArgCheck {
  public:
@@ -57,14 +83,14 @@ class ArgCheck {
                 " kernel was called with tensors on ", device_);
   }
 
-  // `t` has shape `sizes` (kAnySize: any size in that dimension), dtype `dtype` and the device.
-  void operator()(const char* name, const at::Tensor& t, std::initializer_list<int64_t> sizes,
+  // `t` has shape `sizes`, dtype `dtype` and the device.
+  void operator()(const char* name, const at::Tensor& t, std::initializer_list<Dim> sizes,
                   at::ScalarType dtype) const {
     TORCH_CHECK(t.defined(), op_, ": ", name, " is an undefined tensor");
     bool ok = t.dim() == static_cast<int64_t>(sizes.size());
     int64_t i = 0;
-    for (int64_t s : sizes) {
-      if (ok && s != kAnySize && t.size(i) != s) ok = false;
+    for (const Dim& s : sizes) {
+      if (ok && !s.matches(t.size(i))) ok = false;
       ++i;
     }
     TORCH_CHECK(ok, op_, ": ", name, " must have shape ", shape(sizes), ", got ", t.sizes());
@@ -73,8 +99,21 @@ class ArgCheck {
                 t.device());
   }
 
+  // a * b and a + b, sizes from the caller's integers: an error naming `what` where they overflow
+  // int64 (a wrapped size could pass a shape check and index past a buffer).
+  int64_t mul(const char* what, int64_t a, int64_t b) const {
+    int64_t out = 0;
+    TORCH_CHECK(!c10::mul_overflows(a, b, &out), op_, ": ", what, " (", a, " * ", b, ") overflows int64");
+    return out;
+  }
+  int64_t add(const char* what, int64_t a, int64_t b) const {
+    int64_t out = 0;
+    TORCH_CHECK(!c10::add_overflows(a, b, &out), op_, ": ", what, " (", a, " + ", b, ") overflows int64");
+    return out;
+  }
+
   // An optional argument: absent (None) passes, present is checked as above.
-  void operator()(const char* name, const std::optional<at::Tensor>& t, std::initializer_list<int64_t> sizes,
+  void operator()(const char* name, const std::optional<at::Tensor>& t, std::initializer_list<Dim> sizes,
                   at::ScalarType dtype) const {
     if (t.has_value() && t->defined()) (*this)(name, *t, sizes, dtype);
   }
@@ -93,14 +132,12 @@ class ArgCheck {
   const char* op() const { return op_; }
 
  private:
-  static std::string shape(std::initializer_list<int64_t> sizes) {
+  static std::string shape(std::initializer_list<Dim> sizes) {
     std::ostringstream out;
     out << "(";
     const char* sep = "";
-    for (int64_t s : sizes) {
-      out << sep;
-      if (s == kAnySize) out << "*";
-      else out << s;
+    for (const Dim& s : sizes) {
+      out << sep << s;
       sep = ", ";
     }
     out << (sizes.size() == 1 ? ",)" : ")");
@@ -110,5 +147,12 @@ class ArgCheck {
   const char* op_;
   c10::Device device_{c10::kCPU};
 };
+
+// The contract of dropout_keep (csrc/ops.cpp; its CUDA kernel is in csrc/lora_cuda.cu).
+inline void check_dropout_keep(c10::DeviceType device, const at::Tensor& like, double p) {
+  const ArgCheck c("fastadapt_C::dropout_keep", like, device);
+  c("like", like, {kAnySize, kAnySize}, like.scalar_type());
+  c.probability("p", p);
+}
 
 }  // namespace fastadapt

@@ -15,11 +15,37 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 
+#include <torch/library.h>
+
 #include "cpu_common.h"
-#include "ops.h"
+#include "registration.h"
+#include "lora.h"
 
 namespace fastadapt {
 namespace {
+
+void check_dora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const Tensor& magnitude, const std::optional<Tensor>& bias,
+                        double dropout_p) {
+  const ArgCheck c("fastadapt_C::dora_forward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("magnitude", magnitude, {s.N}, at::kFloat);
+  c("bias", bias, {s.N}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
+void check_dora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& u,
+                         const Tensor& pre, const Tensor& norm, double dropout_p) {
+  const ArgCheck c("fastadapt_C::dora_backward", x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("magnitude", magnitude, {s.N}, at::kFloat);
+  c("u", u, {s.M, s.r}, x.scalar_type());
+  c("pre", pre, {s.M, s.N}, x.scalar_type());
+  c("norm", norm, {s.N}, at::kFloat);
+  c.probability("dropout_p", dropout_p);
+}
 
 // ||W[n, :] + s (B A)[n, :]|| for every row n, float32 (N,); partial sums in double.
 template <typename T>
@@ -71,8 +97,6 @@ Tensor dropped(const Tensor& x, double p, int64_t seed) {
   FA_DISPATCH_CPU(x.scalar_type(), "fastadapt_C::dora", [&] { dropout_inplace<scalar_t>(xd, d); });
   return xd;
 }
-
-}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_forward_cpu(const Tensor& x_in, const Tensor& weight,
                                                             const Tensor& lora_A, const Tensor& lora_B,
@@ -143,4 +167,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_backward_cpu(
   return {gx, gA, gB, gm, gbias, gweight};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
+  // Backend signatures of fastadapt/ops/dora.py: (y, u, pre, norm), and the gradients of
+  // (x, lora_A, lora_B, magnitude, bias, weight), empty where not asked for in `needs`. CPU only.
+  m.def("dora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, "
+        "Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+        "Tensor u, Tensor pre, Tensor norm, float scaling, float dropout_p, int seed, bool[6] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("dora_forward", &fastadapt::dora_forward_cpu);
+  m.impl("dora_backward", &fastadapt::dora_backward_cpu);
+}

@@ -23,11 +23,62 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
+#include <torch/library.h>
+
 #include "cpu_common.h"
-#include "ops.h"
+#include "registration.h"
+#include "lora.h"
 
 namespace fastadapt {
+
+LoraDims check_lora(const ArgCheck& c, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                    const Tensor& lora_B) {
+  const at::ScalarType dt = x.scalar_type();
+  c("x", x, {kAnySize, kAnySize}, dt);
+  c.kernel_dtype("x", x);
+  const int64_t M = x.size(0), K = x.size(1);
+  c("weight", weight, {kAnySize, K}, dt);
+  c("lora_A", lora_A, {kAnySize, K}, dt);
+  const int64_t N = weight.size(0), r = lora_A.size(0);
+  c("lora_B", lora_B, {N, r}, dt);
+  return {M, K, N, r};
+}
+
+void check_lora_forward(c10::DeviceType device, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                        const Tensor& lora_B, const std::optional<Tensor>& bias, double dropout_p, const char* op) {
+  const ArgCheck c(op, x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("bias", bias, {s.N}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
+void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor& x, const Tensor& weight,
+                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, double dropout_p,
+                         const char* op) {
+  const ArgCheck c(op, x, device);
+  const LoraDims s = check_lora(c, x, weight, lora_A, lora_B);
+  c("gy", gy, {s.M, s.N}, x.scalar_type());
+  c("u", u, {s.M, s.r}, x.scalar_type());
+  c.probability("dropout_p", dropout_p);
+}
+
 namespace {
+
+// Rank segments of lora_A (r rows): one probability each, every segment at least one row, r in all.
+void check_lora_segments(const char* op, const Tensor& lora_A, at::IntArrayRef segments,
+                         at::ArrayRef<double> segment_p) {
+  const ArgCheck c(op, lora_A, c10::kCPU);
+  TORCH_CHECK(!segments.empty() && segments.size() == segment_p.size(), op, ": segments and segment_p need one entry "
+              "per segment, got ", segments.size(), " and ", segment_p.size());
+  int64_t total = 0;  // overflow-checked: a sum that wraps to r let segments past r through
+  for (size_t k = 0; k < segments.size(); ++k) {
+    TORCH_CHECK(segments[k] >= 1, op, ": segment ", k, " has ", segments[k], " rows, expected at least 1");
+    TORCH_CHECK(segment_p[k] >= 0.0 && segment_p[k] < 1.0, op, ": segment_p[", k, "] must be in [0, 1), got ",
+                segment_p[k]);
+    total = c.add("the sum of segments", total, segments[k]);
+  }
+  TORCH_CHECK(total == lora_A.size(0), op, ": segments sum to ", total, ", expected r = ", lora_A.size(0));
+}
 
 using cpu::RB;
 
@@ -41,7 +92,9 @@ std::vector<Segment> segments_of(int64_t r, at::IntArrayRef segments, at::ArrayR
   std::vector<Segment> out;
   int64_t begin = 0;
   for (size_t k = 0; k < segments.size(); ++k) {
-    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed + static_cast<int64_t>(k))});
+    // Segment k's mask from seed + k, wrapping (in uint64: a signed seed + k may overflow).
+    const auto seed_k = static_cast<int64_t>(static_cast<uint64_t>(seed) + k);
+    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed_k)});
     begin += segments[k];
   }
   return out;
@@ -232,12 +285,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
                   needs);
 }
 
+namespace {
+
 std::tuple<Tensor, Tensor> lora_segments_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                                                      const Tensor& lora_B, double scaling,
                                                      const std::optional<Tensor>& bias, at::IntArrayRef segments,
                                                      at::ArrayRef<double> segment_p, int64_t seed) {
-  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0);
-  check_lora_segments("fastadapt_C::lora_segments_forward", lora_A.size(0), segments, segment_p);
+  const char* op = "fastadapt_C::lora_segments_forward";
+  check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0, op);
+  check_lora_segments(op, lora_A, segments, segment_p);
   return forward(x, weight, lora_A, lora_B, scaling, bias, segments_of(lora_A.size(0), segments, segment_p, seed));
 }
 
@@ -245,24 +301,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& u, double scaling, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed,
     std::array<bool, 5> needs) {
-  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0);
-  check_lora_segments("fastadapt_C::lora_segments_backward", lora_A.size(0), segments, segment_p);
+  const char* op = "fastadapt_C::lora_segments_backward";
+  check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0, op);
+  check_lora_segments(op, lora_A, segments, segment_p);
   return backward(gy, x, weight, lora_A, lora_B, u, scaling, segments_of(lora_A.size(0), segments, segment_p, seed),
                   needs);
 }
 
-Tensor dropout_keep_cpu(const Tensor& like, double p, int64_t seed) {
-  check_dropout_keep(c10::kCPU, like, p);
-  const int64_t M = like.size(0), K = like.size(1);
-  Tensor keep = at::empty({M, K}, like.options().dtype(at::kBool));
-  bool* out = keep.data_ptr<bool>();
-  const cpu::Dropout d(p, seed);
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t k = 0; k < K; ++k)
-        out[m * K + k] = dropout_keep_at(d.seed, static_cast<uint64_t>(m * K + k), d.threshold);
-  });
-  return keep;
+}  // namespace
+}  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
+  // Backend signatures of fastadapt/ops/lora.py; gradients not asked for in `needs`
+  // (x, lora_A, lora_B, bias, weight) come back as empty tensors.
+  m.def("lora_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("lora_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same with several adapters' rank segments, each with its own dropout (CPU only).
+  m.def("lora_segments_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+        "int[] segments, float[] segment_p, int seed) -> (Tensor, Tensor)");
+  m.def("lora_segments_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, int[] segments, float[] segment_p, int seed, bool[5] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-}  // namespace fastadapt
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("lora_forward", &fastadapt::lora_forward_cpu);
+  m.impl("lora_backward", &fastadapt::lora_backward_cpu);
+  m.impl("lora_segments_forward", &fastadapt::lora_segments_forward_cpu);
+  m.impl("lora_segments_backward", &fastadapt::lora_segments_backward_cpu);
+}

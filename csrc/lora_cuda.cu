@@ -22,13 +22,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "common.h"
 #include "cuda_common.cuh"
-#include "ops.h"
+#include "lora.h"
 
 namespace fastadapt {
 namespace {
@@ -180,8 +181,6 @@ void launch_reduce(const Tensor& P, const Tensor& X, Tensor& out, DropoutArgs d)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
 std::tuple<Tensor, Tensor> lora_forward_cuda(const Tensor& x_in, const Tensor& weight, const Tensor& lora_A,
                                              const Tensor& lora_B, double scaling,
                                              const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
@@ -264,4 +263,11 @@ Tensor dropout_keep_cuda(const Tensor& like, double p, int64_t seed) {
   return keep;
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CUDA, m) {
+  m.impl("lora_forward", &fastadapt::lora_forward_cuda);
+  m.impl("lora_backward", &fastadapt::lora_backward_cuda);
+  m.impl("dropout_keep", &fastadapt::dropout_keep_cuda);  // the schema and CPU kernel: csrc/ops.cpp
+}

@@ -20,11 +20,60 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include "cpu_common.h"
-#include "ops.h"
+#include "registration.h"
+#include "prefix_attention.h"
 
 namespace fastadapt {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+namespace {
+
+void check_prefix(const ArgCheck& c, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_p,
+                  const Tensor& v_p, const OptTensor& gate, const OptTensor& key_padding_mask, bool joint) {
+  const at::ScalarType dt = q.scalar_type();
+  c("q", q, {kAnySize, kAnySize, kAnySize, kAnySize}, dt);
+  c.kernel_dtype("q", q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  c("k", k, {B, kAnySize, kAnySize, D}, dt);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, c.op(), ": the heads of q (", H, ") must be a multiple of those of k (", Hkv,
+              ")");
+  c("v", v, {B, Hkv, Sk, D}, dt);
+  c("k_p", k_p, {B, Hkv, kAnySize, D}, dt);
+  c("v_p", v_p, {B, Hkv, k_p.size(2), D}, dt);
+  c("key_padding_mask", key_padding_mask, {B, Sk}, at::kBool);
+  if (joint) return;
+  TORCH_CHECK(gate.has_value() && gate->defined(), c.op(), ": gated mode (joint=False) needs a gate");
+  c("gate", gate, {H}, at::kFloat);
+}
+
+}  // namespace
+
+void check_prefix_attention_forward(c10::DeviceType device, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& k_p, const Tensor& v_p, const OptTensor& gate,
+                                    const OptTensor& key_padding_mask, bool joint) {
+  const ArgCheck c("fastadapt_C::prefix_attention_forward", q, device);
+  check_prefix(c, q, k, v, k_p, v_p, gate, key_padding_mask, joint);
+}
+
+void check_prefix_attention_backward(c10::DeviceType device, const Tensor& dout, const Tensor& q, const Tensor& k,
+                                     const Tensor& v, const Tensor& k_p, const Tensor& v_p, const OptTensor& gate,
+                                     const OptTensor& key_padding_mask, const Tensor& out, const Tensor& stats,
+                                     const Tensor& stats_p, bool joint) {
+  const ArgCheck c("fastadapt_C::prefix_attention_backward", q, device);
+  check_prefix(c, q, k, v, k_p, v_p, gate, key_padding_mask, joint);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  c("dout", dout, {B, H, Sq, D}, q.scalar_type());
+  c("out", out, {B, H, Sq, D}, q.scalar_type());
+  c("stats", stats, {B, H, Sq, 2}, at::kFloat);
+  if (!joint) c("stats_p", stats_p, {B, H, Sq, 2}, at::kFloat);
+}
+
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
@@ -301,8 +350,6 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& kp, const s
 
 #define FA_PREFIX_DISPATCH(DTYPE, ...) FA_DISPATCH_CPU(DTYPE, "fastadapt_C::prefix_attention", __VA_ARGS__)
 
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& kp_in, const Tensor& vp_in,
     const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
@@ -359,4 +406,21 @@ std::vector<Tensor> prefix_attention_backward_cpu(
   return {dq, dk, dv, dkp, dvp, dgate};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
+  // Backend signatures of fastadapt/ops/prefix_attention.py: (out, stats, stats_p), and
+  // (dq, dk, dv, dk_p, dv_p, dgate).
+  m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor k_p, Tensor v_p, Tensor? gate, "
+        "Tensor? key_padding_mask, float scale, bool causal, bool joint) -> (Tensor, Tensor, Tensor)");
+  m.def("prefix_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor k_p, Tensor v_p, Tensor? gate, "
+        "Tensor? key_padding_mask, Tensor out, Tensor stats, Tensor stats_p, float scale, bool causal, bool joint, "
+        "bool[6] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);
+  m.impl("prefix_attention_backward", &fastadapt::prefix_attention_backward_cpu);
+}

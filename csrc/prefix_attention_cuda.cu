@@ -11,17 +11,19 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
 #include "cuda_common.cuh"
-#include "ops.h"
+#include "prefix_attention.h"
 
 namespace fastadapt {
 namespace {
 
 using namespace fastadapt::cuda;
+using at::Tensor;
 
 constexpr int kMaxPerLane = 8;  // head dim up to 32 * 8 = 256
 constexpr int kWarpsPerBlock = 4;
@@ -242,8 +244,6 @@ unsigned row_blocks(const Shape& P) {
   return static_cast<unsigned>(cdiv(P.B * P.H * P.Sq, kWarpsPerBlock));
 }
 
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor> prefix_attention_forward_cuda(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& kp_in, const Tensor& vp_in,
     const std::optional<Tensor>& gate, const std::optional<Tensor>& key_padding_mask, double scale, bool causal,
@@ -319,4 +319,10 @@ std::vector<Tensor> prefix_attention_backward_cuda(
   return {dq, cast(need_k, dk32), cast(need_v, dv32), cast(need_kp, dkp32), cast(need_vp, dvp32), dgate};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CUDA, m) {
+  m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cuda);
+  m.impl("prefix_attention_backward", &fastadapt::prefix_attention_backward_cuda);
+}

@@ -9,19 +9,63 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include "cpu_common.h"
-#include "ops.h"
+#include "registration.h"
+#include "lora.h"
 
 namespace fastadapt {
 namespace {
+
+// A quantized frozen weight (NF4 / FP8) as fastadapt/reference/qlora.py lays it out: codes in
+// `data` (uint8; 2 per byte at 4 bits), the value table `code`, block scales `absmax` (uint8 and
+// decoded through absmax2 / code2 / offset when double-quantized).
+struct QuantizedWeight {
+  Tensor data, code, absmax;
+  std::optional<Tensor> absmax2, code2, offset;
+  int64_t blocksize, blocksize2, bits;
+};
+
+bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_qlora_weight(const QuantizedWeight& q, int64_t out_features, int64_t in_features) {
+  const ArgCheck c("fastadapt_C::qlora", q.data, c10::kCPU);
+  const char* op = c.op();
+  TORCH_CHECK(q.bits == 4 || q.bits == 8, op, ": bits must be 4 (NF4) or 8 (FP8), got ", q.bits);
+  TORCH_CHECK(out_features > 0 && in_features > 0, op, ": the weight shape must be non-empty, got (", out_features,
+              ", ", in_features, ")");
+  TORCH_CHECK(q.blocksize > 0, op, ": blocksize must be positive, got ", q.blocksize);
+  // Overflow-free: a wrapped block count let a short (or empty) absmax pass, and the kernel read
+  // past it or left the weight unwritten.
+  const int64_t numel = c.mul("the weight's size out_features * in_features", out_features, in_features);
+  const int64_t blocks = ceil_div(numel, q.blocksize);
+  const bool nested = present(q.absmax2);
+  // Flat buffers: each must hold exactly what the kernel indexes, contiguous.
+  auto flat = [&](const char* name, const Tensor& t, int64_t n, at::ScalarType dt) {
+    c(name, t.reshape(-1), {n}, dt);
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  flat("data", q.data, ceil_div(numel, 8 / q.bits), at::kByte);  // 2 codes a byte at 4 bits
+  flat("code", q.code, int64_t{1} << q.bits, at::kFloat);
+  flat("absmax", q.absmax, blocks, nested ? at::kByte : at::kFloat);
+  if (nested) {
+    TORCH_CHECK(present(q.code2) && present(q.offset), op, ": a double-quantized weight needs absmax2, code2 and offset");
+    TORCH_CHECK(q.blocksize2 > 0, op, ": blocksize2 must be positive, got ", q.blocksize2);
+    flat("absmax2", *q.absmax2, ceil_div(blocks, q.blocksize2), at::kFloat);
+    flat("code2", *q.code2, 256, at::kFloat);
+    flat("offset", *q.offset, 1, at::kFloat);
+  } else {
+    TORCH_CHECK(!present(q.code2) && !present(q.offset), op, ": code2 / offset given without absmax2");
+  }
+}
 
 template <typename T>
 void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
   const uint8_t* data = q.data.data_ptr<uint8_t>();
   const float* code = q.code.data_ptr<float>();
   const bool nested = q.absmax2.has_value() && q.absmax2->defined();
-  const int64_t bs = q.blocksize, blocks = (numel + bs - 1) / bs;
+  const int64_t bs = q.blocksize, blocks = ceil_div(numel, bs);
   at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / bs), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float scale;
@@ -34,8 +78,8 @@ void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
       } else {
         scale = q.absmax.data_ptr<float>()[b];
       }
-      const int64_t end = std::min(numel, (b + 1) * bs);
-      for (int64_t i = b * bs; i < end; ++i) {
+      const int64_t begin = b * bs, end = begin + std::min(bs, numel - begin);  // (b + 1) * bs may overflow
+      for (int64_t i = begin; i < end; ++i) {
         // NF4: element 2j is byte j's high nibble.
         const uint8_t c = q.bits == 4 ? (data[i >> 1] >> ((i & 1) ? 0 : 4)) & 0xF : data[i];
         out[i] = static_cast<T>(code[c] * scale);  // the fp32 product, rounded once to T
@@ -45,7 +89,7 @@ void dequantize_blocks(const QuantizedWeight& q, int64_t numel, T* out) {
 }
 
 Tensor dequantize(const QuantizedWeight& q, int64_t out_features, int64_t in_features, at::ScalarType dtype) {
-  check_qlora_weight(c10::kCPU, q, out_features, in_features);
+  check_qlora_weight(q, out_features, in_features);
   Tensor w = at::empty({out_features, in_features}, q.code.options().dtype(dtype));
   FA_DISPATCH_CPU(dtype, "fastadapt_C::qlora_dequantize", [&] {
     dequantize_blocks<scalar_t>(q, out_features * in_features, w.data_ptr<scalar_t>());
@@ -53,7 +97,13 @@ Tensor dequantize(const QuantizedWeight& q, int64_t out_features, int64_t in_fea
   return w;
 }
 
-}  // namespace
+// x (M, K) in a kernel dtype, checked before the weight is dequantized to its dtype.
+ArgCheck check_x(const char* op, const Tensor& x) {
+  ArgCheck c(op, x, c10::kCPU);
+  c("x", x, {kAnySize, kAnySize}, x.scalar_type());
+  c.kernel_dtype("x", x);
+  return c;
+}
 
 Tensor qlora_dequantize_cpu(const Tensor& data, const Tensor& code, const Tensor& absmax,
                             const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2,
@@ -69,11 +119,13 @@ std::tuple<Tensor, Tensor> qlora_forward_cpu(const Tensor& x, const Tensor& data
                                              int64_t blocksize, int64_t blocksize2, int64_t bits, int64_t out_features,
                                              const Tensor& lora_A, const Tensor& lora_B, double scaling,
                                              const std::optional<Tensor>& bias, double dropout_p, int64_t seed) {
-  TORCH_CHECK(x.dim() == 2, "fastadapt_C::qlora_forward: x must have shape (M, K), got ", x.sizes());
-  TORCH_CHECK(x.device() == data.device(), "fastadapt_C::qlora_forward: data must be on ", x.device(), ", got ",
-              data.device());
+  const char* op = "fastadapt_C::qlora_forward";
+  check_x(op, x);
   const Tensor w = dequantize({data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits},
                               out_features, x.size(1), x.scalar_type());
+  // The LoRA arguments against the weight, under this op's name (lora_forward_cpu checks them again
+  // under its own: a few comparisons).
+  check_lora_forward(c10::kCPU, x, w, lora_A, lora_B, bias, dropout_p, op);
   return lora_forward_cpu(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed);
 }
 
@@ -82,15 +134,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qlora_backward_cpu(
     const std::optional<Tensor>& absmax2, const std::optional<Tensor>& code2, const std::optional<Tensor>& offset,
     int64_t blocksize, int64_t blocksize2, int64_t bits, const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
     double scaling, double dropout_p, int64_t seed, std::array<bool, 4> needs) {
-  TORCH_CHECK(x.dim() == 2 && gy.dim() == 2, "fastadapt_C::qlora_backward: x and gy must be 2-D, got ", x.sizes(),
-              " and ", gy.sizes());
-  TORCH_CHECK(x.device() == data.device(), "fastadapt_C::qlora_backward: data must be on ", x.device(), ", got ",
-              data.device());
+  const char* op = "fastadapt_C::qlora_backward";
+  const ArgCheck c = check_x(op, x);
+  c("gy", gy, {x.size(0), kAnySize}, x.scalar_type());  // out_features: gy's columns
   const Tensor w = dequantize({data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits}, gy.size(1),
                               x.size(1), x.scalar_type());
+  check_lora_backward(c10::kCPU, gy, x, w, lora_A, lora_B, u, dropout_p, op);  // as in the forward
   auto [gx, gA, gB, gbias, gw] = lora_backward_cpu(gy, x, w, lora_A, lora_B, u, scaling, dropout_p, seed,
                                                    {needs[0], needs[1], needs[2], needs[3], false});
   return {gx, gA, gB, gbias};
 }
 
+}  // namespace
 }  // namespace fastadapt
+
+TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
+  const fastadapt::Schemas m(lib);
+  // Backend signatures of fastadapt/ops/qlora.py (the quantized weight as its parts), and the
+  // dequantized weight alone, for the tests; gradients (x, lora_A, lora_B, bias).
+  m.def("qlora_dequantize(Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+        "int blocksize, int blocksize2, int bits, int out_features, int in_features, ScalarType dtype) -> Tensor");
+  m.def("qlora_forward(Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, int out_features, Tensor lora_A, Tensor lora_B, "
+        "float scaling, Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("qlora_backward(Tensor gy, Tensor x, Tensor data, Tensor code, Tensor absmax, Tensor? absmax2, Tensor? code2, "
+        "Tensor? offset, int blocksize, int blocksize2, int bits, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, float dropout_p, int seed, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
+  m.impl("qlora_dequantize", &fastadapt::qlora_dequantize_cpu);
+  m.impl("qlora_forward", &fastadapt::qlora_forward_cpu);
+  m.impl("qlora_backward", &fastadapt::qlora_backward_cpu);
+}

@@ -4,6 +4,7 @@ any kernel runs (a shape mismatch must never reach Triton as an out-of-bounds re
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 from typing import Sequence
 
@@ -46,6 +47,25 @@ def same_dtype(**tensors: torch.Tensor | None) -> None:
 def dim_equal(what: str, got: int, expected: int) -> None:
     if got != expected:
         raise ValueError(f"{what} is {got}, expected {expected}")
+
+
+INT64_MAX = 2**63 - 1
+
+
+def int64(name: str, value, low: int = -INT64_MAX - 1) -> int:
+    """``value`` (an int, or any integer with ``__index__``: numpy's, a one-element integer tensor;
+    not a bool or a float) as a Python int in [low, 2**63 - 1], the range of the native ops' int
+    arguments: a float or a larger int failed there, inside the schema, with a confusing error."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if not low <= value <= INT64_MAX:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {what} below 2**63, got {value}")
+    return value
 
 
 def finite_float(name: str, value) -> float:

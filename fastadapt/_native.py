@@ -42,11 +42,12 @@ CACHE_ENV = "FASTADAPT_CACHE"
 _HERE = Path(__file__).resolve().parent
 # Installed (pip install ., a wheel): fastadapt/csrc; a checkout (pip install -e .): csrc/ beside the package.
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
-# One translation unit per op plus the registration file (ops.cpp).
+# One translation unit per op (its schemas, checks and kernels) plus ops.cpp, what they share.
 CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "qlora.cpp", "bottleneck.cpp",
                "prefix_attention.cpp")
 CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")
-HEADERS = ("common.h", "cpu_common.h", "ops.h", "cuda_common.cuh")
+HEADERS = ("common.h", "cpu_common.h", "cuda_common.cuh", "registration.h", "lora.h", "bottleneck.h",
+           "prefix_attention.h")
 CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees
 # How long first use waits for another live process that is building the same extension (a build
 # takes about a minute; a dead builder's lock is never waited on).

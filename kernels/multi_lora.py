@@ -145,18 +145,27 @@ def _multi_reduce_kernel(
         tl.store(out, acc, mask=mask)
 
 
-class RowOrder:
-    """The rows of a batch grouped by adapter, on the device: ``perm`` (M,) lists the rows sorted by
-    adapter id (stable), ``bounds`` (n + 1,) where each adapter's segment of it starts (base-only
-    rows, id -1, sort first and belong to no segment). Built once per forward or backward call;
-    :meth:`table` cuts the segments into tiles for one block size."""
+class Batch:
+    """A batch as the kernels index it, on the device, built once per forward or backward call:
+    its rows grouped by adapter, and its per-adapter vectors.
 
-    def __init__(self, adapter_ids: torch.Tensor, n: int):
+    ``perm`` (M,) lists the rows sorted by adapter id (stable), ``bounds`` (n + 1,) where each
+    adapter's segment of it starts (base-only rows, id -1, sort first and belong to no segment);
+    :meth:`table` cuts the segments into tiles for one block size. ``scalings`` (float32),
+    ``ranks`` (int32) and ``dropout_p`` (float32, or None: no dropout), each (n,), are contiguous:
+    the kernels read adapter a's value at ``ptr + a``, so a strided or expanded (stride-0) view is
+    copied here, once, for every launch of the call."""
+
+    def __init__(self, adapter_ids: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor,
+                 dropout_p: torch.Tensor | None = None):
+        n = ranks.shape[0]
         sorted_ids, perm = torch.sort(adapter_ids, stable=True)
         self.M, self.n = adapter_ids.shape[0], n
         self.perm = perm.to(torch.int32)
         self.bounds = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=adapter_ids.device,
                                                                  dtype=sorted_ids.dtype))
+        self.scalings, self.ranks = scalings.contiguous(), ranks.contiguous()
+        self.dropout_p = None if dropout_p is None else dropout_p.contiguous()
         self._tables: dict[int, torch.Tensor] = {}
 
     def entries(self, block: int) -> int:
@@ -178,47 +187,50 @@ class RowOrder:
             self._tables[block] = torch.stack([torch.where(adapter < self.n, a, -1), start, end], 1).to(torch.int32)
         return self._tables[block]
 
+    def dropout_args(self, dropout: bool):
+        """(pointer, DROPOUT) for a kernel: the probabilities when ``dropout`` is asked and the call
+        has any; otherwise a stand-in of the same dtype, which the kernel never reads."""
+        if dropout and self.dropout_p is not None:
+            return self.dropout_p, True
+        return self.scalings, False
+
 
 def _row_block(M: int) -> int:
     # Decode batches (M <= 16) get the smallest tile tl.dot takes.
     return pow2_block(M, 16, 32 if triton_interpret() else 64)
 
 
-def _dropout_args(dropout_p, like):
-    return (dropout_p if dropout_p is not None else like), dropout_p is not None
-
-
-def multi_down(x, v, scalings, ranks, order: RowOrder, out, *, dropout_p=None, seed: int = 0):
+def multi_down(x, v, batch: Batch, out, *, dropout: bool = False, seed: int = 0):
     """``out[m, :r_a] = s_a * D_a(x[m]) @ v[a]`` for x (M, C), v (n, C, r_max) (any strides), out
     (M, r_max): rows of no adapter, and columns beyond the rank, are left as they are."""
     C = x.shape[1]
     R = v.shape[2]
-    block_m = _row_block(order.M)
+    block_m = _row_block(batch.M)
     block_r = pow2_block(R)
     block_c = 32 if triton_interpret() else 64
-    p, dropout = _dropout_args(dropout_p, scalings)
-    _multi_down_kernel[(order.entries(block_m), triton.cdiv(R, block_r))](
-        x, v, out, order.table(block_m), order.perm, scalings, ranks, p, C, seed,
+    p, dropout = batch.dropout_args(dropout)
+    _multi_down_kernel[(batch.entries(block_m), triton.cdiv(R, block_r))](
+        x, v, out, batch.table(block_m), batch.perm, batch.scalings, batch.ranks, p, C, seed,
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         DROPOUT=dropout, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, **dot_constexprs(x.dtype))
     return out
 
 
-def multi_update(u, v, ranks, order: RowOrder, out, *, dropout_p=None, seed: int = 0):
+def multi_update(u, v, batch: Batch, out, *, dropout: bool = False, seed: int = 0):
     """``out[m] += D_a(u[m, :r_a] @ v[a, :r_a])`` for u (M, r_max), v (n, r_max, N), out (M, N)."""
     N = out.shape[1]
     R = u.shape[1]
-    block_m = _row_block(order.M)
+    block_m = _row_block(batch.M)
     block_n = 32 if triton_interpret() else 128
-    p, dropout = _dropout_args(dropout_p, ranks)
-    _multi_update_kernel[(order.entries(block_m), triton.cdiv(N, block_n))](
-        u, v, out, order.table(block_m), order.perm, ranks, p, N, seed,
+    p, dropout = batch.dropout_args(dropout)
+    _multi_update_kernel[(batch.entries(block_m), triton.cdiv(N, block_n))](
+        u, v, out, batch.table(block_m), batch.perm, batch.ranks, p, N, seed,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         DROPOUT=dropout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=pow2_block(R), **dot_constexprs(u.dtype))
     return out
 
 
-def multi_reduce(pm, x, ranks, order: RowOrder, out, *, dropout_p=None, seed: int = 0, splits: int | None = None):
+def multi_reduce(pm, x, batch: Batch, out, *, dropout: bool = False, seed: int = 0, splits: int | None = None):
     """``out[a] = pm[rows_a]^T @ D_a(x[rows_a])`` for pm (M, r_max), x (M, C), out (n, r_max, C)
     float32 (any strides): zero for adapters with no row.
 
@@ -230,9 +242,9 @@ def multi_reduce(pm, x, ranks, order: RowOrder, out, *, dropout_p=None, seed: in
     block_r, block_c, block_m, rows_per_chunk = reduce_blocks(M, R, C, x.device, splits)
     atomic = rows_per_chunk < M
     out.zero_()
-    p, dropout = _dropout_args(dropout_p, ranks)
-    _multi_reduce_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r), order.entries(rows_per_chunk))](
-        pm, x, out, order.table(rows_per_chunk), order.perm, ranks, p, C, seed,
+    p, dropout = batch.dropout_args(dropout)
+    _multi_reduce_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r), batch.entries(rows_per_chunk))](
+        pm, x, out, batch.table(rows_per_chunk), batch.perm, batch.ranks, p, C, seed,
         pm.stride(0), pm.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_M=block_m,
         **dot_constexprs(x.dtype))
@@ -249,16 +261,16 @@ def forward(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dro
     """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r_max)). x, weight, the stacks and
     bias share one dtype; scalings and dropout_p (or None) are float32 (n,), ranks int32 (n,)."""
     M = x.shape[0]
-    n, R, _ = A_stack.shape
+    R = A_stack.shape[1]
     N = B_stack.shape[1]
     u = torch.zeros((M, R), device=x.device, dtype=x.dtype)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, u
-    order = RowOrder(adapter_ids, n)
-    multi_down(x, A_stack.transpose(1, 2), scalings, ranks, order, u, dropout_p=dropout_p, seed=seed)
+    batch = Batch(adapter_ids, scalings, ranks, dropout_p)
+    multi_down(x, A_stack.transpose(1, 2), batch, u, dropout=True, seed=seed)
     _frozen(x, weight.t(), bias, y)
-    multi_update(u, B_stack.transpose(1, 2), ranks, order, y)
+    multi_update(u, B_stack.transpose(1, 2), batch, y)
     return y, u
 
 
@@ -269,22 +281,22 @@ def backward(gy, x, weight, A_stack, B_stack, u, scalings, ranks, adapter_ids, d
     n, R, _ = A_stack.shape
     N = B_stack.shape[1]
     gx = gA = gB = gbias = gweight = None
-    order = RowOrder(adapter_ids, n)
+    batch = Batch(adapter_ids, scalings, ranks, dropout_p)
     gu = None
     if need_x or need_A:
         gu = torch.zeros((M, R), device=x.device, dtype=x.dtype)
-        multi_down(gy, B_stack, scalings, ranks, order, gu)
+        multi_down(gy, B_stack, batch, gu)
     if need_x:
         gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         _frozen(gy, weight, None, gx)
-        multi_update(gu, A_stack, ranks, order, gx, dropout_p=dropout_p, seed=seed)
+        multi_update(gu, A_stack, batch, gx, dropout=True, seed=seed)
     if need_A:
         gA = torch.empty((n, R, K), device=x.device, dtype=torch.float32)
-        gA = multi_reduce(gu, x, ranks, order, gA, dropout_p=dropout_p, seed=seed).to(A_stack.dtype)
+        gA = multi_reduce(gu, x, batch, gA, dropout=True, seed=seed).to(A_stack.dtype)
     if need_B:
         # Written through transposed strides: the kernel produces gB_a^T = u^T gy into gB's memory.
         gB = torch.empty((n, N, R), device=x.device, dtype=torch.float32)
-        multi_reduce(u, gy, ranks, order, gB.transpose(1, 2))
+        multi_reduce(u, gy, batch, gB.transpose(1, 2))
         gB = gB.to(B_stack.dtype)
     if need_bias:
         gbias = gy.sum(0, dtype=torch.float32).to(gy.dtype)

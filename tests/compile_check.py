@@ -240,8 +240,8 @@ def _multi_lora_grid():
                         y, u = ml.forward(x, W, A, B, scalings, ranks, ids, b, p, 1)
                         ml.backward(y, x, W, A, B, u, scalings, ranks, ids, p, 1, (True,) * 5)
                         # Split chunks of each adapter's rows (atomics) are chosen from the SM count of a CUDA device.
-                        ml.multi_reduce(u, x, ranks, ml.RowOrder(ids, n), _meta(n, R, K, dtype=torch.float32),
-                                        dropout_p=p, seed=1, splits=3)
+                        ml.multi_reduce(u, x, ml.Batch(ids, scalings, ranks, p), _meta(n, R, K, dtype=torch.float32),
+                                        dropout=True, seed=1, splits=3)
         with _setting("multi_lora non-contiguous x", dname) as dt:
             x = _meta(300, 96, dtype=dt).t()
             n, ids = 3, _meta(96, dtype=torch.int64)

@@ -178,20 +178,56 @@ def test_no_host_synchronisation(backend):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("variant", ["no_bias", "noncontiguous_x", "trainable_weight", "per_sequence_ids",
-                                     "int32_ids"])
+                                     "one_sequence", "int32_ids"])
 def test_variants(backend, device, variant):
     gen = torch.Generator().manual_seed(1)
-    lead = (37,) if variant == "noncontiguous_x" else (3, 11)
+    lead = {"noncontiguous_x": (37,), "one_sequence": (1, 11)}.get(variant, (3, 11))
     rows = _ids("some_base", torch.Size(lead).numel(), len(RANKS), device, gen).view(lead)
     kwargs = {"no_bias": dict(bias=False), "noncontiguous_x": dict(noncontig=True),
-              "trainable_weight": dict(train_weight=True), "per_sequence_ids": {}, "int32_ids": {}}[variant]
-    if variant == "per_sequence_ids":
-        per_seq = torch.tensor([2, -1, 0], device=device)
+              "trainable_weight": dict(train_weight=True), "per_sequence_ids": {}, "one_sequence": {},
+              "int32_ids": {}}[variant]
+    if variant in ("per_sequence_ids", "one_sequence"):  # one sequence: a stride-0 view of one id
+        per_seq = torch.tensor([2, -1, 0][:lead[0]], device=device)
         rows = per_seq[:, None].expand(lead)
         kwargs["ids_arg"] = per_seq
     if variant == "int32_ids":
         kwargs["ids_arg"] = rows.int()
     _check(backend, device, torch.float32, lead, 80, 48, RANKS, rows, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_per_adapter_tensors_in_any_layout(backend, device, layout):
+    # adapter_ids, scalings, ranks and dropout_p as views give the bits of their contiguous copies.
+    # Read with stride 1 they gave another y (strided) or read past their storage (expanded, the
+    # stride 0 of one value for all: what a batch of one sequence makes of its per-sequence id).
+    M, n = 37, len(RANKS)
+
+    def view(values, junk, dtype):
+        if layout == "strided":  # every other element; the ones in between would be out of range
+            return torch.tensor([v for x in values for v in (x, junk)], dtype=dtype, device=device)[::2]
+        return torch.tensor(values[:1], dtype=dtype, device=device).expand(len(values))  # the first for all
+
+    ranks = [7, 1, 16, 4] if layout == "strided" else [7] * n
+    ids = _ids("some_base", M, n, "cpu", torch.Generator().manual_seed(5)).tolist()
+    views = (view([0.5, 1.0, 1.5, 2.0], 1e4, torch.float32), view(ranks, 99, torch.int32),
+             view([0.3, 0.0, 0.5, 0.2], 2.0, torch.float32), view(ids, n + 7, torch.int64))
+    x, weight, A, B, b = _inputs((M,), 80, 48, ranks, torch.float32, device)
+    gy = torch.randn(M, 48, device=device)
+
+    def run(scalings, ranks_t, dropout_p, ids):
+        leaves = [_leaf(t) for t in (x, A, B, b)]
+        torch.manual_seed(1234)
+        with dispatch.use_backend(backend):
+            y = fastadapt.multi_lora_linear(leaves[0], weight, leaves[1], leaves[2], scalings, ids, leaves[3],
+                                            dropout_p=dropout_p, ranks=ranks_t)
+        y.backward(gy)
+        return [y] + [t.grad for t in leaves]
+
+    assert all(not v.is_contiguous() for v in views)
+    for name, got, want in zip(["y", "grad x", "grad A_stack", "grad B_stack", "grad bias"], run(*views),
+                               run(*(v.contiguous() for v in views))):
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -361,9 +397,9 @@ def test_triton_launchers_write_every_element():
                              None, None, 0)
     gy = torch.randn(M, N)
     expected = torch.stack([gy.double().t() @ torch.where((ids == a)[:, None], u, 0.0) for a in range(4)])
-    order = kernels.RowOrder(ids, len(RANKS))
+    batch = kernels.Batch(ids, scalings, ranks)
     for splits in (1, 3):  # 3 splits of each adapter's rows accumulate with atomics
-        gBt = kernels.multi_reduce(u.float(), gy, ranks, order, nan_like(torch.empty(4, N, 16)).transpose(1, 2),
+        gBt = kernels.multi_reduce(u.float(), gy, batch, nan_like(torch.empty(4, N, 16)).transpose(1, 2),
                                    splits=splits).transpose(1, 2)
         assert rel_err(gBt, expected) < 1e-5
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import rel_err
+from harness import backends_for, rel_err
 
+from fastadapt import dispatch
 from fastadapt.nn import LoRALinear, MultiLoRALinear
 
 ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=2, lora_alpha=16, use_rslora=True),
@@ -46,6 +47,19 @@ def test_each_sequence_as_lora_linear_on_its_own():
     single(x.detach()[rows]).backward(gy[rows])
     assert rel_err(m.lora_A["b"].weight.grad, single.lora_A["b"].weight.grad) < 1e-5
     assert rel_err(m.lora_B["b"].weight.grad, single.lora_B["b"].weight.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", backends_for("multi_lora_linear", "cpu"))
+def test_a_batch_of_one_sequence(backend):
+    # One name for one sequence: its id, expanded over the sequence's rows, reaches the op as a
+    # stride-0 view (the cpp kernel read it with stride 1, past its one-element storage: SIGSEGV).
+    m = _module()
+    x = torch.randn(1, 5, 48)
+    with dispatch.use_backend(backend):
+        y = m(x, ["a"])
+    single = LoRALinear.from_linear(m.base_layer, adapter_name="a", **ADAPTERS["a"])
+    single.load_state_dict({k: v for k, v in m.state_dict().items() if k.startswith("base_layer") or ".a." in k})
+    assert rel_err(y, single(x)) < 1e-5
 
 
 def test_state_dict_keys_are_peft_s():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,23 @@ def test_cuda_backend_says_why_it_has_no_kernels():
     assert info["fastadapt._C"].startswith("available")
 
 
+def test_sources_are_listed_and_each_op_is_defined_in_its_own_file():
+    # _native.py's lists are what the JIT build, setup.py and the source hash read: a file missing
+    # there is silently not compiled, or not hashed (a stale cached build).
+    listed = _native.CPP_SOURCES + _native.CUDA_SOURCES + _native.HEADERS
+    assert len(set(listed)) == len(listed)
+    assert set(listed) == {p.name for p in _native.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")}
+    # csrc/OP.cpp defines the schemas of OP_* (ops.cpp: what every op shares), nowhere else.
+    shared = {"build_info", "has_cuda", "dropout_keep"}
+    for name in _native.CPP_SOURCES:
+        text = (_native.CSRC / name).read_text()
+        defined = re.findall(r'm\.def\("(\w+)\(', text)
+        assert defined, f"{name} defines no schema"
+        stem = Path(name).stem
+        assert all(op.startswith(stem + "_") if stem != "ops" else op in shared for op in defined), (name, defined)
+    assert "TORCH_LIBRARY(" in (_native.CSRC / "ops.cpp").read_text()
+
+
 @needs_native
 def test_forced_cpp_backend_runs_the_extension():
     x, w, a, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(3, 16), torch.randn(8, 3)
@@ -318,6 +336,74 @@ def test_native_ops_reject_malformed_calls(call, match):
     # The ops are public (torch.ops.fastadapt_C.*): each checks its arguments and names the bad one.
     with pytest.raises(RuntimeError, match=match):
         call(_native.ops())
+
+
+@needs_native
+def test_native_ops_are_never_recorded_by_autograd():
+    # Without an Autograd kernel of its own an op ran under PyTorch's fallback, which recorded the
+    # kernel's inner ATen calls: here index_select's saved index, a view of a vector the kernel had
+    # freed (use after free at backward). Every fastadapt_C op refuses instead, naming the argument.
+    ops = _native.ops()
+    x, weight = torch.randn(6, 16, requires_grad=True), torch.randn(8, 16)
+    A, B = torch.randn(2, 3, 16), torch.randn(2, 8, 3)
+    rest = (torch.ones(2), torch.tensor([3, 2], dtype=torch.int32), torch.tensor([0, 1, 0, -1, 1, 1]), None, None, 0)
+    with pytest.raises(RuntimeError, match="multi_lora_forward: x requires grad, and the native kernels are not "
+                                           "differentiable"):
+        ops.multi_lora_forward(x, weight, A, B, *rest)
+    with torch.no_grad():  # nothing to record: it runs, below autograd
+        y, u = ops.multi_lora_forward(x, weight, A, B, *rest)
+    assert y.grad_fn is None and not y.requires_grad
+    y2, _ = ops.multi_lora_forward(x.detach(), weight, A, B, *rest)
+    assert torch.equal(y, y2)
+
+
+def _double_backward_call(op, x):
+    """``op`` through the public API on x (4, 8): its output, a function of x."""
+    w, A, B = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    if op == "lora_linear":
+        return fastadapt.lora_linear(x, w, A, B, 1.0, dropout_p=0.1)
+    if op == "dora_linear":
+        return fastadapt.dora_linear(x, w, A, B, torch.rand(6) + 0.5, 1.0)
+    if op == "multi_lora_linear":
+        return fastadapt.multi_lora_linear(x, w, torch.stack([A, A]), torch.stack([B, B]), [1.0, 2.0],
+                                           torch.tensor([0, 1, -1, 0]))
+    if op == "qlora_linear":
+        from fastadapt.reference.qlora import random_weight
+        return fastadapt.qlora_linear(x, random_weight("nf4", 6, 8), A, B, 1.0)
+    if op == "bottleneck_adapter":
+        return fastadapt.bottleneck_adapter(x, torch.randn(3, 8), None, torch.randn(8, 3), None)
+    q = x.view(1, 2, 2, 8)
+    return fastadapt.prefix_attention(q, q, q, torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(2))
+
+
+@needs_native
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear", "multi_lora_linear", "qlora_linear",
+                                "bottleneck_adapter", "prefix_attention"])
+def test_double_backward_through_the_cpp_backend_is_refused(op):
+    # The backward of a cpp forward runs the native backward kernel; with create_graph=True autograd
+    # would record its inner ATen calls (garbage where the kernel writes through raw pointers).
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    with dispatch.use_backend("cpp"):
+        y = _double_backward_call(op, x)
+    assert isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)  # the fused op, not a composite
+    with pytest.raises(RuntimeError, match=r"_backward: \w+ requires grad, and the native kernels are not "
+                                           r"differentiable(.|\n)*double backward \(create_graph=True\)"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    torch.autograd.grad(y.square().sum(), x)  # a plain backward is unaffected
+
+
+@needs_native
+@pytest.mark.parametrize("op,cls", [(op, cls) for op in native_malformed.ARGS
+                                    for cls in (*native_malformed.CLASSES, "scalars")])
+def test_native_ops_survive_the_generated_table(op, cls):
+    # Every tensor argument of the op in the class (a view in any layout gives its contiguous copy's
+    # outputs or is refused by name; an empty, absent, wrong-dtype, other-device or grad-requiring
+    # one is run or refused by the op's own check), or its scalars' bad values.
+    ops = _native.ops()
+    failures = [f"{name}: {problem}" for o, c, name, check in native_malformed.fuzz_table(ops)
+                if (o, c) == (op, cls) and (problem := check(ops))]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.skipif(not os.environ.get("FASTADAPT_SANITIZE_TEST"),

@@ -559,6 +559,23 @@ def test_mixed_batch_inference_takes_the_fused_path():
         ours(input_ids=ids, adapter_names=NAMES)
 
 
+@pytest.mark.parametrize("backend", harness.backends_for("multi_lora_linear", "cpu"))
+def test_mixed_batch_of_one_sequence(backend):
+    # One name: its id reaches multi_lora_linear expanded over the sequence's rows, a stride-0 view
+    # (the cpp kernel read it past its one-element storage and killed the process).
+    theirs = _mixed_adapters()
+    ours = copy.deepcopy(theirs)
+    fastadapt.patch(ours, strict=True)
+    ours.eval()
+    theirs.eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        with fastadapt.dispatch.use_backend(backend):
+            out = ours(input_ids=ids, adapter_names=["wide"]).logits
+        ref = theirs(input_ids=ids, adapter_names=["wide"]).logits
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_mixed_batch_training_with_dropout_per_adapter():
     model = _mixed_adapters(lora_dropout=0.2)
     report = fastadapt.patch(model, strict=True)

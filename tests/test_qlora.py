@@ -16,6 +16,7 @@ from fastadapt.reference import qlora as reference
 from fastadapt.ops.qlora import QLORA_LINEAR
 
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("qlora_linear", d)]
+BACKENDS_CPU = backends_for("qlora_linear", "cpu")
 FORMATS = ["nf4", "nf4-nested", "fp8-tensor", "fp8-channel"]
 CASES = [  # (leading shape of x, in, out, r): K=80 and N*K % 64 != 0 put blocks across rows
     ((1,), 64, 48, 1),
@@ -113,6 +114,24 @@ def test_backend_dequantization_is_exact(backend, device, dtype, fmt):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("fmt,field", [("nf4", "blocksize"), ("nf4-nested", "blocksize"),
+                                       ("nf4-nested", "blocksize2")])
+def test_one_block_of_the_largest_blocksize(backend, device, fmt, field):
+    # A block size of 2**63 - 1: one block for the whole weight (or for all of absmax). The cpp
+    # check computed the block count as (numel + blocksize - 1) // blocksize, which wrapped.
+    if field == "blocksize":
+        q = _quantized(fmt, 8, 64, device, blocksize=2**63 - 1)  # absmax of one element
+    else:
+        q = _quantized(fmt, 8, 64, device)._replace(blocksize2=2**63 - 1)  # absmax2 of one element, as it was
+    x, A, B = (torch.randn(*shape, device=device) for shape in ((5, 64), (2, 64), (8, 2)))
+    with dispatch.use_backend(backend):
+        y = fastadapt.qlora_linear(x, q, A, B, 0.5)
+    expected = lora_reference.lora_linear(x.double(), reference.dequantize(q, torch.float32).double(), A.double(),
+                                          B.double(), 0.5)
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_eval_mode_and_empty_batch(backend, device):
     q = _quantized("nf4", 32, 64, device)
     A, B = torch.randn(4, 64, device=device), torch.randn(32, 4, device=device)
@@ -180,12 +199,35 @@ def _replace(**fields):
     (lambda a: a.__setitem__(1, a[1]._replace(blocksize=0)), ValueError, "blocksize must be a positive int"),
     (lambda a: a.__setitem__(1, a[1]._replace(bits=3)), ValueError, "bits must be 4"),
     (lambda a: a.__setitem__(1, a[1]._replace(shape=(8, 0))), ValueError, "non-empty"),
+    # Metadata every backend must see as the same ints: floats and ints past int64 ran on the
+    # reference and failed inside the native schema ("Expected int ... found int").
+    (_replace(bits=4.0), TypeError, r"weight.bits must be an int, got 4.0 \(float\)"),
+    (_replace(shape=(8.0, 64.0)), TypeError, r"weight.shape\[0\] must be an int, got 8.0"),
+    (_replace(shape=(8, 64.5)), TypeError, r"weight.shape\[1\] must be an int, got 64.5"),
+    (_replace(blocksize=2**63), ValueError,
+     r"weight.blocksize must be a positive int below 2\*\*63, got 9223372036854775808"),
+    (_replace(blocksize2=2**63), ValueError, r"weight.blocksize2 must be a positive int below 2\*\*63"),
+    (_replace(blocksize=True), TypeError, "weight.blocksize must be an int, got True"),
 ])
 def test_bad_input(mutate, error, match):
     args = _args()
     mutate(args)
-    with pytest.raises(error, match=match):
-        fastadapt.qlora_linear(*args[:4], 1.0, args[4])
+    for backend in BACKENDS_CPU:  # raised before dispatch: the same error on every backend
+        with pytest.raises(error, match=match), dispatch.use_backend(backend):
+            fastadapt.qlora_linear(*args[:4], 1.0, args[4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_integer_metadata_of_any_integer_type(backend):
+    # numpy's and torch's integers (a bnb QuantState's shape, a config's blocksize) are ints: each
+    # backend gets them as Python ints.
+    import numpy as np
+    q = _quantized("nf4-nested", 8, 64, "cpu")
+    odd = q._replace(bits=np.int64(4), shape=(torch.tensor(8), np.int32(64)), blocksize=np.int64(q.blocksize),
+                     blocksize2=torch.tensor(q.blocksize2))
+    x, A, B = torch.randn(5, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with dispatch.use_backend(backend):
+        assert torch.equal(fastadapt.qlora_linear(x, odd, A, B, 0.5), fastadapt.qlora_linear(x, q, A, B, 0.5))
 
 
 @pytest.mark.parametrize("per", ["tensor", "channel", "channel-column"])
@@ -195,6 +237,24 @@ def test_fp8_dequantization_is_torchs(per):
     scale = {"tensor": torch.rand(()), "channel": torch.rand(37), "channel-column": torch.rand(37, 1)}[per]
     expected = (w.float() * scale.reshape(-1, 1) if scale.dim() else w.float() * scale).to(torch.bfloat16)
     assert torch.equal(reference.dequantize(fastadapt.fp8_weight(w, scale), torch.bfloat16), expected)
+
+
+def test_bad_nf4_weight():
+    with pytest.raises(TypeError, match="absmax must be a torch.Tensor, got NoneType"):
+        fastadapt.nf4_weight(torch.zeros(4, dtype=torch.uint8), None, (2, 4))
+
+
+def test_fp8_scale_in_any_layout():
+    # The per-channel scale as a column view of a wider tensor: copied, not reported as a problem
+    # of weight.absmax (a name the caller never used).
+    w = (torch.randn(8, 16) * 10).to(torch.float8_e4m3fn)
+    scale = torch.rand(8, 3)[:, 1:2]
+    assert not scale.is_contiguous()
+    x, A, B = torch.randn(5, 16), torch.randn(2, 16), torch.randn(8, 2)
+    for backend in BACKENDS_CPU:
+        with dispatch.use_backend(backend):
+            assert torch.equal(fastadapt.qlora_linear(x, fastadapt.fp8_weight(w, scale), A, B, 0.5),
+                               fastadapt.qlora_linear(x, fastadapt.fp8_weight(w, scale.contiguous()), A, B, 0.5))
 
 
 def test_bad_fp8_weight():

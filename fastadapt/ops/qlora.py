@@ -37,9 +37,8 @@ def nf4_weight(data: Tensor, absmax: Tensor, shape, *, blocksize: int = 64, code
     if isinstance(data, Tensor) and data.dtype != torch.uint8 and data.is_contiguous():
         data = data.view(torch.uint8)
     if code is None:
-        code = reference.nf4_code(absmax.device)
-    return QuantizedWeight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, 4,
-                           tuple(int(s) for s in shape))
+        code = reference.nf4_code(_checks.tensor("absmax", absmax, floating=False).device)
+    return QuantizedWeight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, 4, tuple(shape))
 
 
 def nf4_from_bnb(weight) -> QuantizedWeight:
@@ -82,20 +81,31 @@ def fp8_weight(weight: Tensor, scale: Tensor) -> QuantizedWeight:
     else:
         raise ValueError(f"scale must have 1 element (per tensor) or shape ({n_out},) / ({n_out}, 1) "
                          f"(per output channel), got {tuple(scale.shape)}")
-    return QuantizedWeight(weight.view(torch.uint8), reference.fp8_code(weight.device), scale.reshape(-1), None,
-                           None, None, blocksize, 256, 8, (n_out, n_in))
+    # The scale is read flat (n_out floats at most): a strided one is copied, not refused.
+    return QuantizedWeight(weight.view(torch.uint8), reference.fp8_code(weight.device),
+                           scale.reshape(-1).contiguous(), None, None, None, blocksize, 256, 8, (n_out, n_in))
 
 
-def _check_weight(q: QuantizedWeight) -> None:
-    """Every size the kernels index by, checked (a short table would be an out-of-bounds read)."""
+def _check_weight(q: QuantizedWeight) -> QuantizedWeight:
+    """Every size the kernels index by, checked (a short table would be an out-of-bounds read), and
+    the weight with its integers (bits, shape, block sizes) as Python ints in int64's range: what
+    every backend then sees, the reference and the native schemas alike."""
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"weight must be a QuantizedWeight (fastadapt.nf4_weight / fp8_weight / nf4_from_bnb), "
                         f"got {type(q).__name__}")
-    if q.bits not in (4, 8):
-        raise ValueError(f"bits must be 4 (NF4) or 8 (FP8), got {q.bits}")
-    if len(q.shape) != 2 or min(q.shape) <= 0:
+    bits = _checks.int64("weight.bits", q.bits)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 (NF4) or 8 (FP8), got {bits}")
+    if not isinstance(q.shape, (tuple, list)) or len(q.shape) != 2:
         raise ValueError(f"weight shape must be 2-D and non-empty, got {q.shape}")
-    numel = q.shape[0] * q.shape[1]
+    shape = tuple(_checks.int64(f"weight.shape[{i}]", s) for i, s in enumerate(q.shape))
+    if min(shape) <= 0:
+        raise ValueError(f"weight shape must be 2-D and non-empty, got {shape}")
+    blocksize = _checks.int64("weight.blocksize", q.blocksize, low=1)
+    blocksize2 = (_checks.int64("weight.blocksize2", q.blocksize2, low=1) if q.nested
+                  else _checks.int64("weight.blocksize2", q.blocksize2))  # unread, but the schemas take it
+    q = q._replace(bits=bits, shape=shape, blocksize=blocksize, blocksize2=blocksize2)
+    numel = shape[0] * shape[1]
     for name, t, dtype in (("data", q.data, torch.uint8), ("code", q.code, torch.float32),
                            ("absmax", q.absmax, torch.uint8 if q.nested else torch.float32)):
         _checks.tensor(f"weight.{name}", t, floating=False)
@@ -103,20 +113,16 @@ def _check_weight(q: QuantizedWeight) -> None:
             raise TypeError(f"weight.{name} must be {dtype}, got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"weight.{name} must be contiguous")
-    if q.data.numel() != (numel * q.bits + 7) // 8:
-        raise ValueError(f"weight.data has {q.data.numel()} bytes, expected {(numel * q.bits + 7) // 8} for "
-                         f"shape {q.shape} at {q.bits} bits")
-    _checks.dim_equal("weight.code.numel()", q.code.numel(), 2 ** q.bits)
-    if isinstance(q.blocksize, bool) or not isinstance(q.blocksize, int) or q.blocksize <= 0:
-        raise ValueError(f"weight.blocksize must be a positive int, got {q.blocksize!r}")
-    blocks = -(-numel // q.blocksize)
+    if q.data.numel() != (numel * bits + 7) // 8:
+        raise ValueError(f"weight.data has {q.data.numel()} bytes, expected {(numel * bits + 7) // 8} for "
+                         f"shape {shape} at {bits} bits")
+    _checks.dim_equal("weight.code.numel()", q.code.numel(), 2 ** bits)
+    blocks = -(-numel // blocksize)
     _checks.dim_equal("weight.absmax.numel() (blocks)", q.absmax.numel(), blocks)
     if q.nested:
         if q.code2 is None or q.offset is None:
             raise ValueError("a double-quantized weight needs absmax2, code2 and offset")
-        if isinstance(q.blocksize2, bool) or not isinstance(q.blocksize2, int) or q.blocksize2 <= 0:
-            raise ValueError(f"weight.blocksize2 must be a positive int, got {q.blocksize2!r}")
-        for name, t, n in (("absmax2", q.absmax2, -(-blocks // q.blocksize2)), ("code2", q.code2, 256),
+        for name, t, n in (("absmax2", q.absmax2, -(-blocks // blocksize2)), ("code2", q.code2, 256),
                            ("offset", q.offset, 1)):
             _checks.tensor(f"weight.{name}", t, floating=False)
             if t.dtype != torch.float32 or not t.is_contiguous():
@@ -124,6 +130,7 @@ def _check_weight(q: QuantizedWeight) -> None:
             _checks.dim_equal(f"weight.{name}.numel()", t.numel(), n)
     elif q.code2 is not None or q.offset is not None:
         raise ValueError("code2 / offset given without absmax2")
+    return q
 
 
 def _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, in_features):
@@ -215,8 +222,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
         W = bnb.functional.dequantize_4bit(packed, quant_state).to(x.dtype)
         F.linear(x, W, bias) + (F.dropout(x, dropout_p, training) @ lora_A.T) @ lora_B.T * scaling
     """
-    _check_weight(weight)
-    q = weight
+    q = _check_weight(weight)
     segments = segment_p = None
     if ranks is not None:
         dropout_p, segments, segment_p = _rank_segments(lora_A, ranks, dropout_p, training)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
+from fastadapt import _checks, dispatch, strategy
 from fastadapt.ops import _autocast, _eager, lora
 from fastadapt.ops.lora import _seed
 from fastadapt.reference import dora as reference
@@ -158,6 +158,6 @@ def _triton_why_not(x, weight, lora_A, lora_B, magnitude, bias):
 
 _KERNELS = "fastadapt.kernels.dora"
 dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
-                  backward=dispatch.lazy(_KERNELS, "backward"))
+                  backward=dispatch.lazy(_KERNELS, "backward"), strategy=strategy.DORA_NORM)
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward,
                   backward=reference.backward)

@@ -261,14 +261,16 @@ def _multi_lora_grid():
 def _qlora_grid():
     from fastadapt.kernels import qlora
     from fastadapt.reference.qlora import QuantizedWeight
-    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes.
+    from fastadapt.strategy import QLORA_DEQUANT
+    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes; each under both
+    # strategies (dequantized in the GEMM, or once into a buffer for LoRA's path).
     shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64))
     for dname, *_ in DTYPES:
-        for M, K, N, R in shapes:
+        for (M, K, N, R), dequant in itertools.product(shapes, (QLORA_DEQUANT.fused, QLORA_DEQUANT.split)):
             for bits, nested in ((4, False), (4, True), (8, False)):
                 for bias, p in ((False, 0.0), (True, 0.1)):
                     with _setting(f"qlora M={M} K={K} N={N} r={R} bits={bits} nested={nested} bias={bias} p={p}",
-                                  dname) as dt:
+                                  dname, {QLORA_DEQUANT.env: dequant}) as dt:
                         blocksize = 64 if bits == 4 else K
                         blocks = -(-N * K // blocksize)
                         f32 = (lambda *s: _meta(*s, dtype=torch.float32))
@@ -279,8 +281,6 @@ def _qlora_grid():
                         x, A, B = _meta(M, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
                         y, u = qlora.forward(x, q, A, B, 0.5, _meta(N, dtype=dt) if bias else None, p, 1)
                         qlora.backward(y, x, q, A, B, u, 0.5, p, 1, (True,) * 4)
-                        if M == 1:
-                            qlora.dequantize(q, _meta(N, K, dtype=dt))
 
 
 def _bottleneck_grid():

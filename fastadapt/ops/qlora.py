@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, dispatch
+from fastadapt import _checks, dispatch, strategy
 from fastadapt.backends import device_reasons, dtype_reasons
 from fastadapt.ops import _autocast, _eager
 from fastadapt.ops.lora import _draw_seed, _rank_segments, _seed, check_adapter_args
@@ -271,5 +271,5 @@ def _triton_why_not(x, lora_A, lora_B, bias):
 
 _KERNELS = "fastadapt.kernels.qlora"
 dispatch.register(OP, "triton", why_not=_triton_why_not, forward=dispatch.lazy(_KERNELS, "forward"),
-                  backward=dispatch.lazy(_KERNELS, "backward"))
+                  backward=dispatch.lazy(_KERNELS, "backward"), strategy=strategy.QLORA_DEQUANT)
 dispatch.register(OP, "reference", why_not=lambda **_: [], forward=reference.forward, backward=reference.backward)

@@ -68,6 +68,8 @@ def cmd_info(args) -> int:
                       "torch.use_deterministic_algorithms(True)")
     for (op, name), rule in dispatch.crossovers().items():
         console.print(f"crossover: automatic dispatch passes over {name} for {op} {rule}")
+    for (op, name), rule in dispatch.strategies().items():
+        console.print(f"strategy: {name} {op} runs {rule}")
     console.print(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '')!r} "
                   "(set it to force one backend; dispatch errors name the reasons if it cannot serve)")
     return 0

@@ -49,6 +49,10 @@ class Implementation:
     # instead of the Function around forward/backward, so it costs what the unfused model costs;
     # the custom op's backward takes its gradients through it too (the same bits on both paths).
     composite: Callable | None = None
+    # For a backend that chooses per call among kernels of its own (where a frozen product runs:
+    # fastadapt/strategy.py): ``strategy(**inputs)`` says which it runs for these inputs and why,
+    # ``str(strategy)`` states the rule. The kernels apply the rule themselves; dispatch only shows it.
+    strategy: Callable[..., str] | None = None
 
     def reasons(self, **inputs) -> list[str]:
         """:attr:`why_not`, plus the deterministic-algorithms setting for a non-deterministic one."""
@@ -64,7 +68,7 @@ _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 def register(op: str, backend: str, *, forward: Callable, backward: Callable | None, capabilities=None,
              nondeterministic: str | None = None, slower: Callable[..., str | None] | None = None,
-             composite: Callable | None = None) -> None:
+             composite: Callable | None = None, strategy: Callable[..., str] | None = None) -> None:
     """Register ``backend``'s implementation of ``op``. ``capabilities``
     (:class:`fastadapt.backends.Capabilities`) says what it serves; None: everything (the
     reference)."""
@@ -73,7 +77,7 @@ def register(op: str, backend: str, *, forward: Callable, backward: Callable | N
     why_not = capabilities.why_not(backend) if capabilities is not None else _serves_all
     _DECISIONS.clear()
     _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, why_not, forward, backward,
-                                                           nondeterministic, slower, composite)
+                                                           nondeterministic, slower, composite, strategy)
 
 
 def _serves_all(**_) -> list[str]:
@@ -139,8 +143,9 @@ def only_backends(*names: str) -> Iterator[None]:
 
 
 def explain(op: str, **inputs) -> dict[str, list[str]]:
-    """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can), and the
-    reason automatic choice passes over it if it is slower than the composite there."""
+    """For every backend, the reasons it cannot serve ``inputs`` (an empty list: it can), the
+    reason automatic choice passes over it if it is slower than the composite there, and, for one
+    that serves and chooses among kernels of its own per call, ``strategy: <which and why>`` alone."""
     impls = _REGISTRY.get(op, {})
     out = {}
     for name in BACKENDS:
@@ -149,6 +154,8 @@ def explain(op: str, **inputs) -> dict[str, list[str]]:
         slower = impl.slower(**inputs) if impl and impl.slower and not out[name] else None
         if slower:
             out[name] = [f"passed over: {slower}"]
+        elif impl and impl.strategy and not out[name]:
+            out[name] = [f"strategy: {impl.strategy(**inputs)}"]
     return out
 
 
@@ -156,6 +163,12 @@ def crossovers() -> dict[tuple[str, str], str]:
     """(op, backend) -> its declared crossover (the ``slower`` rule's docstring), for ``fastadapt info``."""
     return {(op, name): " ".join((impl.slower.__doc__ or "").split()) for op, impls in _REGISTRY.items()
             for name, impl in impls.items() if impl.slower}
+
+
+def strategies() -> dict[tuple[str, str], str]:
+    """(op, backend) -> the rule by which it chooses its kernels per call, for ``fastadapt info``."""
+    return {(op, name): str(impl.strategy) for op, impls in _REGISTRY.items()
+            for name, impl in impls.items() if impl.strategy}
 
 
 def get(op: str, backend: str) -> Implementation:

@@ -106,21 +106,39 @@ def lowrank_acc(acc, u_ptr, v_ptr, rows64, row_ok, cols64, col_ok, R,
 
 
 @triton.jit
-def _dropout_keep_kernel(out_ptr, M, N, p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_kernel(x_ptr, out_ptr, M, N, p, seed, stride_xm, stride_xn, stride_om, stride_on,
+                    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_scale(seed, rows, cols, N, p) != 0.0
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], keep.to(tl.int8),
-             mask=(rows < M)[:, None] & (cols < N)[None, :])
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    value = tl.load(x_ptr + rows64[:, None] * stride_xm + cols64[None, :] * stride_xn, mask=mask,
+                    other=0.0).to(tl.float32) * dropout_scale(seed, rows, cols, N, p)
+    out = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+    if ACCUMULATE:
+        value += tl.load(out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out, cast(value, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None,
+            accumulate: bool = False) -> torch.Tensor:
+    """``out = D(x)`` (``out += D(x)`` with ``accumulate``) for 2-D x and out (any strides), with the
+    mask :func:`dropout_scale` draws over x's (M, N), rounded once to out's dtype: the very operand
+    the kernels that drop in-register feed their products, for cuBLAS to take instead."""
+    M, N = x.shape
+    out = torch.empty_like(x) if out is None else out
+    block = 32 if triton_interpret() else 64
+    _dropout_kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](
+        x, out, M, N, p, seed, x.stride(0), x.stride(1), out.stride(0), out.stride(1), ACCUMULATE=accumulate,
+        UPCAST=dot_constexprs(out.dtype)["UPCAST"], BLOCK_M=block, BLOCK_N=block)
+    return out
 
 
 def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
     """The mask :func:`dropout_scale` draws over an (M, N) tensor (True = kept), so that tests can
     hand the reference the very mask the Triton kernels used."""
-    M, N = shape
-    out = torch.empty((M, N), device=device, dtype=torch.int8)
-    _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 32))](out, M, N, p, seed, BLOCK_M=32, BLOCK_N=32)
-    return out.bool()
+    return dropout(torch.ones(shape, device=device), p, seed) != 0
 
 
 def dot_constexprs(dtype: torch.dtype) -> dict:

@@ -75,8 +75,8 @@ def update_accumulator(u_ptr, v_ptr, rows, cols, M, N, R, p, seed, stride_um, st
 
 @triton.jit
 def x_tile(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """The (rows, k0 + BLOCK_K) tile of x (zeros past its edges), with the K indices (int64) and
-    their mask, for a frozen K loop."""
+    """The (rows, k0 + BLOCK_K) tile of an (M, K) tensor x (zeros past its edges), with the K
+    indices (int64) and their mask: x's tiles in a frozen K loop, and any other row-major tile."""
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ks64 = ks.to(tl.int64)

@@ -1,14 +1,27 @@
-"""Triton kernels of LoRA on a quantized frozen base (NF4 QLoRA, FP8): the frozen product with the
-dequantization inside its tile loop.
+"""Triton kernels of LoRA on a quantized frozen base (NF4 QLoRA, FP8): the frozen product either
+with the dequantization inside its tile loop, or on the weight dequantized once per product.
 
-The weight is never dequantized to memory. Each K step of ``_qlora_matmul_kernel`` loads the
-tile's codes (4-bit NF4, two per byte, or e4m3 bytes) and their block scales, looks the codes up
-in the value table, multiplies in fp32 and rounds to the compute dtype (exactly bitsandbytes'
-dequantization, ``fastadapt/reference/qlora.py``), then feeds the tensor cores; the accumulator
-is seeded with the rank-r update as in ``_lora_matmul_kernel``. The same kernel runs the forward
-``y = x W^T + D(u B^T) + b`` and the backward ``gx = gy W + D(gu A)``: only the order in which the
-weight's flat index is walked differs. The low-rank products (``u``, ``gu``, ``gA``, ``gB``) are
-kernels/lora.py's, and so is the op's structure (:func:`fastadapt.kernels.lora.forward`).
+The strategy is chosen per call by ``fastadapt.strategy.QLORA_DEQUANT``, a rule on the number of
+rows M (``FASTADAPT_QLORA_DEQUANT`` forces one); both save the same tensors, so either backward
+serves either forward.
+
+``gemm`` (below 512 rows: decode, rollouts, where the product is bound by reading the weight and
+reading 4 or 8 bits an element is the point): the weight is never dequantized to memory. Each K
+step of ``_qlora_matmul_kernel`` loads the tile's codes (4-bit NF4, two per byte, or e4m3 bytes)
+and their block scales, looks the codes up in the value table, multiplies in fp32 and rounds to the
+compute dtype (exactly bitsandbytes' dequantization, ``fastadapt/reference/qlora.py``), then feeds
+the tensor cores; the accumulator is seeded with the rank-r update as in ``_lora_matmul_kernel``.
+The same kernel runs the forward ``y = x W^T + D(u B^T) + b`` and the backward ``gx = gy W + D(gu A)``:
+only the order in which the weight's flat index is walked differs.
+
+``once`` (from 512 rows up, training): ``_dequantize_kernel`` (the same tile code, so bit for bit
+the same weight) writes the whole weight into a compute-dtype buffer, and the frozen products run
+on it as ``lora_linear``'s do (cuBLAS plus the rank-r update added in place, or whatever
+``FASTADAPT_LORA_GEMM`` chooses), in the forward and again in the backward's gx. The buffer is kept
+and reused (:func:`dequantized`).
+
+The low-rank products (``u``, ``gu``, ``gA``, ``gB``) are kernels/lora.py's, and so is the op's
+structure (:func:`fastadapt.kernels.lora.forward`).
 
 Codes and scales are gathered per element on the flat index ``n * K + k``, so any (N, K) and any
 blocksize are served: a block may span rows. The per-element gathers hit a 64 B (NF4) or 1 KiB
@@ -22,11 +35,16 @@ faster on sm_89+ is not measured.)
 
 from __future__ import annotations
 
+import os
+import threading
+
+import torch
 import triton
 import triton.language as tl
 
 from fastadapt.kernels import lora
 from fastadapt.kernels.common import cast, dot_constexprs, fit_shared_memory, grouped_tile, mma, pow2_block
+from fastadapt.strategy import QLORA_DEQUANT
 
 
 @triton.jit
@@ -146,13 +164,53 @@ def dequantize(q, out):
     return out
 
 
+BUFFER_ENV = "FASTADAPT_QLORA_BUFFER"
+_buffers = threading.local()
+
+
+def dequantized(q, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight dequantized into a ``dtype`` buffer by :func:`dequantize`.
+
+    The buffer is kept for the next call over a weight of as many elements in this dtype, on this
+    device and CUDA stream, from this thread (``FASTADAPT_QLORA_BUFFER=keep``, the default): every
+    QLoRA layer of a model shares one per size (a Llama's 4096 x 4096 and 4096 x 11008 / 11008 x 4096
+    weights: two), forward on the caller's thread and backward on autograd's. Safe because a call
+    uses it only between its dequantization and its GEMM, which the stream orders before the next
+    call's dequantization; per thread and per stream, because calls from other threads or on
+    other streams are not so ordered. ``FASTADAPT_QLORA_BUFFER=free`` allocates one per call instead
+    (back to PyTorch's caching allocator after the product) and drops this thread's kept ones. A
+    CUDA graph capture allocates per call too: its memory must come from the graph's own pool.
+    """
+    mode = os.environ.get(BUFFER_ENV, "keep") or "keep"
+    if mode not in ("keep", "free"):
+        raise ValueError(f"{BUFFER_ENV}={mode!r}: expected 'keep' or 'free'")
+    device = q.data.device
+    numel = q.shape[0] * q.shape[1]
+    cuda = device.type == "cuda"
+    if mode == "free" or (cuda and torch.cuda.is_current_stream_capturing()):
+        if mode == "free":
+            vars(_buffers).clear()
+        buffer = torch.empty(numel, device=device, dtype=dtype)
+    else:
+        key = (device, torch.cuda.current_stream(device).stream_id if cuda else None, dtype, numel)
+        buffer = vars(_buffers).get(key)
+        if buffer is None:
+            buffer = vars(_buffers)[key] = torch.empty(numel, device=device, dtype=dtype)
+    return dequantize(q, buffer.view(q.shape))
+
+
 class _Frozen:
-    """The quantized weight as kernels/lora.py's frozen operand (see its ``_frozen_plus_update``)."""
+    """The quantized weight as kernels/lora.py's frozen operand (see its ``_frozen_plus_update``):
+    the GEMM dequantizes in its tile loop, or the weight is dequantized once for LoRA's path,
+    as ``QLORA_DEQUANT`` chooses for the call's rows."""
 
     def __init__(self, q):
         self.q = q
 
     def frozen_plus_update(self, x, transposed, u, v, bias, out, *, dropout_p=0.0, seed=0):
+        if QLORA_DEQUANT.choose(x.shape[0]) == "once":
+            return lora._frozen_plus_update(x, dequantized(self.q, x.dtype), transposed, u, v, bias, out,
+                                            dropout_p=dropout_p, seed=seed)
         return qlora_matmul(x, self.q, transposed, u, v, bias, out, dropout_p=dropout_p, seed=seed)
 
 

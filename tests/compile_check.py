@@ -35,6 +35,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, don'
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import heapq  # noqa: E402
+import itertools  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -198,27 +199,33 @@ def _lora_grid():
 
 def _dora_grid():
     from fastadapt.kernels import dora
-    # As LoRA's: decode M=1, odd sizes, aligned sizes, r past 64 (the norm's r loop).
+    from fastadapt.strategy import DORA_NORM
+    # As LoRA's: decode M=1, odd sizes, aligned sizes, r past 64 (the norm's r loop); each shape
+    # under both strategies (the norm in the GEMM, or its own kernel beside cuBLAS).
     shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64), (7, 123, 80, 128))
+    norms = (DORA_NORM.fused, DORA_NORM.split)
     for dname, *_ in DTYPES:
-        for M, K, N, R in shapes:
+        for (M, K, N, R), norm in itertools.product(shapes, norms):
             for bias in (False, True):
                 for p in (0.0, 0.1):
-                    with _setting(f"dora M={M} K={K} N={N} r={R} bias={bias} p={p}", dname) as dt:
+                    with _setting(f"dora M={M} K={K} N={N} r={R} bias={bias} p={p}", dname,
+                                  {DORA_NORM.env: norm}) as dt:
                         x = _meta(M, K, dtype=dt)
                         W, A, B = _meta(N, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
                         m, b = _meta(N, dtype=torch.float32), _meta(N, dtype=dt) if bias else None
                         y, u, pre, n = dora.forward(x, W, A, B, m, 0.5, b, p, 1)
                         dora.backward(y, x, W, A, B, m, u, pre, n, 0.5, p, 1, (True,) * 5 + (False,))
-                        # Split M reductions (atomics) are chosen from the SM count of a CUDA device.
+                        # Split reductions (atomics) are chosen from the SM count of a CUDA device.
                         dora.dora_colsum(y, pre, n, _meta(N, dtype=torch.float32),
                                          _meta(N, dtype=torch.float32) if bias else None, splits=3)
-        with _setting("dora non-contiguous x, transposed weight", dname) as dt:
-            x = _meta(300, 96, dtype=dt).t()
-            W = _meta(300, 64, dtype=dt).t()
-            args = (x, W, _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt), _meta(64, dtype=torch.float32))
-            y, u, pre, n = dora.forward(*args, 2.0, None, 0.1, 1)
-            dora.backward(y, *args, u, pre, n, 2.0, 0.1, 1, (True,) * 5 + (False,))
+                        dora.weight_norm(W, A, B, 0.5, _meta(N, dtype=torch.float32), splits=3)
+        for norm in norms:
+            with _setting("dora non-contiguous x, transposed weight", dname, {DORA_NORM.env: norm}) as dt:
+                x = _meta(300, 96, dtype=dt).t()
+                W = _meta(300, 64, dtype=dt).t()
+                args = (x, W, _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt), _meta(64, dtype=torch.float32))
+                y, u, pre, n = dora.forward(*args, 2.0, None, 0.1, 1)
+                dora.backward(y, *args, u, pre, n, 2.0, 0.1, 1, (True,) * 5 + (False,))
 
 
 def _multi_lora_grid():
@@ -254,14 +261,16 @@ def _multi_lora_grid():
 def _qlora_grid():
     from fastadapt.kernels import qlora
     from fastadapt.reference.qlora import QuantizedWeight
-    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes.
+    from fastadapt.strategy import QLORA_DEQUANT
+    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes; each under both
+    # strategies (dequantized in the GEMM, or once into a buffer for LoRA's path).
     shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64))
     for dname, *_ in DTYPES:
-        for M, K, N, R in shapes:
+        for (M, K, N, R), dequant in itertools.product(shapes, (QLORA_DEQUANT.fused, QLORA_DEQUANT.split)):
             for bits, nested in ((4, False), (4, True), (8, False)):
                 for bias, p in ((False, 0.0), (True, 0.1)):
                     with _setting(f"qlora M={M} K={K} N={N} r={R} bits={bits} nested={nested} bias={bias} p={p}",
-                                  dname) as dt:
+                                  dname, {QLORA_DEQUANT.env: dequant}) as dt:
                         blocksize = 64 if bits == 4 else K
                         blocks = -(-N * K // blocksize)
                         f32 = (lambda *s: _meta(*s, dtype=torch.float32))
@@ -272,8 +281,6 @@ def _qlora_grid():
                         x, A, B = _meta(M, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
                         y, u = qlora.forward(x, q, A, B, 0.5, _meta(N, dtype=dt) if bias else None, p, 1)
                         qlora.backward(y, x, q, A, B, u, 0.5, p, 1, (True,) * 4)
-                        if M == 1:
-                            qlora.dequantize(q, _meta(N, K, dtype=dt))
 
 
 def _bottleneck_grid():

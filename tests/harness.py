@@ -45,6 +45,18 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
+def spy_calls(monkeypatch, module, *names: str) -> list[str]:
+    """Wrap the functions ``names`` of ``module`` so that each call appends its name to the list
+    returned (for the module's own code, which looks them up at call time)."""
+    calls = []
+    for name in names:
+        def spy(*args, real=getattr(module, name), name=name, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def assert_backward_on_forward_backend(op: str, backend: str, device: str, call, raw, gy, names) -> None:
     """Dropout masks are regenerated from the seed by each backend's own generator: a backward run
     under another forced backend must still be the forward backend's. ``call(*leaves)`` runs the

@@ -4,11 +4,13 @@ the pieces with logic (case selection, timing quantiles, ratios, the reports).""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from harness import backends_for
 
 from fastadapt import cli
 from fastadapt.bench import cases, report, runner, timing
@@ -94,6 +96,40 @@ def test_case_selection_by_tier_and_op():
     assert {c.op for c in cases.select("cuda", "full", ["prefix"])} == {"prefix"}
     with pytest.raises(ValueError, match="tier"):
         cases.select("cuda", "slow")
+
+
+def test_strategy_cases_time_both_strategies_around_the_crossover(monkeypatch):
+    # On the GPU: DoRA's norm and QLoRA/FP8's dequantization, in the GEMM or apart + cuBLAS, at the
+    # rows that bracket the rules' crossovers, for DESIGN.md's two layer shapes.
+    from fastadapt.strategy import DORA_NORM, QLORA_DEQUANT, FrozenProductRule
+
+    timed = {(c.op, c.name) for c in cases.select("cuda", "default", ["dora", "qlora"])}
+    for M in (1, 16, 256, 2048, 8192):
+        which = "fwd+bwd" if M > 16 else "fwd"
+        for shape in ("4096x4096", "4096x11008"):
+            assert ("dora", f"norm strategies {which} M={M} {shape} r=16") in timed
+            for fmt in ("nf4-nested", "fp8-channel"):
+                assert ("qlora", f"{fmt} dequant strategies {which} M={M} {shape} r=16") in timed
+    # Built small on the CPU (the Triton interpreter): the rule's strategy first, each variant runs
+    # its own in the forward and the backward, and the environment is left as it was.
+    if "triton" not in backends_for("dora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    ran = []
+    choose = FrozenProductRule.choose
+    monkeypatch.setattr(FrozenProductRule, "choose", lambda self, rows: ran.append(choose(self, rows)) or ran[-1])
+    env = cases.Env("cpu", torch.float32, ["triton"], False)
+    for case, rule in ((cases.dora_strategies(600, 32, 48, 4, "quick"), DORA_NORM),
+                       (cases.qlora_strategies(16, 64, 48, 4, "fp8-channel", "quick"), QLORA_DEQUANT)):
+        built = case.build(env)
+        first = rule.automatic(case.params["M"])
+        second = rule.split if first == rule.fused else rule.fused
+        assert list(built.variants) == [f"fastadapt[triton] {rule.env}={first} (the rule here)",
+                                        f"fastadapt[triton] {rule.env}={second}", "floor: frozen matmul"]
+        for choice, run in zip((first, second), built.variants.values()):
+            ran.clear()
+            run()
+            assert ran and set(ran) == {choice}
+            assert rule.env not in os.environ
 
 
 def test_quantiles_and_cpu_timer():

@@ -32,6 +32,7 @@ def test_info_lists_every_backend(capsys):
         assert name in out
     assert "non-deterministic: cuda prefix_attention" in out
     assert "passes over cpp for lora_linear" in out
+    assert "strategy: triton dora_linear runs separate" in out and "strategy: triton qlora_linear runs once" in out
 
 
 def test_demo_verifies_and_times():

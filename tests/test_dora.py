@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, nan_like, rel_err
+from harness import (DEVICES, DTYPES, assert_backward_on_forward_backend, assert_close, backends_for, bound, nan_like,
+                     rel_err, spy_calls)
 from test_lora import _leaf
 
 import fastadapt
@@ -14,6 +15,7 @@ from fastadapt import dispatch
 from fastadapt.testing import dropout_mask
 from fastadapt.reference import dora as reference
 from fastadapt.ops.dora import DORA_LINEAR
+from fastadapt.strategy import DORA_NORM
 
 CASES = [  # (leading shape of x, in, out, r)
     ((1,), 80, 123, 1),
@@ -44,8 +46,10 @@ def _seed_of_call(seed):
 
 
 def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bias=True, dropout_p=0.0,
-                             scaling=0.5, train_weight=False, noncontig=False, weight_view=False):
-    raw = _inputs(lead, n_in, n_out, r, dtype, device, bias)
+                             scaling=0.5, train_weight=False, noncontig=False, weight_view=False, raw=None):
+    """Output and every gradient against float64 (and PyTorch's own error in ``dtype``); returns
+    them, {name: tensor} with "y". ``raw``: the inputs, else fresh ones."""
+    raw = list(raw or _inputs(lead, n_in, n_out, r, dtype, device, bias))
     if noncontig:  # x as a transposed view: its last dim has stride != 1
         raw[0] = raw[0].transpose(-1, -2).contiguous().transpose(-1, -2)
     ours = [_leaf(t) for t in raw]
@@ -77,12 +81,15 @@ def _check_against_reference(backend, device, dtype, lead, n_in, n_out, r, *, bi
     y64, ref64 = reference_run(torch.float64)
     y_pt, ref_pt = reference_run(dtype)  # PyTorch's own error in this dtype
     assert_close("y", y, y64, dtype, device, y_pt)
+    results = {"y": y}
     for name, mine, r64, rpt in zip(NAMES, ours, ref64, ref_pt):
         if mine is None or not mine.requires_grad:
             continue
         assert mine.grad is not None, f"no gradient for {name}"
         assert mine.grad.dtype == mine.dtype and mine.grad.shape == mine.shape
         assert_close(f"grad {name}", mine.grad, r64.grad, dtype, device, rpt.grad)
+        results[name] = mine.grad
+    return results
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -109,6 +116,77 @@ def test_variants(backend, device, variant):
               "rslora_scale": dict(scaling=16 / 7**0.5)}[variant]
     lead = (37,) if variant == "noncontiguous_x" else (2, 19)  # 2-D: the kernels see the strided view
     _check_against_reference(backend, device, torch.float32, lead, 80, 48, 7, **kwargs)
+
+
+# --- The Triton backend's two strategies (fastadapt/strategy.py): norm in the GEMM, or separate + cuBLAS
+
+TRITON_DEVICES = [d for d in DEVICES if "triton" in backends_for("dora_linear", d)]
+NORMS = (DORA_NORM.fused, DORA_NORM.split)
+STRATEGY_CASES = [  # (leading shape of x, in, out, r, options of _check_against_reference)
+    ((1,), 80, 123, 16, {}),  # r > 1: at M = 1, r = 1, gA is one dot product, too ill-conditioned to compare
+    ((129,), 80, 48, 16, {}),
+    ((3, 43), 48, 80, 64, dict(bias=False)),
+    ((2, 5, 7), 123, 123, 16, dict(dropout_p=0.3)),
+    ((37,), 80, 48, 7, dict(noncontig=True, dropout_p=0.2)),
+    ((2, 19), 80, 48, 7, dict(weight_view=True, train_weight=True, dropout_p=0.2, scaling=16 / 7**0.5)),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n_in,n_out,r,options", STRATEGY_CASES)
+def test_norm_strategies_match_reference_and_each_other(monkeypatch, device, dtype, lead, n_in, n_out, r, options):
+    raw = _inputs(lead, n_in, n_out, r, dtype, device, options.get("bias", True))
+    results = {}
+    for norm in NORMS:
+        monkeypatch.setenv(DORA_NORM.env, norm)
+        results[norm] = _check_against_reference("triton", device, dtype, lead, n_in, n_out, r, raw=raw, **options)
+    fused, split = (results[n] for n in NORMS)
+    assert fused.keys() == split.keys()
+    for name in fused:  # the same dropout mask, the same math: apart by rounding only
+        assert rel_err(split[name], fused[name]) <= bound(dtype, device), name
+
+
+def test_norm_strategy_rule():
+    assert DORA_NORM.min_rows == 512  # the bench's M grid (fastadapt/bench/cases.py) brackets it
+    assert [DORA_NORM.choose(m) for m in (0, 1, 511, 512, 8192)] == ["gemm"] * 3 + ["separate"] * 2
+    x = torch.empty(2, 256, 16)  # 512 rows
+    inputs = dict(x=x, weight=torch.empty(8, 16), lora_A=torch.empty(2, 16), lora_B=torch.empty(8, 2),
+                  magnitude=torch.empty(8), bias=None)
+    if "triton" in backends_for("dora_linear", "cpu"):
+        assert dispatch.explain("dora_linear", **inputs)["triton"] == ["strategy: separate (M=512 >= 512 rows)"]
+        assert dispatch.explain("dora_linear", **dict(inputs, x=x[:1]))["triton"] == \
+            ["strategy: gemm (M=256 < 512 rows)"]
+    assert str(DORA_NORM) == dispatch.strategies()[("dora_linear", "triton")]
+    assert "FASTADAPT_DORA_NORM=gemm|separate forces one" in str(DORA_NORM) and "not measured" in str(DORA_NORM)
+
+
+def test_norm_strategy_forced_by_the_environment(monkeypatch):
+    for forced in NORMS:
+        monkeypatch.setenv(DORA_NORM.env, forced)
+        assert DORA_NORM.choose(1) == DORA_NORM.choose(10**6) == forced
+        assert DORA_NORM(torch.empty(3, 4)) == f"{forced} (forced by FASTADAPT_DORA_NORM)"
+    monkeypatch.setenv(DORA_NORM.env, "auto")
+    assert DORA_NORM.choose(1) == "gemm"
+    monkeypatch.setenv(DORA_NORM.env, "cublas")
+    with pytest.raises(ValueError, match="FASTADAPT_DORA_NORM='cublas': expected 'gemm', 'separate' or 'auto'"):
+        DORA_NORM.choose(1)
+
+
+@pytest.mark.parametrize("rows,ran", [(511, "dora_matmul"), (512, "weight_norm")])
+def test_kernels_follow_the_rule(monkeypatch, rows, ran):
+    # The forward runs the norm-in-GEMM kernel below the crossover, the norm kernel + cuBLAS from it.
+    if "triton" not in backends_for("dora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    from fastadapt.kernels import dora as kernels
+
+    calls = spy_calls(monkeypatch, kernels, "dora_matmul", "weight_norm")
+    x, weight, lora_A, lora_B, m, b = _inputs((rows,), 16, 16, 2, torch.float32, "cpu")
+    with dispatch.use_backend("triton"):
+        y = fastadapt.dora_linear(x, weight, lora_A, lora_B, m, 0.5, b)
+    assert calls == [ran]
+    assert rel_err(y, reference.dora_linear(*(t.double() for t in (x, weight, lora_A, lora_B, m)), 0.5, b.double())) \
+        < 1e-5
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -155,6 +233,35 @@ def test_triton_launchers_write_every_element():
                                      splits=splits)
         assert rel_err(gm, (gy * pre.double()).sum(0) / norm.double()) < 1e-5
         assert rel_err(gb, gy.sum(0)) < 1e-5
+    # The separate strategy's pieces: cuBLAS's x W^T (and D(x) W^T) turned into P and y in one pass,
+    # and gx from cuBLAS products.
+    xw = (x @ weight.t()).float()
+    for dropout in (False, True):
+        y0 = (x @ weight.t() * 2).float() if dropout else nan_like(torch.empty(M, N))
+        y, pre = kernels.dora_scale(xw.clone(), u.float(), lora_B.t().float(), m.float(), n64.float(), b.float(), y0,
+                                    dropout=dropout)
+        P = x @ weight.t() + u @ lora_B.t()
+        assert rel_err(pre, P) < 1e-5
+        assert rel_err(y, m / n64 * P + b + (x @ weight.t() if dropout else 0)) < 1e-5
+    gx = kernels.grad_x_cublas(*(t.float() for t in (gy, weight, gu, lora_A, g)), nan_like(torch.empty(M, K)))
+    assert rel_err(gx, (gy * g) @ weight + gu @ lora_A) < 1e-5
+
+
+@pytest.mark.parametrize("n_out,n_in,r,transposed", [(123, 80, 7, False), (48, 300, 1, True), (37, 96, 100, False)])
+def test_weight_norm_kernel(n_out, n_in, r, transposed):
+    # One pass over W (any strides; r past the 64 of one rank block), the K reduction in one
+    # program per block of rows or split across 3 with atomics; every row written.
+    if "triton" not in backends_for("dora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    from fastadapt.kernels import dora as kernels
+
+    weight, lora_A, lora_B = (t.double() for t in _inputs((1,), n_in, n_out, r, torch.float32, "cpu")[1:4])
+    weight = weight.t().contiguous().t() if transposed else weight  # a GPT-2 Conv1D's (in, out), viewed
+    n64 = reference.weight_norm(weight, lora_A, lora_B, 0.75, torch.float64)
+    for splits in (1, 3):
+        n = kernels.weight_norm(weight.float(), lora_A.float(), lora_B.float(), 0.75, nan_like(torch.empty(n_out)),
+                                splits=splits)
+        assert rel_err(n, n64) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -209,6 +209,26 @@ def test_dropout_keeps_expected_fraction(backend, device):
     assert torch.equal(keep, again) and not torch.equal(keep, other)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_dropout_writes_the_operand_its_kernels_drop_in_register(dtype):
+    # D(x) for a cuBLAS product (DoRA's separate strategy): the mask of dropout_keep, the scale
+    # 1/(1-p) in fp32, one rounding to the dtype; into a strided output, or added to it.
+    if "triton" not in backends_for("lora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    from fastadapt.kernels import common
+
+    p, seed = 0.3, 5
+    x = torch.randn(48, 37, dtype=dtype).t()  # (37, 48), strides (1, 37)
+    keep = common.dropout_keep(seed, x.shape, p, "cpu")
+    assert 0.6 < keep.float().mean() < 0.8
+    dropped = x.float() * keep * (1.0 / (1.0 - torch.tensor(p, dtype=torch.float32)))  # as the kernels, in fp32
+    out = nan_like(torch.empty(48, 37, dtype=dtype)).t()
+    assert torch.equal(common.dropout(x, p, seed, out=out), dropped.to(dtype))
+    base = torch.randn(37, 48, dtype=dtype)
+    assert torch.equal(common.dropout(x, p, seed, out=base.clone(), accumulate=True),
+                       (dropped + base.float()).to(dtype))
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_eval_mode_has_no_dropout(backend, device):
     x, weight, lora_A, lora_B, b = _inputs((9,), 48, 32, 4, torch.float32, device)

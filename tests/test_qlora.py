@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICES, DTYPES, assert_close, backends_for, rel_err
+from harness import DEVICES, DTYPES, assert_close, backends_for, bound, rel_err, spy_calls
 
 import fastadapt
 from fastadapt import dispatch
@@ -14,6 +14,7 @@ from fastadapt.testing import dropout_mask
 from fastadapt.reference import lora as lora_reference
 from fastadapt.reference import qlora as reference
 from fastadapt.ops.qlora import QLORA_LINEAR
+from fastadapt.strategy import QLORA_DEQUANT
 
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for("qlora_linear", d)]
 BACKENDS_CPU = backends_for("qlora_linear", "cpu")
@@ -35,6 +36,8 @@ def _leaf(t, dtype=None):
 
 
 def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, bias=True, ranks=None):
+    """Output and every gradient against float64 (and PyTorch's own error in ``dtype``) on fresh
+    inputs; returns them, {name: tensor} with "y"."""
     q = _quantized(fmt, n_out, n_in, device)
     x = torch.randn(*lead, n_in, dtype=dtype, device=device)
     lora_A = torch.randn(r, n_in, dtype=dtype, device=device) / n_in**0.5
@@ -65,10 +68,13 @@ def _check(backend, device, dtype, fmt, lead, n_in, n_out, r, *, dropout_p=0.0, 
     y_pt, ref_pt = reference_run(dtype)
     assert y.dtype == dtype and y.shape == (*lead, n_out)
     assert_close("y", y, y64, dtype, device, y_pt)
+    results = {"y": y}
     for name, mine, r64, rpt in zip(["x", "lora_A", "lora_B", "bias"], ours, ref64, ref_pt):
         if mine is not None:
             assert mine.grad is not None and mine.grad.dtype == dtype, f"grad {name}"
             assert_close(f"grad {name}", mine.grad, r64.grad, dtype, device, rpt.grad)
+            results[name] = mine.grad
+    return results
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -90,6 +96,118 @@ def test_dropout_same_mask_forward_and_backward(backend, device, dtype, fmt):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_several_adapters_each_draw_their_own_dropout_mask(backend, device, dtype):
     _check(backend, device, dtype, "nf4-nested", (37,), 80, 48, 12, dropout_p=[0.3, 0.0, 0.2], ranks=[4, 7, 1])
+
+
+# --- The Triton backend's two strategies (fastadapt/strategy.py): dequantize in the GEMM, or once + cuBLAS
+
+TRITON_DEVICES = [d for d in DEVICES if "triton" in backends_for("qlora_linear", d)]
+DEQUANTS = (QLORA_DEQUANT.fused, QLORA_DEQUANT.split)
+STRATEGY_CASES = [  # (format, leading shape of x, in, out, r, options of _check)
+    ("nf4", (1,), 64, 48, 16, {}),
+    ("nf4-nested", (2, 5, 7), 128, 80, 16, dict(dropout_p=0.3)),
+    ("fp8-tensor", (7,), 80, 123, 7, dict(bias=False)),
+    ("fp8-channel", (3, 11), 96, 40, 64, {}),
+    ("nf4-nested", (37,), 80, 48, 12, dict(dropout_p=[0.3, 0.0, 0.2], ranks=[4, 7, 1])),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt,lead,n_in,n_out,r,options", STRATEGY_CASES)
+def test_dequant_strategies_match_reference_and_each_other(monkeypatch, device, dtype, fmt, lead, n_in, n_out, r,
+                                                           options):
+    results = {}
+    for dequant in DEQUANTS:
+        monkeypatch.setenv(QLORA_DEQUANT.env, dequant)
+        torch.manual_seed(7)  # the same inputs for both
+        results[dequant] = _check("triton", device, dtype, fmt, lead, n_in, n_out, r, **options)
+    fused, split = (results[d] for d in DEQUANTS)
+    assert fused.keys() == split.keys()
+    for name in fused:  # the same weight bit for bit, the same masks: apart by rounding only
+        assert rel_err(split[name], fused[name]) <= bound(dtype, device), name
+
+
+def test_dequant_strategy_rule(monkeypatch):
+    assert QLORA_DEQUANT.min_rows == 512  # the bench's M grid (fastadapt/bench/cases.py) brackets it
+    assert [QLORA_DEQUANT.choose(m) for m in (0, 1, 511, 512, 8192)] == ["gemm"] * 3 + ["once"] * 2
+    inputs = dict(x=torch.empty(512, 64), lora_A=torch.empty(2, 64), lora_B=torch.empty(8, 2), bias=None)
+    if "triton" in backends_for("qlora_linear", "cpu"):
+        assert dispatch.explain("qlora_linear", **inputs)["triton"] == ["strategy: once (M=512 >= 512 rows)"]
+        monkeypatch.setenv(QLORA_DEQUANT.env, "gemm")
+        assert dispatch.explain("qlora_linear", **inputs)["triton"] == \
+            ["strategy: gemm (forced by FASTADAPT_QLORA_DEQUANT)"]
+        assert QLORA_DEQUANT.choose(10**6) == "gemm"
+    assert str(QLORA_DEQUANT) == dispatch.strategies()[("qlora_linear", "triton")]
+    for source in ("unsloth #39", "axolotl #3743", "bitsandbytes #1319", "not measured on this device"):
+        assert source in str(QLORA_DEQUANT)
+    monkeypatch.setenv(QLORA_DEQUANT.env, "dense")
+    with pytest.raises(ValueError, match="FASTADAPT_QLORA_DEQUANT='dense': expected 'gemm', 'once' or 'auto'"):
+        QLORA_DEQUANT.choose(1)
+
+
+def _triton_kernels():
+    if "triton" not in backends_for("qlora_linear", "cpu"):
+        pytest.skip("triton backend not available on the CPU here (needs TRITON_INTERPRET=1)")
+    from fastadapt.kernels import qlora as kernels
+    return kernels
+
+
+@pytest.mark.parametrize("rows,ran", [(511, "qlora_matmul"), (512, "dequantized")])
+def test_kernels_follow_the_rule(monkeypatch, rows, ran):
+    # Below the crossover the GEMM dequantizes in its K loop; from it the weight is dequantized
+    # once per product (forward, then the backward's gx) and LoRA's path runs on it.
+    kernels = _triton_kernels()
+    calls = spy_calls(monkeypatch, kernels, "qlora_matmul", "dequantized")
+    q = _quantized("fp8-channel", 16, 32, "cpu")
+    x, A, B = _leaf(torch.randn(rows, 32)), torch.randn(2, 32), torch.randn(16, 2)
+    with dispatch.use_backend("triton"):
+        y = fastadapt.qlora_linear(x, q, A, B, 0.5)
+    y.backward(torch.ones_like(y))
+    assert calls == [ran, ran]
+    w = reference.dequantize(q, torch.float64)
+    assert rel_err(y, lora_reference.lora_linear(x.double(), w, A.double(), B.double(), 0.5)) < 1e-5
+    assert rel_err(x.grad, torch.ones(rows, 16, dtype=torch.float64) @ (w + 0.5 * B.double() @ A.double())) < 1e-5
+
+
+def test_dequantization_buffer_is_reused_per_size_and_dtype(monkeypatch):
+    kernels = _triton_kernels()
+    monkeypatch.delenv(kernels.BUFFER_ENV, raising=False)
+    q1, q2, q3 = (_quantized("nf4", *shape, "cpu") for shape in ((48, 80), (80, 48), (48, 64)))
+    w1 = kernels.dequantized(q1, torch.bfloat16)
+    assert torch.equal(w1, reference.dequantize(q1, torch.bfloat16))
+    w2 = kernels.dequantized(q2, torch.bfloat16)  # as many elements: the same memory, rewritten
+    assert w2.data_ptr() == w1.data_ptr() and w2.shape == (80, 48)
+    assert torch.equal(w2, reference.dequantize(q2, torch.bfloat16))
+    assert kernels.dequantized(q3, torch.bfloat16).data_ptr() != w1.data_ptr()
+    assert kernels.dequantized(q1, torch.float32).data_ptr() != w1.data_ptr()
+    monkeypatch.setenv(kernels.BUFFER_ENV, "free")  # one buffer per call, the kept ones dropped
+    assert kernels.dequantized(q1, torch.bfloat16).data_ptr() != w1.data_ptr()
+    assert not vars(kernels._buffers)
+    monkeypatch.setenv(kernels.BUFFER_ENV, "never")
+    with pytest.raises(ValueError, match="FASTADAPT_QLORA_BUFFER='never': expected 'keep' or 'free'"):
+        kernels.dequantized(q1, torch.bfloat16)
+
+
+@pytest.mark.parametrize("buffer", ["keep", "free"])
+def test_layers_sharing_a_buffer_in_one_graph(monkeypatch, buffer):
+    # Two layers of one size: each product dequantizes its own weight into the shared buffer just
+    # before using it, so the second layer's forward does not disturb the first one's backward.
+    _triton_kernels()
+    monkeypatch.setenv(QLORA_DEQUANT.env, "once")
+    monkeypatch.setenv("FASTADAPT_QLORA_BUFFER", buffer)
+    q1, q2 = _quantized("nf4-nested", 48, 48, "cpu"), _quantized("fp8-tensor", 48, 48, "cpu")
+    x, A1, B1, A2, B2 = (_leaf(torch.randn(*s)) for s in ((9, 48), (4, 48), (48, 4), (4, 48), (48, 4)))
+    with dispatch.use_backend("triton"):
+        y = fastadapt.qlora_linear(fastadapt.qlora_linear(x, q1, A1, B1, 0.5), q2, A2, B2, 0.5)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    exact = [_leaf(t, torch.float64) for t in (x, A1, B1, A2, B2)]
+    w1, w2 = (reference.dequantize(q, torch.float32).double() for q in (q1, q2))
+    y64 = lora_reference.lora_linear(lora_reference.lora_linear(exact[0], w1, *exact[1:3], 0.5), w2, *exact[3:], 0.5)
+    y64.backward(gy.double())
+    assert rel_err(y, y64) < 1e-5
+    for mine, ref in zip((x, A1, B1, A2, B2), exact):
+        assert rel_err(mine.grad, ref.grad) < 1e-5
 
 
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKEND_DEVICE if b != "reference"])

@@ -8,8 +8,10 @@ are named ``fastadapt[<backend>]``, the floor ``floor: ...``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -441,6 +443,107 @@ def qlora_train(M: int, K: int, N: int, r: int, tier: str) -> Case:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the Triton backend runs DoRA's and QLoRA's frozen products (fastadapt/strategy.py), side by side
+
+STRATEGY_ROWS = (1, 16, 256, 2048, 8192)  # around the rules' crossovers (512 rows, an estimate)
+DECODE_ROWS = 16  # up to here a call is decoding or a rollout: timed forward only; above, fwd+bwd
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _strategies(op: str, rule, label: str, M: int, K: int, N: int, r: int, tier: str, make) -> Case:
+    """Each strategy of ``rule`` forced on the Triton backend at M rows, the one the rule picks
+    first (the headline: the others' "faster by" says whether the rule is right there), and the
+    floor, the frozen matmul. ``make(env, x)`` gives the op's call on x (M, K), the adapter tensors
+    it trains and the dense (N, K) weight of the floor. The environment variable is set around the
+    whole step, so that the backward (on autograd's thread) runs the same strategy."""
+    train = M > DECODE_ROWS
+    which = "fwd+bwd" if train else "fwd"
+    default = rule.automatic(M)
+
+    def build(env: Env) -> Built:
+        from fastadapt import use_backend
+
+        x = torch.randn(M, K, device=env.device, dtype=env.dtype, requires_grad=train)
+        call, trained, dense = make(env, x)
+        leaves = [x, *trained]
+        grad_y = torch.randn(M, N, device=env.device, dtype=env.dtype)
+        step = (lambda f: forward_backward(f, leaves, grad_y)) if train else forward_only
+
+        def under(choice):
+            run = step(call)
+
+            def forced():
+                with use_backend("triton"), _environ(rule.env, choice):
+                    run()
+            return forced
+
+        variants = {f"{fused_name('triton')} {rule.env}={c}{' (the rule here)' if c == default else ''}": under(c)
+                    for c in sorted((rule.fused, rule.split), key=lambda c: c != default)}
+        variants["floor: frozen matmul"] = step(lambda: F.linear(x, dense))
+        return Built(variants, "floor: frozen matmul", leaves=leaves)
+
+    return Case(op, f"{label} strategies {which} M={M} {K}x{N} r={r}",
+                dict(kind=f"strategies {which}", M=M, K=K, N=N, r=r), tier, build)
+
+
+def dora_strategies(M: int, K: int, N: int, r: int, tier: str) -> Case:
+    """DoRA's norm in our GEMM's K loop against the norm kernel beside cuBLAS (grads of x, A, B and
+    the magnitude when trained)."""
+    from fastadapt.strategy import DORA_NORM
+
+    def make(env, x):
+        import fastadapt
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        magnitude = (torch.rand(N, device=env.device) + 0.5).requires_grad_()
+        return (lambda: fastadapt.dora_linear(x, weight, lora_A, lora_B, magnitude, 2.0)), \
+            [lora_A, lora_B, magnitude], weight
+
+    return _strategies("dora", DORA_NORM, "norm", M, K, N, r, tier, make)
+
+
+def qlora_strategies(M: int, K: int, N: int, r: int, fmt: str, tier: str) -> Case:
+    """QLoRA / FP8 (``fmt`` of ``fastadapt.reference.qlora.random_weight``): dequantizing in our GEMM's
+    K loop against dequantizing once into a buffer for cuBLAS (grads of x, A, B when trained)."""
+    from fastadapt.strategy import QLORA_DEQUANT
+
+    def make(env, x):
+        import fastadapt
+        from fastadapt.reference import qlora as qref
+
+        weight, lora_A, lora_B = _lora_tensors(env, M, K, N, r)
+        q = qref.random_weight(fmt, N, K, env.device)
+        return (lambda: fastadapt.qlora_linear(x, q, lora_A, lora_B, 2.0)), [lora_A, lora_B], weight
+
+    return _strategies("qlora", QLORA_DEQUANT, f"{fmt} dequant", M, K, N, r, tier, make)
+
+
+def _strategy_sweeps(K: int, N: int, tier: str) -> list[Case]:
+    """The rows nearest the crossovers first, so that a run cut short has bracketed them."""
+    import math
+
+    from fastadapt.strategy import DORA_NORM, QLORA_DEQUANT
+
+    crossovers = (DORA_NORM.min_rows, QLORA_DEQUANT.min_rows)
+    rows = sorted(STRATEGY_ROWS, key=lambda m: min(abs(math.log2(m / c)) for c in crossovers))
+    return [case for M in rows for case in (
+        dora_strategies(M, K, N, 16, tier), qlora_strategies(M, K, N, 16, "nf4-nested", tier),
+        qlora_strategies(M, K, N, 16, "fp8-channel", tier))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Bottleneck adapter
 
 BOTTLENECK_CONFIGS = {
@@ -720,6 +823,9 @@ def all_cases(scale: str) -> list[Case]:
             prefix(4, 32, 8, 2048, 128, 10, True, "full"),
             prefix(1, 32, 32, 8192, 128, 10, True, "full"),
             prefix(8, 32, 8, 512, 128, 30, True, "full"),
+            # Last of each tier: their own call (--op dora --op qlora) when a run is short of time.
+            *_strategy_sweeps(4096, 4096, "quick"),
+            *_strategy_sweeps(4096, 11008, "default"),
         ]
     if scale == "cpu":
         return [

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, _native, dispatch
+from fastadapt import _checks, _native, dispatch, strategy
 from fastadapt.backends import Capabilities
 from fastadapt.ops import lora
 from fastadapt.ops._declare import Arg, OpSpec, declare
@@ -133,7 +133,7 @@ def _float32_magnitude(backend, magnitude, **_):
 CAPABILITIES = Capabilities("x", lora.CAPABILITIES.same_dtype, extra=_float32_magnitude)
 _KERNELS = "fastadapt.kernels.dora"
 dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
-                  backward=dispatch.lazy(_KERNELS, "backward"))
+                  backward=dispatch.lazy(_KERNELS, "backward"), strategy=strategy.DORA_NORM)
 
 
 def _native_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):

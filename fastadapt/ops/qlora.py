@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastadapt import _checks, _native, dispatch
+from fastadapt import _checks, _native, dispatch, strategy
 from fastadapt.backends import Capabilities
 from fastadapt.ops import _autocast, lora
 from fastadapt.ops._declare import Arg, OpSpec, declare
@@ -246,7 +246,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
 CAPABILITIES = Capabilities("x", ("x", "lora_A", "lora_B", "bias"))
 _KERNELS = "fastadapt.kernels.qlora"
 dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy(_KERNELS, "forward"),
-                  backward=dispatch.lazy(_KERNELS, "backward"))
+                  backward=dispatch.lazy(_KERNELS, "backward"), strategy=strategy.QLORA_DEQUANT)
 
 
 def _weight_args(q: QuantizedWeight) -> tuple:

@@ -8,8 +8,9 @@ still run its library's own forward. :func:`unpatch` undoes every patch.
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -83,12 +84,43 @@ class Patcher(Protocol):
 _NAME, _REPORT = "_fastadapt_name", "_fastadapt_report"
 
 
+def bind(module: torch.nn.Module, attr: str, function) -> None:
+    """``module.<attr>`` becomes ``function`` bound to ``module``: an instance attribute over the
+    class's own, undone by ``del module.<attr>``.
+
+    A ``functools.partial``, not a bound method, so that a patched model can be pickled or
+    ``torch.save``d whole: a ``types.MethodType`` pickles as ``getattr(module, function.__name__)``,
+    which fails when it is loaded (the module has no such attribute); a partial pickles as the
+    function, by its qualified name, and the module (which pickle and deepcopy resolve to the
+    module's copy)."""
+    setattr(module, attr, functools.partial(function, module))
+
+
+class ModuleRef:
+    """A weak reference to a module (``ref()`` -> the module or None) that, unlike
+    ``weakref.ref``, pickles and deep-copies: in a copy of a model that holds both, it refers to the
+    module's copy (a deepcopy of the referring module alone keeps referring to the original)."""
+
+    def __init__(self, module: torch.nn.Module | None):
+        self._ref = weakref.ref(module) if module is not None else None  # None: a reference that died
+
+    def __call__(self) -> torch.nn.Module | None:
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return ModuleRef, (self(),)
+
+    def __deepcopy__(self, memo):
+        # A model's deepcopy copies a module before what it holds, so a referred ancestor is in memo.
+        target = self()
+        return ModuleRef(memo.get(id(target), target))
+
+
 def bind_forward(module: torch.nn.Module, forward, mark: str, *, name: str, report: PatchReport, what: str,
                  fallbacks: str) -> None:
-    """Route ``module``'s calls through ``forward(module, ...)``: an instance attribute over the
-    class's forward, so the library's parameters, buffers and methods stay as they are; then
-    :func:`mark_patched`."""
-    module.forward = types.MethodType(forward, module)
+    """Route ``module``'s calls through ``forward(module, ...)`` (:func:`bind`), so the library's
+    parameters, buffers and methods stay as they are; then :func:`mark_patched`."""
+    bind(module, "forward", forward)
     mark_patched(module, mark, name=name, report=report, what=what, fallbacks=fallbacks)
 
 

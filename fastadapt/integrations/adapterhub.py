@@ -15,12 +15,10 @@ tested with, so the patcher is tested on a transcription of that layout, not on 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.integrations import ModuleRef, PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.ops.bottleneck import bottleneck_adapter
 
 _MARK = "_fastadapt_bottleneck_patched"
@@ -145,7 +143,7 @@ class _AdapterHubPatcher:
             holder = parents.get(id(module))
             layer = parents.get(id(holder)) if holder is not None else None
             if layer is not None:
-                object.__setattr__(module, _PARENT, weakref.ref(layer))
+                object.__setattr__(module, _PARENT, ModuleRef(layer))
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter",
                          fallbacks=_FALLBACKS)

@@ -11,8 +11,6 @@ path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs 
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from fastadapt import llama_adapter
@@ -72,7 +70,6 @@ class _PeftAdaptionPromptPatcher:
             if reasons:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
-            llama_adapter._register()
             inner = module.model
             cfg = inner.config
             heads = cfg.num_attention_heads
@@ -80,8 +77,7 @@ class _PeftAdaptionPromptPatcher:
             view = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, inner.head_dim, module.adapter_len,
                                         gate="scalar", gate_tanh=False, device="meta")
             view.adaption_prompt, view.adaption_gate = module.adaption_prompt, module.adaption_gate
-            private = copy.copy(cfg)
-            private._attn_implementation = llama_adapter.ATTN_IMPLEMENTATION
+            private = llama_adapter.private_config(inner, llama_adapter.ATTN_IMPLEMENTATION, llama_adapter._attention)
             # Plain attributes (object.__setattr__): not submodules, so PEFT's state dict, parameter
             # list and save_pretrained are unchanged.
             object.__setattr__(inner, "_fastadapt_adaption", view)
@@ -96,7 +92,8 @@ class _PeftAdaptionPromptPatcher:
             if is_bound(module, _MARK):
                 unbind_forward(module, _MARK)
                 inner = module.model
-                for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn"):
+                for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn",
+                             "_fastadapt_attention"):
                     inner.__dict__.pop(attr, None)
                 report.patched.append((name, "restored PEFT's forward"))
 

@@ -31,7 +31,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, peft_qlora, report_of, unbind_forward
+from fastadapt.integrations import PatchReport, bind, bind_forward, is_bound, peft_qlora, report_of, unbind_forward
 from fastadapt.nn.multi_lora import mixed_batch
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.dora import dora_linear
@@ -283,7 +283,7 @@ class _PeftLoraPatcher:
         for module in model.modules():
             # The LoraModel's own __dict__: a PeftModel forwards attribute reads to it.
             if lora_model is not None and isinstance(module, lora_model) and _MODEL_MARK not in module.__dict__:
-                module._enable_peft_forward_hooks = _forward_hooks_in_training.__get__(module)
+                bind(module, "_enable_peft_forward_hooks", _forward_hooks_in_training)
                 setattr(module, _MODEL_MARK, True)
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:

@@ -115,6 +115,23 @@ def test_report_says_what_was_left_alone_and_why_and_what_falls_back():
         model(input_ids=ids)  # once per report: no second warning
 
 
+def test_the_report_names_every_condition_the_forward_checks():
+    # One rule states each condition in the report and checks it at call time: a DoRA adapter with
+    # lora_bias (PEFT's config refuses the pair, its layer takes it) runs PEFT's forward, as its
+    # layer's report entry says.
+    from peft.tuners.lora import layer
+    config = peft.LoraConfig(r=4, use_dora=True, init_lora_weights=False)
+    config.lora_bias = True
+    lora = layer.Linear(torch.nn.Linear(16, 8), "default", config=config, r=4)
+    theirs = copy.deepcopy(lora)
+    report = fastadapt.patch(torch.nn.Sequential(lora))
+    assert "lora_bias on a DoRA adapter ['default']" in report.fallbacks[0][1], str(report)
+    x = torch.randn(2, 16)
+    with pytest.warns(UserWarning, match="lora_bias on a DoRA adapter"):
+        assert torch.equal(lora(x), theirs(x))
+    assert report.calls == {"fallback: lora_bias on a DoRA adapter": 1}
+
+
 def test_strict_patch_raises_on_a_fallback():
     torch.manual_seed(0)
     model = peft.get_peft_model(_tiny_llama(), _lora_config(target_modules=["q_proj"]))

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -71,6 +71,28 @@ class PatchReport:
         """Called by a patched forward that runs the fused op."""
         if not torch.compiler.is_compiling():
             self.calls["fused"] += 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One condition under which a patched module hands a call to its library's forward, declared
+    once for both places that state it: ``when`` is its text in the patch report (a string, or
+    ``when(module)``: the text for that module, None where it cannot arise there, judged at patch
+    time) and ``why(call)`` checks a call (the reason, or None)."""
+
+    when: str | Callable[[torch.nn.Module], str | None]
+    why: Callable[..., str | None]
+
+
+def conditions(rules, module: torch.nn.Module) -> str:
+    """The report's call-time conditions of ``module``: the texts of the ``rules`` that can arise there."""
+    texts = (rule.when if isinstance(rule.when, str) else rule.when(module) for rule in dict.fromkeys(rules))
+    return "; ".join(text for text in texts if text is not None)
+
+
+def first_reason(rules, call) -> str | None:
+    """The reason of the first of the ``rules`` that ``call`` meets (None: the fused op serves it)."""
+    return next((reason for rule in rules if (reason := rule.why(call)) is not None), None)
 
 
 class Patcher(Protocol):

@@ -409,6 +409,38 @@ def test_generation_in_inference_mode():
     assert report.calls["fused"] == 14 * 6 and len(report.calls) == 1
 
 
+@pytest.mark.parametrize("inner, lora_first", [
+    ("loha", False), ("loha", True), ("adalora", False),
+    pytest.param("adalora", True, marks=pytest.mark.xfail(strict=True, reason=(
+        "AdaLoRA adds to its base layer's output in place, and the ops' eager autograd Function returns a view "
+        "(fastadapt/ops/lora.py _forward: y.view(...)), which autograd refuses to modify in place")))])
+def test_lora_stacked_on_another_tuner_in_a_mixed_model(inner, lora_first):
+    # A PeftMixedModel stacks the tuners of one layer: LoRA added over a LoHa / AdaLoRA layer adds
+    # its update to that layer's output, which computing on the frozen weight would drop (left to
+    # PEFT, and said why); LoRA under the other tuner is served (the outer one calls it).
+    torch.manual_seed(0)
+    other = {"loha": peft.LoHaConfig(target_modules=["0"], init_weights=False),
+             "adalora": peft.AdaLoraConfig(target_modules=["0"], init_lora_weights=False, total_step=10)}[inner]
+    configs = [("other", other), ("lora", _lora_config(target_modules=["0", "2"]))]
+    if lora_first:
+        configs.reverse()
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    model = peft.PeftMixedModel(base, configs[0][1], configs[0][0])
+    model.add_adapter(*configs[1])
+    model.set_adapter(["other", "lora"])
+    theirs = copy.deepcopy(model)
+    report = fastadapt.patch(model, strict=True)
+    stacked = [why for name, why in report.skipped if name == "base_model.model.0"]
+    if lora_first:
+        assert [n for n, _ in report.patched] == ["base_model.model.0.base_layer", "base_model.model.2"], str(report)
+    else:
+        assert [n for n, _ in report.patched] == ["base_model.model.2"], str(report)
+        assert len(stacked) == 1 and "another tuner's layer over the Linear" in stacked[0], str(report)
+    x = torch.randn(3, 16)
+    assert rel_err(model(x), theirs(x)) < 1e-6
+    assert report.calls == {"fused": len(report.patched)}
+
+
 # --- DoRA (use_dora=True) runs fastadapt::dora_linear ---
 
 

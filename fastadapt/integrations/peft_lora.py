@@ -58,11 +58,18 @@ def _static_reasons(module, lora_layer) -> list[str]:
     """Why a PEFT LoRA layer can never take the fused path (checked once, at patch time)."""
     if isinstance(module, lora_layer.Embedding):
         return ["LoRA on an embedding runs PEFT's forward (a gather plus a rank-r lookup: no GEMM to fuse into)"]
-    if peft_qlora.is_qlora(module):
-        return peft_qlora.static_reasons(module)
-    if type(module) is not lora_layer.Linear:
+    qlora = peft_qlora.is_qlora(module)
+    if not qlora and type(module) is not lora_layer.Linear:
         return [f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear"]
-    base = module.get_base_layer()
+    inner, base = module.base_layer, module.get_base_layer()
+    if inner is not base:
+        # PEFT's mixed models stack tuners on one layer (LoRA on LoHa, LoKr, AdaLoRA...): PEFT adds
+        # LoRA's update to what base_layer returns, the inner tuner's output, while the fused ops
+        # compute the frozen product from the innermost weight and would drop the inner adapters.
+        return [f"base_layer is {type(inner).__module__}.{type(inner).__name__}, another tuner's layer over the "
+                f"{type(base).__name__} (a mixed model): the fused ops would drop its output"]
+    if qlora:
+        return peft_qlora.static_reasons(module)
     if type(base) is not nn.Linear and type(base) is not _conv1d_class():
         return [f"base layer is {type(base).__name__}, not nn.Linear or Conv1D (quantized or custom)"]
     return []

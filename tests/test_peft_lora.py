@@ -469,6 +469,39 @@ def test_dora_model_matches_peft_logits_and_grads():
     assert rel_err(merged(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
 
 
+@pytest.mark.parametrize("backend", harness.backends_for("lora_linear", "cpu"))
+def test_lora_at_initialisation_gives_the_base_layer_bit_for_bit(backend):
+    # B = 0: every backend adds an exact zero to the base layer's own product (README, "Where a
+    # patched model differs from PEFT").
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(123, 48))
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+    report = fastadapt.patch(model, strict=True)
+    model.train()
+    x = torch.randn(2, 21, 123)
+    with fastadapt.use_backend(backend):
+        assert torch.equal(model(x), base(x))
+    assert report.calls == {"fused": 1}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_at_initialisation_gives_the_base_layer_bit_for_bit_on_the_reference_backend(dropout):
+    # PEFT's DoRA layer at initialisation (B = 0, m = ||W||) returns its base layer's output exactly
+    # (PEFT's tests assert atol=0). The reference backend composes the output as PEFT does, with the
+    # norm computed as the magnitude was initialised, so it does too; the cpp and Triton kernels
+    # round otherwise (README, "Where a patched model differs from PEFT").
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(777, 129))
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], use_dora=True,
+                                                                      lora_dropout=dropout))
+    report = fastadapt.patch(model, strict=True)
+    model.train()  # dropout on: PEFT then recomputes D(x) W^T, and so does the op
+    x = torch.randn(2, 150, 777)
+    with fastadapt.use_backend("reference"):
+        assert torch.equal(model(x), base(x))
+    assert report.calls == {"fused": 1}
+
+
 @pytest.mark.parametrize("setup", ["autocast_bf16", "bf16_base_fp32_adapters"])
 def test_dora_half_precision_setups_match_peft(setup):
     torch.manual_seed(0)

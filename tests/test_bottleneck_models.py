@@ -484,6 +484,20 @@ def test_patched_adapterhub_layout_pickles_and_deep_copies(monkeypatch):
     assert pickle.loads(pickle.dumps(ModuleRef(torch.nn.Linear(1, 1))))() is None  # a reference that died
 
 
+def test_adapterhub_adapter_added_after_patch_is_reported(monkeypatch):
+    # An adapter added into a patched model's layer joins it out of sight of its layer (whose
+    # AdapterFusion would need the library's forward): left to the library, and reported.
+    fake = _install_fake_adapters(monkeypatch)
+    layer = fake.BottleneckLayer()
+    layer.adapters["a"] = fake.Adapter("a", 48, 8, ADAPTERHUB_CONFIGS[0])
+    model = torch.nn.Sequential(layer)
+    report = fastadapt.patch(model)
+    layer.adapters["b"] = fake.Adapter("b", 48, 8, ADAPTERHUB_CONFIGS[0])
+    assert [n for n, _ in report.patched] == ["0.adapters.a"]
+    assert [n for n, why in report.skipped if "added after patch()" in why] == ["0.adapters.b"], str(report)
+    assert "forward" not in vars(layer.adapters["b"])
+
+
 def test_patch_reports_adapters_not_installed(monkeypatch):
     import sys
 

@@ -128,7 +128,7 @@ def test_round_trips_give_the_same_outputs_on_the_fused_path(kind):
 
 def test_a_fresh_process_loads_and_runs_them(tmp_path):
     # transformers' AttentionInterface is per process: the routed attention modules register ours
-    # again when they are unpickled.
+    # again when they are unpickled; so is the hook that patches adapters added to a patched model.
     for kind in ("peft_adaption_prompt", "peft_prefix_tuning", "fastadapt_adaption_prompt"):
         model, inputs = _build(kind)
         torch.save((model, inputs, _output(model, inputs)), tmp_path / f"{kind}.pt")
@@ -138,6 +138,10 @@ def test_a_fresh_process_loads_and_runs_them(tmp_path):
         for path in sys.argv[1:]:
             model, inputs, expected = torch.load(path, weights_only=False)
             assert torch.equal(model(**inputs).logits, expected), path
+            if path.endswith("peft_adaption_prompt.pt"):
+                import peft
+                model.add_adapter("later", peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1))
+                assert "forward" in vars(model.base_model._cached_adapters["later"][0]), "not patched"
     """)
     paths = sorted(str(p) for p in tmp_path.glob("*.pt"))
     run = subprocess.run([sys.executable, "-c", script, *paths], cwd=tmp_path, capture_output=True, text=True,

@@ -144,6 +144,28 @@ def test_strict_patch_raises_on_a_fallback():
         model(input_ids=ids)
 
 
+def test_adapters_added_after_patch_are_served():
+    # New target modules get new LoRA layers, which join the patched model: patched on the spot,
+    # in the report, fused (strict), also in a copy of the model (then in the copy's report).
+    ours, theirs = _pair(target_modules=["q_proj"])
+    report = fastadapt.patch(ours, strict=True)
+    copied = copy.deepcopy(ours)
+    for model in (ours, theirs, copied):
+        torch.manual_seed(1)
+        model.add_adapter("later", _lora_config(target_modules=["q_proj", "v_proj", "down_proj"]))
+        model.set_adapter("later")
+    assert len(report.patched) == 6 and any(name.endswith("layers.1.mlp.down_proj") for name, _ in report.patched)
+    ids = torch.randint(0, 64, (2, 7))
+    _assert_same(_step(ours, ids), _step(theirs, ids))
+    assert report.calls == {"fused": 6}
+    assert rel_err(copied(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+    assert report.calls == {"fused": 6}  # the copy counts in its own report
+    fastadapt.unpatch(ours)
+    ours.add_adapter("after_unpatch", _lora_config(target_modules=["k_proj"]))
+    from peft.tuners.lora import layer
+    assert all("forward" not in vars(m) for m in ours.modules() if isinstance(m, layer.LoraLayer))
+
+
 def test_save_and_load_pretrained_round_trip(tmp_path):
     ours, _ = _pair()
     fastadapt.patch(ours)
@@ -471,8 +493,8 @@ def test_dora_model_matches_peft_logits_and_grads():
 
 @pytest.mark.parametrize("backend", harness.backends_for("lora_linear", "cpu"))
 def test_lora_at_initialisation_gives_the_base_layer_bit_for_bit(backend):
-    # B = 0: every backend adds an exact zero to the base layer's own product (README, "Where a
-    # patched model differs from PEFT").
+    # B = 0: every backend adds an exact zero to the base layer's own product (README, "Patched
+    # models").
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(123, 48))
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
@@ -489,7 +511,7 @@ def test_dora_at_initialisation_gives_the_base_layer_bit_for_bit_on_the_referenc
     # PEFT's DoRA layer at initialisation (B = 0, m = ||W||) returns its base layer's output exactly
     # (PEFT's tests assert atol=0). The reference backend composes the output as PEFT does, with the
     # norm computed as the magnitude was initialised, so it does too; the cpp and Triton kernels
-    # round otherwise (README, "Where a patched model differs from PEFT").
+    # round otherwise (README, "Patched models").
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(777, 129))
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], use_dora=True,

@@ -97,8 +97,11 @@ def first_reason(rules, call) -> str | None:
 
 class Patcher(Protocol):
     name: str
+    library: str  # the top-level package of the modules it patches ("peft", "adapters")
 
-    def patch(self, model: torch.nn.Module, report: PatchReport) -> None: ...
+    def patch(self, model: torch.nn.Module, report: PatchReport, prefix: str = "") -> None:
+        """Patch what it serves in ``model``, whose modules are named ``prefix``-first: "" from
+        :func:`patch`, the name of a module that joins a patched model later (:func:`_join`)."""
 
     def unpatch(self, model: torch.nn.Module, report: PatchReport) -> None: ...
 
@@ -194,6 +197,65 @@ def _patchers() -> list[Patcher]:
     return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER, adapterhub.PATCHER]
 
 
+# --- Modules that join a patched model later (an adapter added, loaded or swapped in after patch())
+# are patched as they are registered: every module of a patched model carries a _Site, and a
+# module-registration hook (torch's, process-wide) patches what is registered under one.
+
+_SITE = "_fastadapt_site"
+_HOOK = []  # the registration hook's handle, once installed
+
+
+class _Site:
+    """A module's name in a patched model, and that model's report."""
+
+    __slots__ = ("name", "report")
+
+    def __init__(self, name: str, report: PatchReport):
+        _install_hook()  # also where a pickled patched model is loaded
+        self.name, self.report = name, report
+
+    def __reduce__(self):
+        return _Site, (self.name, self.report)
+
+
+def _install_hook() -> None:
+    if not _HOOK:
+        _HOOK.append(torch.nn.modules.module.register_module_module_registration_hook(_on_register))
+
+
+def _on_register(parent: torch.nn.Module, name: str, submodule: torch.nn.Module | None) -> None:
+    site = parent.__dict__.get(_SITE)
+    if site is not None and submodule is not None:
+        _join(submodule, f"{site.name}.{name}" if site.name else name, site.report)
+
+
+def _join(module: torch.nn.Module, name: str, report: PatchReport) -> None:
+    """Patch what is servable in ``module``, which joins a patched model as ``name``."""
+    start = len(report.skipped)
+    # Only the patchers of a library with a module in there (this runs at every registration into a
+    # patched model: most are PEFT's nn.Linear per adapter in a LoRA layer, no patcher's business).
+    libraries = {type(m).__module__.partition(".")[0] for m in module.modules()}
+    for patcher in _patchers():
+        if patcher.library in libraries:
+            patcher.patch(module, report, prefix=name)
+    if len(report.skipped) > start:
+        # A module swapped back in (PEFT's set_adapter does that with adaption prompts) is patched
+        # already, or was reported when first seen: nothing new to say.
+        known = set(report.skipped[:start])
+        report.skipped[start:] = [entry for entry in dict.fromkeys(report.skipped[start:])
+                                  if entry not in known and entry[1] != "already patched"]
+    track(module, name, report)
+
+
+def track(module: torch.nn.Module, name: str, report: PatchReport | None) -> None:
+    """Mark ``module`` and everything in it as part of a patched model (``report`` None: no longer)."""
+    for sub_name, sub in module.named_modules(prefix=name):
+        if report is None:
+            sub.__dict__.pop(_SITE, None)
+        else:
+            sub.__dict__[_SITE] = _Site(sub_name, report)
+
+
 def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:
     """Route every adapter module of ``model`` that fastadapt can serve through the fused ops.
 
@@ -201,17 +263,21 @@ def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:
     (``set_adapter``, ``merge_and_unload``, ``save_pretrained``...) keep working. Returns a report of
     what was patched, what was left alone and why, and under which call-time conditions a patched
     module still runs its library's own forward. Such a call warns once; with ``strict=True`` it
-    raises :class:`FallbackError` instead.
+    raises :class:`FallbackError` instead. The model stays patched: adapter modules added to it
+    later (``add_adapter``, ``load_adapter``, another adapter swapped in) are patched when they are
+    registered in it, and the report lists them.
     """
     report = PatchReport(strict=strict)
     for patcher in _patchers():
         patcher.patch(model, report)
+    track(model, "", report)
     return report
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:
     """Undo :func:`patch`: every patched module runs its library's own forward again."""
     report = PatchReport()
+    track(model, "", None)
     for patcher in _patchers():
         patcher.unpatch(model, report)
     return report

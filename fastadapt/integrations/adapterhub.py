@@ -117,8 +117,9 @@ def _adapter_classes():
 
 class _AdapterHubPatcher:
     name = "adapters"
+    library = "adapters"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             classes = _adapter_classes()
         except Exception as exc:  # not installed, or not importable next to this transformers
@@ -129,7 +130,7 @@ class _AdapterHubPatcher:
         for name, module in model.named_modules():
             for child in module.children():
                 parents[id(child)] = module
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if type(module) not in classes:
                 continue
             if is_bound(module, _MARK):
@@ -144,6 +145,10 @@ class _AdapterHubPatcher:
             layer = parents.get(id(holder)) if holder is not None else None
             if layer is not None:
                 object.__setattr__(module, _PARENT, ModuleRef(layer))
+            elif prefix:
+                report.skipped.append((name, "added after patch(): the adapters layer it joined, whose AdapterFusion "
+                                             "would need the library's forward, is out of the patcher's sight"))
+                continue
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter",
                          fallbacks=_FALLBACKS)

@@ -295,14 +295,15 @@ def _lora_model_class():
 
 class _PeftLoraPatcher:
     name = "peft-lora"
+    library = "peft"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             from peft.tuners.lora import layer as lora_layer
         except ImportError:
             return  # without peft there are no PEFT LoRA layers to patch
         to_save = _modules_to_save_class()
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if to_save is not None and isinstance(module, to_save):
                 report.skipped.append((name, "modules_to_save: a trainable copy of the whole module, run as it is "
                                              "(no adapter to fuse)"))

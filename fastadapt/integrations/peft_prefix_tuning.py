@@ -113,14 +113,15 @@ def _prepare_inputs_for_generation(self, *args, **kwargs):
 
 class _PeftPrefixTuningPatcher:
     name = "peft-prefix-tuning"
+    library = "peft"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             import peft
             from peft.utils import PeftType
         except ImportError:
             return  # without peft there is no prefix tuning to patch
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if not isinstance(module, peft.PeftModel):
                 continue
             if not any(c.peft_type == PeftType.PREFIX_TUNING for c in module.peft_config.values()):

@@ -40,11 +40,6 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-
-
 def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int, gate: str = "scalar",
                         gate_tanh: bool = False, freeze_base: bool = True) -> nn.Module:
     """Add LLaMA-Adapter (zero-init gated adaption prompts) to the top ``adapter_layers`` layers.
@@ -75,7 +70,6 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
         raise ValueError(f"adapter_layers must be in [1, {len(attns)}] for this model, got {adapter_layers!r}")
     if any(hasattr(a, "adaption") for a in attns):
         raise ValueError("this model already has adaption prompts (call remove_adaption_prompt first)")
-    _register()
     for attn in attns[len(attns) - adapter_layers:]:
         cfg = attn.config
         w = attn.q_proj.weight
@@ -84,7 +78,7 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
         attn.adaption = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, attn.head_dim, adapter_len, gate=gate,
                                              gate_tanh=gate_tanh, device=w.device, dtype=w.dtype)
         attn._fastadapt_fused = True
-        route_attention(attn, ATTN_IMPLEMENTATION)
+        route_attention(attn, ATTN_IMPLEMENTATION, _attention)
     if freeze_base:
         for name, p in model.named_parameters():
             p.requires_grad_(".adaption." in f".{name}")
@@ -100,20 +94,43 @@ def remove_adaption_prompt(model: nn.Module) -> nn.Module:
     return model
 
 
-def route_attention(attn: nn.Module, implementation: str) -> None:
-    """Route ``attn``'s attention core to ``implementation`` (a name in transformers'
-    ``AttentionInterface``) through a private copy of its config: only this module's attention is
+class _Registered:
+    """``function`` under ``name`` in transformers' ``AttentionInterface``, registered when made and
+    again when unpickled: the interface is per process, and a pickled model whose attention config
+    names ``name`` must find it wherever it is loaded (``torch.load`` in a fresh process)."""
+
+    def __init__(self, name: str, function):
+        from transformers import AttentionInterface
+        AttentionInterface.register(name, function)
+        self.name, self.function = name, function
+
+    def __reduce__(self):
+        return _Registered, (self.name, self.function)
+
+
+def private_config(attn: nn.Module, name: str, function):
+    """A copy of ``attn``'s config whose attention implementation is ``function``, registered in
+    transformers' ``AttentionInterface`` under ``name`` (kept on ``attn``, so that it is registered
+    again wherever ``attn`` is unpickled)."""
+    attn._fastadapt_attention = _Registered(name, function)
+    config = copy.copy(attn.config)
+    config._attn_implementation = name
+    return config
+
+
+def route_attention(attn: nn.Module, name: str, function) -> None:
+    """Route ``attn``'s attention core to ``function`` (transformers' attention-interface signature)
+    through a private copy of its config (:func:`private_config`): only this module's attention is
     ours, and the masks are still built from the model's config, in its own implementation's
     format. :func:`base_attention` is the model's own; :func:`unroute_attention` undoes it."""
     attn._fastadapt_base_attn = attn.config._attn_implementation or "eager"
     attn._fastadapt_config = attn.config
-    attn.config = copy.copy(attn.config)
-    attn.config._attn_implementation = implementation
+    attn.config = private_config(attn, name, function)
 
 
 def unroute_attention(attn: nn.Module) -> None:
     attn.config = attn._fastadapt_config
-    del attn._fastadapt_config, attn._fastadapt_base_attn
+    del attn._fastadapt_config, attn._fastadapt_base_attn, attn._fastadapt_attention
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:

@@ -387,9 +387,20 @@ def _fake_adapters_module():
 
     mod = types.ModuleType("adapters.methods.modeling")
     for cls in (Activation_Function_Class, Adapter, ParallelAdapter, BottleneckLayer):
-        cls.__module__ = mod.__name__
+        cls.__module__, cls.__qualname__ = mod.__name__, cls.__name__  # where pickle looks them up
         setattr(mod, cls.__name__, cls)
     return mod
+
+
+def _install_fake_adapters(monkeypatch):
+    import sys
+    import types
+
+    fake = _fake_adapters_module()
+    for name, module in (("adapters", types.ModuleType("adapters")), ("adapters.methods", types.ModuleType("adapters.methods")),
+                         ("adapters.methods.modeling", fake)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return fake
 
 
 ADAPTERHUB_CONFIGS = [
@@ -405,15 +416,9 @@ ADAPTERHUB_CONFIGS = [
 @pytest.mark.parametrize("parallel", [False, True], ids=["seq", "parallel"])
 @pytest.mark.parametrize("cfg", ADAPTERHUB_CONFIGS, ids=["seq_bn", "all_options", "ln_after"])
 def test_patch_adapterhub_layout(monkeypatch, cfg, parallel):
-    import sys
-    import types
-
     from fastadapt.integrations import adapterhub
 
-    fake = _fake_adapters_module()
-    for name, module in (("adapters", types.ModuleType("adapters")), ("adapters.methods", types.ModuleType("adapters.methods")),
-                         ("adapters.methods.modeling", fake)):
-        monkeypatch.setitem(sys.modules, name, module)
+    fake = _install_fake_adapters(monkeypatch)
     cls = fake.ParallelAdapter if parallel else fake.Adapter
     layer = fake.BottleneckLayer()
     layer.adapters["a"] = cls("a", 48, 8, cfg)
@@ -445,6 +450,52 @@ def test_patch_adapterhub_layout(monkeypatch, cfg, parallel):
     report = fastadapt.PatchReport()
     adapterhub.PATCHER.unpatch(model, report)
     assert "forward" not in model[0].adapters["a"].__dict__ and report.patched
+
+
+def test_patched_adapterhub_layout_pickles_and_deep_copies(monkeypatch):
+    import io
+    import pickle
+
+    from fastadapt.integrations import ModuleRef
+
+    fake = _install_fake_adapters(monkeypatch)
+    layer = fake.BottleneckLayer()
+    layer.adapters["a"] = fake.Adapter("a", 48, 8, ADAPTERHUB_CONFIGS[1])
+    _randomize(layer)
+    model = torch.nn.Sequential(layer)
+    fastadapt.patch(model, strict=True)  # a call that runs the library's forward raises
+    x, r = torch.randn(2, 7, 48), torch.randn(2, 7, 48)
+    expected = model[0].adapters["a"](x, r)[0]
+
+    def torch_round_trip(m):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch_round_trip(model)):
+        assert torch.equal(copied[0].adapters["a"](x, r)[0], expected)
+        # The adapter's reference to its layer points into the copy: a fusion layer there (which
+        # needs the library's forward) is seen by the copy's adapter, not by the original's.
+        copied[0].adapter_fusion_layer["a,b"] = torch.nn.Linear(1, 1)
+        with pytest.raises(fastadapt.FallbackError, match="AdapterFusion"):
+            copied[0].adapters["a"](x, r)
+        assert torch.equal(model[0].adapters["a"](x, r)[0], expected)
+    assert pickle.loads(pickle.dumps(ModuleRef(torch.nn.Linear(1, 1))))() is None  # a reference that died
+
+
+def test_adapterhub_adapter_added_after_patch_is_reported(monkeypatch):
+    # An adapter added into a patched model's layer joins it out of sight of its layer (whose
+    # AdapterFusion would need the library's forward): left to the library, and reported.
+    fake = _install_fake_adapters(monkeypatch)
+    layer = fake.BottleneckLayer()
+    layer.adapters["a"] = fake.Adapter("a", 48, 8, ADAPTERHUB_CONFIGS[0])
+    model = torch.nn.Sequential(layer)
+    report = fastadapt.patch(model)
+    layer.adapters["b"] = fake.Adapter("b", 48, 8, ADAPTERHUB_CONFIGS[0])
+    assert [n for n, _ in report.patched] == ["0.adapters.a"]
+    assert [n for n, why in report.skipped if "added after patch()" in why] == ["0.adapters.b"], str(report)
+    assert "forward" not in vars(layer.adapters["b"])
 
 
 def test_patch_reports_adapters_not_installed(monkeypatch):

@@ -15,12 +15,10 @@ tested with, so the patcher is tested on a transcription of that layout, not on 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.integrations import ModuleRef, PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.ops.bottleneck import bottleneck_adapter
 
 _MARK = "_fastadapt_bottleneck_patched"
@@ -119,8 +117,9 @@ def _adapter_classes():
 
 class _AdapterHubPatcher:
     name = "adapters"
+    library = "adapters"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             classes = _adapter_classes()
         except Exception as exc:  # not installed, or not importable next to this transformers
@@ -131,7 +130,7 @@ class _AdapterHubPatcher:
         for name, module in model.named_modules():
             for child in module.children():
                 parents[id(child)] = module
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if type(module) not in classes:
                 continue
             if is_bound(module, _MARK):
@@ -145,7 +144,11 @@ class _AdapterHubPatcher:
             holder = parents.get(id(module))
             layer = parents.get(id(holder)) if holder is not None else None
             if layer is not None:
-                object.__setattr__(module, _PARENT, weakref.ref(layer))
+                object.__setattr__(module, _PARENT, ModuleRef(layer))
+            elif prefix:
+                report.skipped.append((name, "added after patch(): the adapters layer it joined, whose AdapterFusion "
+                                             "would need the library's forward, is out of the patcher's sight"))
+                continue
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"adapters {type(module).__name__} -> fastadapt::bottleneck_adapter",
                          fallbacks=_FALLBACKS)

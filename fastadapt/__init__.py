@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "FallbackError",
+    "FastAdaptCallback",
     "PatchReport",
     "QuantizedWeight",
     "add_adapter",
@@ -36,3 +37,11 @@ __all__ = [
     "unpatch",
     "use_backend",
 ]
+
+
+def __getattr__(name):
+    # FastAdaptCallback subclasses transformers.TrainerCallback: import transformers only when asked.
+    if name == "FastAdaptCallback":
+        from fastadapt.integrations.trainer import FastAdaptCallback
+        return FastAdaptCallback
+    raise AttributeError(f"module 'fastadapt' has no attribute {name!r}")

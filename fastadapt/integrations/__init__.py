@@ -140,16 +140,18 @@ def _patchers() -> list[Patcher]:
     return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER, adapterhub.PATCHER]
 
 
-def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:
+def patch(model: torch.nn.Module, strict: bool = False, report: PatchReport | None = None) -> PatchReport:
     """Route every adapter module of ``model`` that fastadapt can serve through the fused ops.
 
     Parameters, adapter names and state-dict keys are untouched, so the library's own methods
     (``set_adapter``, ``merge_and_unload``, ``save_pretrained``...) keep working. Returns a report of
     what was patched, what was left alone and why, and under which call-time conditions a patched
     module still runs its library's own forward. Such a call warns once; with ``strict=True`` it
-    raises :class:`FallbackError` instead.
+    raises :class:`FallbackError` instead. ``report``: an earlier patch's report to add to (modules
+    patched before stay as they are; ``strict`` is then the report's), as ``FastAdaptCallback`` does.
     """
-    report = PatchReport(strict=strict)
+    if report is None:
+        report = PatchReport(strict=strict)
     for patcher in _patchers():
         patcher.patch(model, report)
     return report

@@ -13,6 +13,10 @@ an adapter called by ``compose_fuse`` (a ``Fuse`` block of the active setup, not
 layer present in the layer) runs the library's forward. An adapter added or loaded after
 ``patch()`` is patched at its first call (its layer's ``compose_single`` checks).
 
+Under ``torch.autocast`` the patched adapter computes what the library's does there: the
+projections in the region's dtype, the adapter LayerNorms with float32 statistics, and the output
+in the dtype the library's type promotion gives (see :func:`_autocast_call`).
+
 Not served (listed in the report as left alone; their calls, when one of their adapters is active,
 counted as fallbacks, and refused under ``strict``): prefix tuning (the prefix is concatenated in
 each model's own attention code), gated LoRA (UniPELT), DoRA, LoRA on merged or quantized layers
@@ -83,7 +87,7 @@ def _static_reasons(module) -> list[str]:
 
 
 # The call-time conditions _call_reason hands to the library, as the patch report lists them.
-_FALLBACKS = ("gating scores requested; in a Fuse block (AdapterFusion); autocast; gating on a 1-D input; "
+_FALLBACKS = ("gating scores requested; in a Fuse block (AdapterFusion); gating on a 1-D input; "
               "adapter LayerNorms with different eps")
 
 
@@ -92,14 +96,43 @@ def _call_reason(module, x, output_gating) -> str | None:
         return "gating scores requested"
     if _IN_FUSE.get():
         return "AdapterFusion needs the up-projection output"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast"
     if module.use_gating and x.dim() < 2:
         return "gating on a 1-D input"
     if module.add_layer_norm_before and module.add_layer_norm_after \
             and module.adapter_norm_before.eps != module.adapter_norm_after.eps:
         return "adapter LayerNorms with different eps"
     return None
+
+
+def _autocast_call(x, residual, scale, ln_after, residual_before_ln):
+    """Inside ``torch.autocast(dtype=half)``, the library's adapter computes its projections in
+    ``half`` (``nn.Linear``), its LayerNorms in float32 (autocast's fp32 policy) and everything else
+    by type promotion. Returns the inputs for the fused op (``x`` and the residual in ``half``, the
+    kernel's LayerNorm statistics are float32), the residual to add after it in a wider dtype
+    (None if the op adds it), and the output dtype the library's forward would return:
+
+    - ``up * scaling``: ``half``, or float32 with a learned / channel ``scaling`` (a float32 vector);
+    - ``LN_after(...)``: float32;
+    - ``... + residual``: promoted with the residual's dtype.
+
+    A residual wider than ``half`` that is added after the adapter's output is added outside the op,
+    in the wider dtype, as the library does (it is the residual stream: rounding it to ``half``
+    would cost its precision); one inside ``LN_after`` is rounded to ``half`` for the op.
+    """
+    half = torch.get_autocast_dtype(x.device.type)
+    out_dtype = half
+    if scale is not None:
+        out_dtype = torch.promote_types(out_dtype, scale.dtype)
+    if ln_after:
+        out_dtype = torch.float32
+    after = None
+    if residual is not None:
+        out_dtype = torch.promote_types(out_dtype, residual.dtype)
+        if residual.dtype != half and not (ln_after and residual_before_ln):
+            residual, after = None, residual
+        else:
+            residual = residual.to(half)
+    return x.to(half), residual, after, out_dtype
 
 
 def _fused_forward(self, x, residual_input, output_gating=False):
@@ -118,13 +151,22 @@ def _fused_forward(self, x, residual_input, output_gating=False):
     parallel = type(self).__name__ == "ParallelAdapter"
     residual_before_ln = bool(self.adapter_residual_before_ln) and not parallel
     residual = None if parallel else residual_input
-    gate = torch.sigmoid(self.gate(x)).mean(1) if self.use_gating else None
-    out = bottleneck_adapter(
-        x, down.weight, down.bias, self.adapter_up.weight, self.adapter_up.bias, residual,
-        activation=_activation_name(layers[-1]), scaling=1.0 if learned else float(self.scaling),
-        scale=self.scaling if learned else None, ln_before=lnb, ln_after=lna,
-        adapter_residual_before_ln=residual_before_ln, gate=gate, dropout_p=self.dropout.p,
-        training=self.dropout.training, eps=eps)
+    gate = torch.sigmoid(self.gate(x)).mean(1) if self.use_gating else None  # nn.Linear: autocast as the library's
+    z, after, out_dtype = x, None, None
+    autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        z, residual, after, out_dtype = _autocast_call(x, residual, self.scaling if learned else None, lna is not None,
+                                                       residual_before_ln)
+    # The op's inputs are cast already; inside, no backend's own ATen calls are autocast again.
+    with torch.autocast(x.device.type, enabled=False):
+        out = bottleneck_adapter(
+            z, down.weight, down.bias, self.adapter_up.weight, self.adapter_up.bias, residual,
+            activation=_activation_name(layers[-1]), scaling=1.0 if learned else float(self.scaling),
+            scale=self.scaling if learned else None, ln_before=lnb, ln_after=lna,
+            adapter_residual_before_ln=residual_before_ln, gate=gate, dropout_p=self.dropout.p,
+            training=self.dropout.training, eps=eps)
+    if autocast:
+        out = out.to(out_dtype) if after is None else out.to(out_dtype) + after
     return out, None, None
 
 

@@ -56,6 +56,7 @@ def _config(name):
                                                           original_ln_before=True, original_ln_after=True,
                                                           residual_before_ln=False),  # a float32 residual
             "lora": lambda: adapters.LoRAConfig(r=4, alpha=8),
+            "seq_bn_inv": lambda: adapters.SeqBnInvConfig(reduction_factor=6),
             "mam": lambda: adapters.MAMConfig(adapters.PrefixTuningConfig(bottleneck_size=16),
                                               adapters.ParBnConfig(reduction_factor=6)),
             "unipelt": lambda: adapters.UniPELTConfig(adapters.PrefixTuningConfig(bottleneck_size=16),
@@ -205,18 +206,19 @@ def test_save_load_and_set_active_adapters(tmp_path):
         assert rel_err(fresh.eval()(input_ids=ids).last_hidden_state, mine) < 1e-5
 
 
-@pytest.mark.parametrize("config,unserved", [("mam", 2), ("unipelt", 2 + 4)])
-def test_mam_and_unipelt_parts_are_served_or_reported(config, unserved):
-    """MAM = prefix tuning + parallel adapter; UniPELT = prefix tuning + bottleneck + gated LoRA. The
-    bottleneck parts run the fused op; prefix tuning and gated LoRA are listed as left alone, their
-    calls counted as fallbacks, and refused under strict."""
+@pytest.mark.parametrize("config,unserved,reason", [("mam", 2, "prefix tuning"), ("unipelt", 2 + 4, "gated LoRA"),
+                                                    ("seq_bn_inv", 1, "invertible adapters")])
+def test_unserved_parts_are_reported_and_counted(config, unserved, reason):
+    """MAM = prefix tuning + parallel adapter; UniPELT = prefix tuning + bottleneck + gated LoRA;
+    SeqBnInv = bottleneck + an invertible adapter on the embeddings. The bottleneck parts run the
+    fused op; the rest is listed as left alone, its calls counted as fallbacks, refused under strict."""
     model = _model("bert", {"a": config})
     report = fastadapt.patch(model)
     assert len(report.skipped) == unserved, str(report)
     ids = torch.randint(0, VOCAB, (2, 7))
-    _check_against_library(model, report, ids, fallback_ok=("prefix tuning", "gated LoRA"))
-    assert any("prefix tuning" in key for key in report.calls), report.calls
-    with pytest.raises(fastadapt.FallbackError):
+    _check_against_library(model, report, ids, fallback_ok=("prefix tuning", "gated LoRA", "invertible"))
+    assert any(reason in key for key in report.calls), report.calls
+    with pytest.raises(fastadapt.FallbackError, match=reason):
         report.strict = True
         model(input_ids=ids)
 

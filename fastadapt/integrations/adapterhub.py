@@ -256,11 +256,26 @@ _UNSERVED = {
 }
 
 
+def _unserved_reason(layer) -> str:
+    return _UNSERVED.get(type(layer).__name__, f"{type(layer).__name__} is not fused")
+
+
 def _unserved_forward(self, *args, **kwargs):
     if self.get_active_setup() is not None:
         name, report = report_of(self)
-        report.fall_back(name, _UNSERVED.get(type(self).__name__, f"{type(self).__name__} is not fused"))
+        report.fall_back(name, _unserved_reason(self))
     return type(self).forward(self, *args, **kwargs)
+
+
+def _coupling_forward(self, *args, **kwargs):
+    """An invertible adapter's coupling block, which the library calls only while it is active."""
+    name, report = report_of(self)
+    report.fall_back(name, _UNSERVED["InvertibleAdapterLayer"])
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _left_alone(report: PatchReport, name: str, why: str) -> None:
+    report.skipped.append((name, f"{why}; its calls run the library's forward"))
 
 
 def _adapter_count(layer) -> int:
@@ -282,7 +297,7 @@ class _AdapterHubPatcher:
             from adapters.methods.adapter_layer_base import AdapterLayerBase
             from adapters.methods.bottleneck import BottleneckLayer
             from adapters.methods.lora import LoRALinearTorch
-            from adapters.methods.modeling import Adapter, ParallelAdapter
+            from adapters.methods.modeling import Adapter, GLOWCouplingBlock, NICECouplingBlock, ParallelAdapter
         except Exception as exc:  # not installed, or not importable next to this transformers
             if any(type(m).__module__.startswith("adapters.") for m in model.modules()):
                 report.skipped.append(("adapters", f"adapters not installed or not importable ({type(exc).__name__}: {exc})"))
@@ -295,6 +310,12 @@ class _AdapterHubPatcher:
                     report.skipped.append((name, "; ".join(reasons)))
                 else:
                     _bind_adapter(module, name, report)
+            if type(module) in (NICECouplingBlock, GLOWCouplingBlock) and _LAYER_MARK not in module.__dict__:
+                # Invertible adapters in a model class's own ModuleDict (BERT's mixin), not in an adapter layer.
+                setattr(module, _LAYER_MARK, True)
+                attach(module, name, report)
+                _bind(module, "forward", _coupling_forward)
+                _left_alone(report, name, _UNSERVED["InvertibleAdapterLayer"])
             if not isinstance(module, AdapterLayerBase) or _LAYER_MARK in module.__dict__:
                 continue
             # Every adapter layer, with adapters or not yet: one added later is then served or counted.
@@ -316,8 +337,7 @@ class _AdapterHubPatcher:
             else:
                 _bind(module, "forward", _unserved_forward)
                 if _adapter_count(module):
-                    why = _UNSERVED.get(type(module).__name__, f"{type(module).__name__} is not fused")
-                    report.skipped.append((name, f"{why}; its calls run the library's forward"))
+                    _left_alone(report, name, _unserved_reason(module))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():

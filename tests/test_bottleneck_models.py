@@ -11,8 +11,8 @@ import torch
 from harness import assert_close, rel_err
 
 import fastadapt
-from fastadapt.adapters import (add_adapter, list_adapters, load_adapter, remove_adapter, save_adapter,
-                                set_active_adapter)
+from fastadapt.inject.bottleneck import (add_adapter, list_adapters, load_adapter, remove_adapter, save_adapter,
+                                         set_active_adapter)
 from fastadapt.nn.bottleneck import (BnConfig, BottleneckAdapter, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig,
                                      resolve_config)
 from fastadapt.reference.bottleneck import activation

@@ -3,7 +3,7 @@
 PEFT's ``AdaptedAttention`` runs the model's attention, then recomputes the queries and runs a
 second, eager attention over the prompt (recomputing the prompt's K/V at every call, also at every
 decode step). Patching replaces the wrapper instance's ``forward`` only: the wrapped attention
-module runs once, with its attention core routed through :func:`fastadapt.llama_adapter._attention`
+module runs once, with its attention core routed through :mod:`fastadapt.inject.llama_adapter`
 (transformers' ``AttentionInterface``), which adds the gated prefix in the same fused pass. PEFT
 keeps its parameters (shared, not copied), adapter switching and ``save_pretrained``; what the fused
 path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs PEFT's forward.
@@ -15,7 +15,7 @@ import copy
 
 from torch import nn
 
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
@@ -72,7 +72,7 @@ class _PeftAdaptionPromptPatcher:
             if reasons:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
-            llama_adapter._register()
+            llama_adapter.register_attention()
             inner = module.model
             cfg = inner.config
             heads = cfg.num_attention_heads

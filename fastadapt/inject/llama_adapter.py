@@ -33,14 +33,14 @@ CONFIG_NAME = "adaption_prompt_config.json"
 WEIGHTS_NAME = "adaption_prompt.safetensors"
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of the decoder layers, in layer order."""
     mods = [m for m in model.modules()
             if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "config"))]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def _register() -> None:
+def register_attention() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 
@@ -70,12 +70,12 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"add_adaption_prompt supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     _distributed.check_not_wrapped(model, "add_adaption_prompt")
-    attns = _attention_modules(model)
+    attns = attention_modules(model)
     if not isinstance(adapter_layers, int) or not 1 <= adapter_layers <= len(attns):
         raise ValueError(f"adapter_layers must be in [1, {len(attns)}] for this model, got {adapter_layers!r}")
     if any(hasattr(a, "adaption") for a in attns):
         raise ValueError("this model already has adaption prompts (call remove_adaption_prompt first)")
-    _register()
+    register_attention()
     for attn in attns[len(attns) - adapter_layers:]:
         cfg = attn.config
         w = attn.q_proj.weight
@@ -93,7 +93,7 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
 
 def remove_adaption_prompt(model: nn.Module) -> nn.Module:
     """Undo :func:`add_adaption_prompt` (the adapter parameters are dropped)."""
-    for attn in _attention_modules(model):
+    for attn in attention_modules(model):
         if hasattr(attn, "adaption"):
             del attn.adaption, attn._fastadapt_fused
             unroute_attention(attn)
@@ -118,7 +118,7 @@ def unroute_attention(attn: nn.Module) -> None:
 
 def set_fused(model: nn.Module, fused: bool) -> None:
     """Route the adapted layers through the fused op (default) or PEFT's two-pass computation."""
-    for attn in _attention_modules(model):
+    for attn in attention_modules(model):
         if hasattr(attn, "adaption"):
             attn._fastadapt_fused = fused
 
@@ -133,7 +133,7 @@ def save_adaption_prompt(model: nn.Module, directory: str) -> None:
 
     Under FSDP2 or DeepSpeed ZeRO-3 every rank must call it: the shards are gathered, rank 0 writes."""
     from safetensors.torch import save_file
-    adapted = [a for a in _attention_modules(model) if hasattr(a, "adaption")]
+    adapted = [a for a in attention_modules(model) if hasattr(a, "adaption")]
     if not adapted:
         raise ValueError("the model has no adaption prompts")
     first = adapted[0].adaption
@@ -167,7 +167,7 @@ def load_adaption_prompt(model: nn.Module, directory: str, freeze_base: bool = T
 # The attention function
 
 
-def _key_padding(mask, q_len: int, k_len: int, causal: bool):
+def key_padding(mask, q_len: int, k_len: int, causal: bool):
     """(served, key_padding_mask or None): whether ``mask`` is exactly "bottom-right causal (if
     ``causal``) and key padding", and that padding as (B, Sk) bool (True = attend)."""
     if mask is None:
@@ -238,7 +238,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     window = kwargs.get("sliding_window")
     if (getattr(module, "_fastadapt_fused", True) and dropout == 0.0 and (window is None or k_len <= window)
             and kwargs.get("cu_seq_lens_q") is None):
-        served, kpm = _key_padding(attention_mask, q_len, k_len, causal)
+        served, kpm = key_padding(attention_mask, q_len, k_len, causal)
     if not served:
         return _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     out = _adapter(module)(query, key, value, module.k_proj, module.v_proj, key_padding_mask=kpm, scale=scaling)

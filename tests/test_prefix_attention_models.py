@@ -11,7 +11,7 @@ import torch
 from harness import rel_err
 
 import fastadapt
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -119,26 +118,6 @@ def bind(module: torch.nn.Module, attr: str, function) -> None:
     function, by its qualified name, and the module (which pickle and deepcopy resolve to the
     module's copy)."""
     setattr(module, attr, functools.partial(function, module))
-
-
-class ModuleRef:
-    """A weak reference to a module (``ref()`` -> the module or None) that, unlike
-    ``weakref.ref``, pickles and deep-copies: in a copy of a model that holds both, it refers to the
-    module's copy (a deepcopy of the referring module alone keeps referring to the original)."""
-
-    def __init__(self, module: torch.nn.Module | None):
-        self._ref = weakref.ref(module) if module is not None else None  # None: a reference that died
-
-    def __call__(self) -> torch.nn.Module | None:
-        return self._ref() if self._ref is not None else None
-
-    def __reduce__(self):
-        return ModuleRef, (self(),)
-
-    def __deepcopy__(self, memo):
-        # A model's deepcopy copies a module before what it holds, so a referred ancestor is in memo.
-        target = self()
-        return ModuleRef(memo.get(id(target), target))
 
 
 def bind_forward(module: torch.nn.Module, forward, mark: str, *, name: str, report: PatchReport, what: str,
@@ -256,7 +235,7 @@ def track(module: torch.nn.Module, name: str, report: PatchReport | None) -> Non
             sub.__dict__[_SITE] = _Site(sub_name, report)
 
 
-def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:
+def patch(model: torch.nn.Module, strict: bool = False, report: PatchReport | None = None) -> PatchReport:
     """Route every adapter module of ``model`` that fastadapt can serve through the fused ops.
 
     Parameters, adapter names and state-dict keys are untouched, so the library's own methods
@@ -265,9 +244,12 @@ def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:
     module still runs its library's own forward. Such a call warns once; with ``strict=True`` it
     raises :class:`FallbackError` instead. The model stays patched: adapter modules added to it
     later (``add_adapter``, ``load_adapter``, another adapter swapped in) are patched when they are
-    registered in it, and the report lists them.
+    registered in it, and the report lists them. ``report``: an earlier patch's report to add to
+    (modules patched before stay as they are; ``strict`` is then the report's), as
+    ``FastAdaptCallback`` does.
     """
-    report = PatchReport(strict=strict)
+    if report is None:
+        report = PatchReport(strict=strict)
     for patcher in _patchers():
         patcher.patch(model, report)
     track(model, "", report)

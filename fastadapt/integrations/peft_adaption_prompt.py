@@ -3,7 +3,7 @@
 PEFT's ``AdaptedAttention`` runs the model's attention, then recomputes the queries and runs a
 second, eager attention over the prompt (recomputing the prompt's K/V at every call, also at every
 decode step). Patching replaces the wrapper instance's ``forward`` only: the wrapped attention
-module runs once, with its attention core routed through :func:`fastadapt.llama_adapter._attention`
+module runs once, with its attention core routed through :mod:`fastadapt.inject.llama_adapter`
 (transformers' ``AttentionInterface``), which adds the gated prefix in the same fused pass. PEFT
 keeps its parameters (shared, not copied), adapter switching and ``save_pretrained``; what the fused
 path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs PEFT's forward.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, track, unbind_forward
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
@@ -100,7 +100,8 @@ class _PeftAdaptionPromptPatcher:
             view = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, inner.head_dim, module.adapter_len,
                                         gate="scalar", gate_tanh=False, device="meta")
             view.adaption_prompt, view.adaption_gate = module.adaption_prompt, module.adaption_gate
-            private = llama_adapter.private_config(inner, llama_adapter.ATTN_IMPLEMENTATION, llama_adapter._attention)
+            private = llama_adapter.private_config(inner, llama_adapter.ATTN_IMPLEMENTATION,
+                                                  llama_adapter.adapter_attention)
             # Plain attributes (object.__setattr__): not submodules, so PEFT's state dict, parameter
             # list and save_pretrained are unchanged.
             object.__setattr__(module, _VIEW, view)

@@ -5,7 +5,7 @@ PEFT hands every decoder layer a KV cache that starts with the adapter's ``num_v
 prefix keys and values, and extends the attention mask with ones for them; the model's attention
 then runs one softmax over ``[prefix; tokens]`` with a bottom-right causal mask. Patching routes
 the attention core of the base model's attention modules through transformers'
-``AttentionInterface`` (as :mod:`fastadapt.llama_adapter` does) to
+``AttentionInterface`` (as :mod:`fastadapt.inject.llama_adapter` does) to
 ``fastadapt.prefix_attention(mode="joint")``, with the prefix split off the front of the cached
 keys: the prefix never goes through the token path's causal masking, and in decoding the cache's
 tokens and the prefix are read in one pass.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 from fastadapt.integrations import PatchReport, attach, bind, is_bound, mark_patched, report_of, unmark
 from fastadapt.ops.prefix_attention import prefix_attention
 
@@ -64,7 +64,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     elif (window is not None and k_len > window) or kwargs.get("cu_seq_lens_q") is not None:
         reason = "sliding window or packed sequences"
     else:
-        served, kpm = llama_adapter._key_padding(attention_mask, q_len, k_len, causal)
+        served, kpm = llama_adapter.key_padding(attention_mask, q_len, k_len, causal)
         if not served:
             reason = "a mask other than causal + key padding"
         elif kpm is not None and not bool(kpm[:, :prefix_len].all()):
@@ -135,7 +135,7 @@ class _PeftPrefixTuningPatcher:
                 report.skipped.append((name or "<model>", f"prefix tuning on model type {model_type!r} is not "
                                                           f"supported (only {llama_adapter.SUPPORTED_MODEL_TYPES})"))
                 continue
-            attns = llama_adapter._attention_modules(base)
+            attns = llama_adapter.attention_modules(base)
             hooks = []
             for attn in attns:
                 llama_adapter.route_attention(attn, ATTN_IMPLEMENTATION, _attention)

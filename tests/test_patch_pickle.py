@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastadapt
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

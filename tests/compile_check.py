@@ -242,7 +242,7 @@ def _multi_lora_grid():
                         W, A, B = _meta(N, K, dtype=dt), _meta(n, R, K, dtype=dt), _meta(n, N, R, dtype=dt)
                         b = _meta(N, dtype=dt) if bias else None
                         scalings, ranks = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int32)
-                        p = _meta(n, dtype=torch.float32) if dropout else None
+                        p = _meta(n, dtype=torch.float64) if dropout else None
                         ids = _meta(M, dtype=torch.int64)
                         y, u = ml.forward(x, W, A, B, scalings, ranks, ids, b, p, 1)
                         ml.backward(y, x, W, A, B, u, scalings, ranks, ids, p, 1, (True,) * 5)

@@ -74,6 +74,8 @@ def test_bad_names_and_adapters():
         m(torch.randn(2, 48), ["a", "z"])
     with pytest.raises(ValueError, match="2 names for a batch of 3"):
         m(torch.randn(3, 48), ["a", "b"])
+    with pytest.raises(TypeError, match="sequence of names, one per sequence, got the string 'a'"):
+        m(torch.randn(1, 48), "a")  # would have been ["a"]
     with pytest.raises(ValueError, match="adapter name"):
         m.add_adapter("a")
     with pytest.raises(ValueError, match="r must be"):

@@ -35,6 +35,13 @@ def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch
     return _cached(values, dtype, device)
 
 
+def _names(adapter_names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(adapter_names, (str, bytes)):  # a sequence of characters: "ab" would be ["a", "b"]
+        raise TypeError(f"adapter_names must be a sequence of names, one per sequence, got the string "
+                        f"{adapter_names!r}")
+    return tuple(adapter_names)
+
+
 def mixed_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float, float]],
                 adapter_names: Sequence[str], training: bool) -> torch.Tensor:
@@ -44,9 +51,9 @@ def mixed_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``adapters``: name -> (lora_A (r, in), lora_B (out, r), scaling, dropout p), in any dtype. Only
     the adapters named in the batch are stacked, so the others get no gradient (None, as in PEFT).
     """
-    if len(adapter_names) != x.shape[0]:
-        raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]}")
-    names = tuple(adapter_names)
+    names = _names(adapter_names)
+    if len(names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]}")
     named = set(names)
     present = [a for a in adapters if a in named]
     if not present:
@@ -132,7 +139,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """x (batch, ..., in_features); ``adapter_names``: one name per sequence (``x.shape[0]``),
         ``"__base__"`` for the base layer alone."""
-        unknown = sorted(set(adapter_names) - set(self.lora_A) - {BASE})
+        unknown = sorted(set(_names(adapter_names)) - set(self.lora_A) - {BASE})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
         adapters = {a: (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], self.lora_dropout[a])

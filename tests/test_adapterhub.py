@@ -179,8 +179,9 @@ def test_adapter_added_or_loaded_after_patch_is_served(tmp_path):
     model.set_active_adapters("late")
     with torch.no_grad():
         model(input_ids=ids)
-    late = [n for n, what in report.patched if "added after" in what]
-    assert len(late) == 4 and report.calls == {"fused": 4}, str(report)
+    # Patched as they were registered in the patched model, each listed once (deleted and loaded again).
+    late = [n for n, _ in report.patched if n.endswith(".adapters.late")]
+    assert len(late) == len(set(late)) == 4 and report.calls == {"fused": 4}, str(report)
     # One that the op cannot serve (PHM projections), added late: a fallback, refused under strict.
     model.add_adapter("phm", config=adapters.SeqBnConfig(reduction_factor=6, phm_layer=True, phm_dim=2))
     model.set_active_adapters("phm")
@@ -271,20 +272,22 @@ def test_unpatch_restores_the_library():
     assert len(report.patched) == 6, str(report)
 
 
-def test_patched_model_pickles_whole():
-    # torch.save / pickle of a patched AdapterHub model: the copy gives the same output, still fused.
-    import io
+def test_patched_model_copies_and_pickles_as_the_library_allows():
+    # A deep copy of a patched AdapterHub model gives the same output, still fused. Pickling (and
+    # torch.save of the whole model) fails as it does unpatched: adapters.init gives the model a
+    # class made at run time, which pickle cannot look up; patching adds no failure of its own.
+    import copy
     import pickle
 
     model = _model("bert", {"a": "seq_bn"})
+    with pytest.raises(pickle.PicklingError) as unpatched:
+        pickle.dumps(model)
     report = fastadapt.patch(model, strict=True)
     ids = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for copied in (pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
-        with torch.no_grad():
-            assert torch.equal(copied(input_ids=ids).last_hidden_state, expected)
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).last_hidden_state, expected)
     assert set(report.calls) == {"fused"}
+    with pytest.raises(pickle.PicklingError) as patched:
+        pickle.dumps(model)
+    assert str(patched.value) == str(unpatched.value)

@@ -134,8 +134,10 @@ def mark_patched(module: torch.nn.Module, mark: str, *, name: str, report: Patch
     conditions; its fused path reaches the report through :func:`report_of`."""
     setattr(module, mark, True)
     attach(module, name, report)
-    report.patched.append((name, what))
-    if fallbacks:
+    # Once per name: an adapter deleted and loaded again under its name is listed once.
+    if (name, what) not in report.patched:
+        report.patched.append((name, what))
+    if fallbacks and (name, fallbacks) not in report.fallbacks:
         report.fallbacks.append((name, fallbacks))
 
 

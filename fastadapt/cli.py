@@ -18,28 +18,16 @@ def _prepare_triton(device: str) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("fastadapt", "torch", "triton", "peft", "transformers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def cmd_info(args) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
 
-    from fastadapt import _native, dispatch
+    from fastadapt import _env, _native, dispatch
     from fastadapt.backends import device_reasons, native_status, triton_status
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
-    console.print("  ".join(f"{k} {v}" for k, v in _versions().items()))
+    console.print("  ".join(f"{k} {v}" for k, v in _env.versions().items()))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     console.print(f"CUDA device: {gpu}")
     native = native_status()
@@ -128,7 +116,7 @@ def cmd_demo(args) -> int:
     from rich.table import Table
 
     import fastadapt
-    from fastadapt import dispatch, verify
+    from fastadapt import _env, dispatch, verify
     from fastadapt.backends import device_reasons
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
@@ -136,7 +124,7 @@ def cmd_demo(args) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = DEMO_SIZES[device]
     console.print(f"[bold]fastadapt demo[/] on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-                  f"{dtype}; " + "  ".join(f"{k} {v}" for k, v in _versions().items()))
+                  f"{dtype}; " + "  ".join(f"{k} {v}" for k, v in _env.versions().items()))
     backends = [b for b in dispatch.BACKENDS if not device_reasons(b, device)]
     ok = True
 

@@ -49,7 +49,7 @@ def _free(device: str) -> None:
 
 
 def _meta(args, device: str, dtype: torch.dtype, notes: list[str]) -> dict:
-    from fastadapt.cli import _versions
+    from fastadapt._env import versions
 
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -59,7 +59,7 @@ def _meta(args, device: str, dtype: torch.dtype, notes: list[str]) -> dict:
         timer = (f"wall clock (time.perf_counter) over repeated calls, {torch.get_num_threads()} torch threads: "
                  "median, p20, p80")
     return {"device": device, "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-            "versions": {**_versions(), "python": platform.python_version()},
+            "versions": {**versions(), "python": platform.python_version()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "fastadapt " + shlex.join(args.argv), "timer": timer, "notes": notes}
 

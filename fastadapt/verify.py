@@ -138,7 +138,7 @@ def _bottleneck_cases() -> list[OpCase]:
 
     def houlsby_exact(z, r, dw, db, uw, ub, sc, lbw, lbb, law, lab):
         return reference.bottleneck_adapter(z, dw, db, uw, ub, r, scale=sc, ln_before=(lbw, lbb),
-                                            ln_after=(law, lab), residual_before_ln_after=True,
+                                            ln_after=(law, lab), residual_before_ln=True,
                                             activation_name="swish")[0]
 
     return [OpCase("bottleneck_adapter", "z (4, 33, 96), m=16, gelu, residual", pfeiffer, pfeiffer_fused,

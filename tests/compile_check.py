@@ -289,11 +289,12 @@ def _bottleneck_grid():
     # Every combination of the flags that steer the kernels' control flow, at one width and
     # activation; then each activation and each bottleneck width (BLOCK_B 16..1024) with every
     # flag on and with every flag off.
-    flags = [dict(res=res, lnb=lnb, lna=lna, res_before=rb, gate=gate, scale=sc, p=p, bias=True, act="relu", m=64)
+    flags = [dict(res=res, lnb=lnb, lna=lna, residual_before_ln=rb, gate=gate, scale=sc, p=p, bias=True, act="relu",
+                  m=64)
              for res in (False, True) for lnb in (False, True) for lna in (False, True) for rb in (False, True)
              for gate in (False, True) for sc in (None, "scalar", "channel") for p in (0.0, 0.1)]
-    base = dict(res=True, lnb=True, lna=True, res_before=True, gate=True, scale="channel", p=0.1, bias=True)
-    off = dict(res=False, lnb=False, lna=False, res_before=False, gate=False, scale=None, p=0.0, bias=True)
+    base = dict(res=True, lnb=True, lna=True, residual_before_ln=True, gate=True, scale="channel", p=0.1, bias=True)
+    off = dict(res=False, lnb=False, lna=False, residual_before_ln=False, gate=False, scale=None, p=0.0, bias=True)
     flags += [dict(flags_, act=act, m=64) for act in bn.ACT_CODES for flags_ in (base, off)]
     flags += [dict(flags_, act="gelu", m=m, bias=False) for m in (1, 48, 200, 1024) for flags_ in (base, off)]
     for dname, *_ in DTYPES:
@@ -309,10 +310,11 @@ def _bottleneck_grid():
                 gate = _meta(M, 1, dtype=dt)[:, 0] if f["gate"] else None
                 wd, bd, wu, bu = _meta(m, d, dtype=dt), vec(m) if f["bias"] else None, _meta(d, m, dtype=dt), \
                     vec(d) if f["bias"] else None
-                args = (z, r, wd, bd, wu, bu, scale, *lnb, *lna, gate, 1.5, f["act"], 1e-5, f["res_before"], f["p"], 1)
+                args = (z, r, wd, bd, wu, bu, scale, *lnb, *lna, gate, 1.5, f["act"], 1e-5, f["residual_before_ln"],
+                        f["p"], 1)
                 out, h, stats = bn.forward(*args)
                 bwd = (out, z, r, wd, bd, wu, bu, h, stats, scale, *lnb, *lna, gate, 1.5, f["act"], 1e-5,
-                       f["res_before"], f["p"], 1)
+                       f["residual_before_ln"], f["p"], 1)
                 bn.backward(*bwd, [True] * 12, splits=1)
                 bn.backward(*bwd, [True] * 12, splits=3)  # atomics: chosen from the SM count on CUDA
                 bn.backward(*bwd, [False, True] + [False] * 10, splits=1)  # no g_z: NEED_Z off

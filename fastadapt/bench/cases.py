@@ -561,7 +561,7 @@ def _eager_bottleneck(z, wd, bd, wu, bu, r, scale, lnb, lna, residual_before_ln,
 
     keep = torch.rand_like(z) >= p if p > 0 else None
     return reference.bottleneck_adapter(z, wd, bd, wu, bu, r, scale=scale, ln_before=lnb, ln_after=lna,
-                                        residual_before_ln_after=residual_before_ln,
+                                        residual_before_ln=residual_before_ln,
                                         gate=None if gate is None else gate[:, None], keep=keep, dropout_p=p,
                                         activation_name=activation)[0]
 
@@ -588,7 +588,7 @@ def bottleneck(M: int, d: int, m: int, config: str, backward: bool, tier: str) -
         lna = (leaf(d, mean=1.0, std=0.1), leaf(d, std=0.1)) if cfg.get("ln_after") else None
         gate = torch.rand(M, **kw).requires_grad_() if cfg.get("gate") else None
         p = cfg.get("dropout", 0.0)
-        res_before = cfg.get("residual_before_ln", False)
+        residual_before_ln = cfg.get("residual_before_ln", False)
         act = cfg["activation"]
         leaves = [t for t in (z, r, wd, bd, wu, bu, scale, gate, *(lnb or ()), *(lna or ())) if t is not None]
         grad_out = torch.randn(M, d, **kw)
@@ -596,10 +596,10 @@ def bottleneck(M: int, d: int, m: int, config: str, backward: bool, tier: str) -
 
         def fused():
             return fastadapt.bottleneck_adapter(z, wd, bd, wu, bu, r, activation=act, scale=scale, ln_before=lnb,
-                                                ln_after=lna, adapter_residual_before_ln=res_before, gate=gate,
+                                                ln_after=lna, adapter_residual_before_ln=residual_before_ln, gate=gate,
                                                 dropout_p=p)
 
-        args = (z, wd, bd, wu, bu, r, scale, lnb, lna, res_before, act, gate, p)
+        args = (z, wd, bd, wu, bu, r, scale, lnb, lna, residual_before_ln, act, gate, p)
         variants = _fused(env, step(fused))
         variants["eager"] = step(lambda: _eager_bottleneck(*args))
         compiled = _compiled(env, _eager_bottleneck)

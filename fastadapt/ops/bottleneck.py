@@ -106,7 +106,7 @@ def _fuzz(draw):
         return reference.bottleneck_adapter(
             z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
             ln_before=pair(lnb_weight, lnb_bias), ln_after=pair(lna_weight, lna_bias),
-            residual_before_ln_after=residual_before_ln, gate=None if gate is None else gate[..., None], keep=mask,
+            residual_before_ln=residual_before_ln, gate=None if gate is None else gate[..., None], keep=mask,
             dropout_p=p, activation_name=activation)[0]
 
     return FuzzCase(tensors, call, exact, grads=tuple(n for n, t in tensors.items() if t is not None),

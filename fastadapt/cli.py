@@ -118,6 +118,7 @@ def cmd_demo(args) -> int:
     import fastadapt
     from fastadapt import _env, dispatch, verify
     from fastadapt.backends import device_reasons
+    from fastadapt.bench import cases
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
     device = args.device
@@ -132,11 +133,14 @@ def cmd_demo(args) -> int:
     table = Table(title="fused ops vs float64 reference (relative error)")
     for col in ("op", "backend", "output", "worst grad", "bound", "verdict", "fwd+bwd ms"):
         table.add_column(col, no_wrap=True)
-    for op, cases in verify.op_cases().items():
+    for module in cases.modules().values():
+        if not hasattr(module, "verify"):
+            continue
+        op = module.OP
         for backend in backends:
             if backend not in dispatch._REGISTRY.get(op, {}):
                 continue
-            check = verify.check_op(cases[0], device, dtype, backend)
+            check = verify.check_op(module.verify()[0], device, dtype, backend)
             seconds = _median_seconds(check.step, args.steps, device == "cuda")
             ok &= check.passed
             table.add_row(op, backend, f"{check.out_err:.1e}", f"{check.grad_err:.1e}", f"{check.bound:.0e}",
@@ -190,6 +194,7 @@ def main(argv=None) -> int:
     from fastadapt import _env
     _env.hide_checkout_root()
     _env.quiet_third_party()
+    from fastadapt.bench import cases  # the ops to choose from: importing fastadapt imports no Triton
     parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="versions, devices, and which backends can serve (and why not)")
@@ -207,8 +212,7 @@ def main(argv=None) -> int:
     size.add_argument("--quick", action="store_true", help="the headline cases only (one 10-minute GPU call)")
     size.add_argument("--full", action="store_true", help="every case, more shapes than DESIGN.md's")
     bench.add_argument("--smoke", action="store_true", help="tiny shapes (CI on a CPU): checks the command, not speed")
-    bench.add_argument("--op", action="append",
-                       choices=["lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix", "model"],
+    bench.add_argument("--op", action="append", choices=cases.names(),
                        help="only these ops (repeatable); model: the PEFT Llama check and training step")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="timing dtype (default: bfloat16 on cuda, float32 on cpu); verification runs all three")

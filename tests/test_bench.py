@@ -12,8 +12,10 @@ import pytest
 import torch
 from harness import backends_for
 
-from fastadapt import cli
+from fastadapt import cli, dispatch
 from fastadapt.bench import cases, report, runner, timing
+from fastadapt.bench.cases import dora as dora_cases
+from fastadapt.bench.cases import qlora as qlora_cases
 
 pytest.importorskip("peft")
 
@@ -23,13 +25,11 @@ def test_smoke_run_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["command"] == f"fastadapt bench --quick --smoke --device cpu --out {tmp_path}"
     checked = {(r["check"], r["backend"]) for r in results["verify"]}
-    for op in ("lora_linear", "dora_linear", "multi_lora_linear", "qlora_linear", "bottleneck_adapter",
-               "prefix_attention"):
+    for op in dispatch.ops():
         assert {(op, b) for b in ("triton", "cpp", "reference")} <= checked
     assert any(r["check"].startswith("PEFT LoRA Llama") for r in results["verify"])
     assert all(r["status"] == "ok" for r in results["verify"])
-    assert {c["op"] for c in results["cases"]} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix",
-                                                   "model"}
+    assert {c["op"] for c in results["cases"]} == set(cases.names())
     for case in results["cases"]:
         assert case["status"] == "ok", case
         # Triton's interpreter is never timed: the CPU's fused variant is the C++ backend.
@@ -92,10 +92,29 @@ def test_case_selection_by_tier_and_op():
         assert len(names) == len(set(names)), f"{scale}: duplicate case names"
         assert [c.name for c in quick] == [c.name for c in default if c.tier == "quick"]
         assert len(quick) < len(default) <= len(full)
-        assert {c.op for c in quick} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix", "model"}
-    assert {c.op for c in cases.select("cuda", "full", ["prefix"])} == {"prefix"}
+        assert {c.op for c in quick} == set(cases.names())
+    assert {c.op for c in cases.select("cuda", "full", ["prefix_attention"])} == {"prefix_attention"}
     with pytest.raises(ValueError, match="tier"):
         cases.select("cuda", "slow")
+
+
+def test_every_op_brings_one_cases_module():
+    # Each registered op's checks, timed cases and compile grid are one module of fastadapt.bench.cases,
+    # named as the op's slice and found through the registry: a new op adds that file, and demo,
+    # bench and the compile check take it up.
+    modules = cases.modules()
+    assert [m.OP for m in modules.values() if hasattr(m, "OP")] == list(dispatch.ops())
+    assert list(modules)[-1] == "model" and list(modules) == cases.names()
+    for name, module in modules.items():
+        for scale in cases.SCALES:
+            assert {c.op for c in module.cases(scale)} == {name}, (name, scale)
+        if name != "model":
+            assert {c.op for c in module.verify()} == {module.OP}
+            assert callable(module.compile_grid)
+    # The order of a run: every op's headline first, the strategy sweeps after everything else.
+    ordered = cases.all_cases("cuda")
+    assert [c.op for c in ordered[:len(modules)]] == list(modules)
+    assert [c.last for c in ordered] == sorted(c.last for c in ordered)
 
 
 def test_strategy_cases_time_both_strategies_around_the_crossover(monkeypatch):
@@ -118,8 +137,8 @@ def test_strategy_cases_time_both_strategies_around_the_crossover(monkeypatch):
     choose = FrozenProductRule.choose
     monkeypatch.setattr(FrozenProductRule, "choose", lambda self, rows: ran.append(choose(self, rows)) or ran[-1])
     env = cases.Env("cpu", torch.float32, ["triton"], False)
-    for case, rule in ((cases.dora_strategies(600, 32, 48, 4, "quick"), DORA_NORM),
-                       (cases.qlora_strategies(16, 64, 48, 4, "fp8-channel", "quick"), QLORA_DEQUANT)):
+    for case, rule in ((dora_cases.dora_strategies(600, 32, 48, 4, "quick"), DORA_NORM),
+                       (qlora_cases.qlora_strategies(16, 64, 48, 4, "fp8-channel", "quick"), QLORA_DEQUANT)):
         built = case.build(env)
         first = rule.automatic(case.params["M"])
         second = rule.split if first == rule.fused else rule.fused
@@ -207,3 +226,4 @@ def test_python_dash_m_entry_point():
                          check=True).stdout
     for option in ("--quick", "--full", "--smoke", "--op", "--device", "--dtype", "--out"):
         assert option in out
+    assert "prefix_attention" in out  # --op's choices: the registry's ops

@@ -25,8 +25,6 @@ from fastadapt.bench import cases as bench_cases
 from fastadapt.bench import report, timing
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OPS = {"lora": "lora_linear", "dora": "dora_linear", "multi_lora": "multi_lora_linear", "qlora": "qlora_linear",
-       "bottleneck": "bottleneck_adapter", "prefix": "prefix_attention"}
 
 # The Llama that the patched-vs-unpatched check runs (odd sequence length; float64 copy included).
 VERIFY_LLAMA = {
@@ -71,21 +69,21 @@ def _meta(args, device: str, dtype: torch.dtype, notes: list[str]) -> dict:
 def _verify_plan(device: str, ops: list[str], smoke: bool) -> list[tuple]:
     """(label, thunk) per check: every op case x backend that serves ``device`` x dtype, then the
     patched PEFT Llama per dtype. A smoke run checks the first case of each op in float32 only."""
-    from fastadapt import dispatch, verify
+    from fastadapt import dispatch
     from fastadapt.backends import device_reasons
 
     dtypes = {"float32": torch.float32} if smoke else DTYPES
     plan = []
-    for key, op in OPS.items():
-        if key not in ops:
+    for name, module in bench_cases.modules().items():
+        if name not in ops or not hasattr(module, "verify"):
             continue
-        cases = verify.op_cases()[op]
+        cases = module.verify()
         for case in cases[:1] if smoke else cases:
             for backend in dispatch.BACKENDS:
-                if backend not in dispatch._REGISTRY.get(op, {}) or device_reasons(backend, device):
+                if backend not in dispatch._REGISTRY.get(module.OP, {}) or device_reasons(backend, device):
                     continue
                 for dname, dtype in dtypes.items():
-                    plan.append((f"{op} {backend} {dname}",
+                    plan.append((f"{module.OP} {backend} {dname}",
                                  lambda c=case, b=backend, dn=dname, dt=dtype: _check_op(c, device, b, dn, dt)))
     if "model" in ops:
         size = VERIFY_LLAMA["smoke" if smoke else device]
@@ -200,7 +198,7 @@ def run(args) -> int:
         raise SystemExit("fastadapt bench: --device cuda, but torch sees no CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     tier = "quick" if args.quick else "full" if args.full else "default"
-    ops = args.op or [*OPS, "model"]
+    ops = args.op or bench_cases.names()
     out = pathlib.Path(args.out)
     deadline = time.monotonic() + args.budget if args.budget else None
     console = Console(width=max(Console().width, 120))  # tables stay readable when piped (80 cols)
@@ -243,7 +241,7 @@ def run(args) -> int:
 
         console.rule(f"timing ({meta['timer']})")
         env = bench_cases.Env(device, dtype, backends, compile_ok)
-        if any(c.op == "bottleneck" for c in selected):
+        if any(c.hbm_floor for c in selected):
             progress.update(task, description="copy bandwidth")
             # 1 GiB on a GPU (well past L2), 64 MiB on a CPU (past its caches); 8 MiB in a smoke run.
             nbytes = 2**23 if args.smoke else 2**30 if device == "cuda" else 2**26

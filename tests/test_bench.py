@@ -158,6 +158,11 @@ def test_quantiles_and_cpu_timer():
     result = timing.measure(lambda: calls.append(1), "cpu", rep_ms=1, warmup_ms=0)
     assert result["p20"] <= result["p50"] <= result["p80"] and len(calls) >= 7  # 2 untimed + at least 5
     assert timing.peak_mib(lambda: None, "cpu") is None
+    calls.clear()  # the demo's: a given number of timed runs, after those left untimed
+    result = timing.measure(lambda: calls.append(1), "cpu", runs=1, untimed=0)
+    assert result["p20"] == result["p50"] == result["p80"] and len(calls) == 1
+    timing.measure(lambda: calls.append(1), "cpu", runs=3)
+    assert len(calls) == 1 + 1 + 3
 
 
 def _measured(p50):

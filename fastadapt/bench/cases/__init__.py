@@ -59,7 +59,7 @@ class Built:
     gradients are dropped before a memory measurement."""
 
     variants: dict[str, Callable[[], None]]
-    floor: str
+    floor: str | None
     floor_ms: float | None = None
     leaves: list[torch.Tensor] = field(default_factory=list)
 
@@ -73,6 +73,7 @@ class Case:
     build: Callable[[Env], Built]
     rep_ms: float = 100.0        # do_bench's rep on CUDA; the CPU timer's budget
     warmup_ms: float = 25.0
+    runs: int | None = None      # a fixed number of timed runs instead (the demo's --steps)
     hbm_floor: bool = False      # its floor is memory traffic at the copy bandwidth, measured before it runs
     # Runs after every other case (the strategy sweeps: a call of their own when a run is short of time).
     last: bool = False
@@ -82,8 +83,10 @@ def fused_name(backend: str) -> str:
     return f"{FUSED_PREFIX}{backend}]"
 
 
-def fused(env: Env, step: Callable[[], None], op: str | None = None) -> dict[str, Callable[[], None]]:
-    """One variant per fused backend (of those ``op`` has, if given): ``step`` forced onto that backend."""
+def fused(env: Env, step: Callable[[], None], op: str | None = None,
+          name: Callable[[str], str] = fused_name) -> dict[str, Callable[[], None]]:
+    """One variant per fused backend (of those ``op`` has, if given): ``step`` forced onto that backend,
+    named ``name(backend)``."""
     from fastadapt import dispatch, use_backend
 
     def under(backend):
@@ -93,20 +96,22 @@ def fused(env: Env, step: Callable[[], None], op: str | None = None) -> dict[str
         return run
 
     backends = [b for b in env.backends if op is None or b in dispatch._REGISTRY.get(op, {})]
-    return {fused_name(b): under(b) for b in backends or ["reference"]}
+    return {name(b): under(b) for b in backends or ["reference"]}
 
 
 AUTOMATIC = "fastadapt, automatic dispatch"
 
 
-def automatic(env: Env, step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with each call on the backend automatic dispatch picks among the timed ones and the
-    reference (what ``fastadapt.patch`` gives a user: below a backend's declared crossover the
-    plain PyTorch composite runs), leaving out the Triton interpreter the bench turns on on a CPU."""
+def automatic(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with each call on the backend automatic dispatch picks (what ``fastadapt.patch`` gives
+    a user: below a backend's declared crossover the plain PyTorch composite runs), leaving out the
+    Triton interpreter that demo and bench turn on on a CPU, which a user's process does not have."""
     from fastadapt import dispatch
+    from fastadapt.backends import triton_interpret
 
     def run():
-        with dispatch.only_backends(*env.backends, "reference"):
+        candidates = [b for b in dispatch.BACKENDS if not (b == "triton" and triton_interpret())]
+        with dispatch.use_backend(None), dispatch.only_backends(*candidates):
             step()
     return run
 

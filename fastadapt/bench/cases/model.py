@@ -1,6 +1,6 @@
 """The whole model: a random Llama with PEFT LoRA on all seven projections, patched by fastadapt, its
-training step timed against unpatched PEFT and the frozen model. Not an op: ``fastadapt bench --op
-model``."""
+training step timed against unpatched PEFT and the frozen model; the demo's training step; and the
+one table of the Llamas' sizes. Not an op: ``fastadapt bench --op model``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ import torch
 
 from fastadapt.bench.cases import AUTOMATIC, Built, Case, Env, automatic, fused
 from fastadapt.bench.timing import forward_backward
+
+# The random PEFT LoRA Llamas (fastadapt.verify.peft_llama, with an LM head) that the patched-vs-
+# unpatched check runs, per scale (odd sequence lengths; a float64 copy is made too), and that the
+# demo checks and trains, on a GPU a few hundred MB so that its step times mean something (on a CPU
+# the check's). The timed cases below give their own sizes: DESIGN.md's on a GPU.
+LLAMA = {
+    "smoke": dict(hidden=64, ffn=128, layers=1, heads=4, vocab=128, seq=13, batch=1),
+    "cpu": dict(hidden=64, ffn=128, layers=2, heads=4, vocab=128, seq=37, batch=2),
+    "cuda": dict(hidden=256, ffn=688, layers=2, heads=8, vocab=512, seq=129, batch=2),
+    "cuda demo": dict(hidden=1024, ffn=2816, layers=4, heads=16, vocab=8192, seq=512, batch=4),
+}
 
 
 def llama_config(hidden: int, ffn: int, layers: int, heads: int, seq: int, vocab: int):
@@ -62,7 +73,7 @@ def model_step(B: int, S: int, hidden: int, ffn: int, layers: int, heads: int, r
             return forward_backward(forward, leaves, grad_out)
 
         variants = fused(env, step(ours))
-        variants[AUTOMATIC] = automatic(env, step(ours))
+        variants[AUTOMATIC] = automatic(step(ours))
         variants["peft"] = step(theirs)
         variants["floor: frozen model"] = step(frozen)
         return Built(variants, "floor: frozen model", leaves=leaves)
@@ -82,3 +93,35 @@ def cases(scale: str) -> list[Case]:
         "smoke": [model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
                   model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True)],
     }[scale]
+
+
+def training_step(size: dict, steps: int) -> Case:
+    """The demo's: the PEFT LoRA Llama of ``size`` trained step by step (forward, backward, AdamW),
+    unpatched, patched with automatic dispatch, and patched on each backend of the run forced;
+    ``steps`` timed steps after an untimed one (which compiles and autotunes on a GPU)."""
+
+    def build(env: Env) -> Built:
+        import fastadapt
+        from fastadapt.verify import peft_llama
+
+        theirs = peft_llama(env.device, env.dtype, size)
+        ours = copy.deepcopy(theirs)
+        fastadapt.patch(ours)
+        ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), device=env.device)
+
+        def step(model):
+            optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
+
+            def run():
+                optimizer.zero_grad(set_to_none=True)
+                model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+                optimizer.step()
+            return run
+
+        variants = {"peft (unpatched)": step(theirs), AUTOMATIC: automatic(step(ours))}
+        variants.update(fused(env, step(ours), name=lambda backend: f"fastadapt {backend} (forced)"))
+        return Built(variants, None)
+
+    return Case("model", f"training step, PEFT LoRA r=8 on all 7 projections, {size['layers']} layers, "
+                f"hidden {size['hidden']}, batch {size['batch']}x{size['seq']}", dict(kind="demo", **size), "quick",
+                build, runs=steps)

@@ -21,15 +21,17 @@ def _prepare_triton(device: str) -> None:
 def cmd_info(args) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fastadapt import _env, _native, dispatch
     from fastadapt.backends import device_reasons, native_status, triton_status
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
-    console.print("  ".join(f"{k} {v}" for k, v in _env.versions().items()))
+    # markup=False / escape: rich would take bracketed text in these (an OSError's "[Errno 2]") for markup.
+    console.print("  ".join(f"{k} {v}" for k, v in _env.versions().items()), markup=False)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    console.print(f"CUDA device: {gpu}")
+    console.print(f"CUDA device: {gpu}", markup=False)
     native = native_status()
     cuda_why = _native.cuda_reason()
     status = {"triton": triton_status(), "cuda": (not cuda_why, cuda_why or native[1]), "cpp": native,
@@ -49,17 +51,17 @@ def cmd_info(args) -> int:
         for d in devices:
             reasons = device_reasons(name, d)
             cells.append("yes" if not reasons else "no: " + "; ".join(reasons))
-        table.add_row(name, "yes" if ok else "no", *cells, ops, detail)
+        table.add_row(name, "yes" if ok else "no", *map(escape, cells), ops, escape(detail))
     console.print(table)
     for (op, name), why in dispatch.nondeterministic().items():
         console.print(f"non-deterministic: {name} {op} ({why}); dispatch skips it under "
-                      "torch.use_deterministic_algorithms(True)")
+                      "torch.use_deterministic_algorithms(True)", markup=False)
     for (op, name), rule in dispatch.crossovers().items():
-        console.print(f"crossover: automatic dispatch passes over {name} for {op} {rule}")
+        console.print(f"crossover: automatic dispatch passes over {name} for {op} {rule}", markup=False)
     for (op, name), rule in dispatch.strategies().items():
-        console.print(f"strategy: {name} {op} runs {rule}")
+        console.print(f"strategy: {name} {op} runs {rule}", markup=False)
     console.print(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '')!r} "
-                  "(set it to force one backend; dispatch errors name the reasons if it cannot serve)")
+                  "(set it to force one backend; dispatch errors name the reasons if it cannot serve)", markup=False)
     return 0
 
 

@@ -318,6 +318,27 @@ def ops():
     return torch.ops.fastadapt_C
 
 
+def asked(grads, needs) -> tuple:
+    """A native backward's gradients, None where ``needs`` did not ask for one (the kernels return an
+    empty tensor there)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def calls(name: str):
+    """(forward, backward) of a native backend that takes the op's backend arguments as they come:
+    ``fastadapt_C::<name>_forward(*args)`` and ``<name>_backward(*args, needs)`` (csrc/<name>.cpp)."""
+
+    def forward(*args):
+        return getattr(ops(), f"{name}_forward")(*args)
+
+    def backward(*args):
+        *args, needs = args
+        needs = [bool(n) for n in needs]
+        return asked(getattr(ops(), f"{name}_backward")(*args, needs), needs)
+
+    return forward, backward
+
+
 def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:
     """The mask (True = kept) the native kernels draw from ``seed`` for a 2-D input of ``shape``."""
     return ops().dropout_keep(torch.empty(shape, device=device, dtype=torch.int8), p, seed)

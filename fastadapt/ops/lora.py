@@ -266,7 +266,7 @@ def native_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed
                                                      seed, needs)
     else:
         grads = _native.ops().lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return _native.asked(grads, needs)
 
 
 # Where the cpp kernels stop beating eager PyTorch (oneDNN/MKL GEMMs), fwd+bwd, r=16, measured on

@@ -274,7 +274,7 @@ def _native_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, ne
         return lora.native_backward(gy, x2d, native_dequantize(q, x2d.dtype), lora_A, lora_B, u, scaling, 0.0, seed,
                                     [*needs, False], ranks, ranks_p)[:4]
     grads = _native.ops().qlora_backward(gy, x2d, *_weight_args(q), lora_A, lora_B, u, scaling, dropout_p, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return _native.asked(grads, needs)
 
 
 # csrc/qlora.cpp; CPU only.

@@ -239,3 +239,37 @@ def test_python_dash_m_entry_point():
     for option in ("--quick", "--full", "--smoke", "--op", "--device", "--dtype", "--out"):
         assert option in out
     assert "prefix_attention" in out  # --op's choices: the registry's ops
+
+
+def test_imports_go_one_way_cli_to_bench():
+    # `fastadapt demo` is a preset of the bench runner: the CLI imports the bench, and nothing in the
+    # package imports the CLI back (fastadapt/__main__.py aside), not even inside a function, where a
+    # cycle would only show when that function first runs.
+    import ast
+    from pathlib import Path
+
+    import fastadapt
+
+    root = Path(fastadapt.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in ("cli.py", "__main__.py"):
+            continue
+        package = ["fastadapt", *path.relative_to(root).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = ".".join([*package[:len(package) - node.level + 1], node.module or ""] if node.level
+                                  else [node.module or ""]).strip(".")
+                names = [module, *(f"{module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            if any(n == "fastadapt.cli" or n.startswith("fastadapt.cli.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
+    # And at run time: the runner and every op's cases load without the CLI.
+    probe = ("import sys; from fastadapt.bench import cases, runner; cases.modules(); "
+             "assert 'fastadapt.cli' not in sys.modules, 'the bench imported fastadapt.cli'")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -66,7 +66,7 @@ class Built:
 
 @dataclass
 class Case:
-    op: str                      # the name of its module here: lora | dora | ... | prefix_attention | model
+    op: str                      # the name of its module here (the op's slice), or model
     name: str
     params: dict
     tier: str

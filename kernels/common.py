@@ -65,8 +65,10 @@ def dropout_scale(seed, rows, cols, n_cols, p):
     any tile shape) regenerate the same mask from ``seed`` without storing it.
     """
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    keep = tl.rand(seed, offsets) >= p
-    return tl.where(keep, 1.0 / (1.0 - p), 0.0)
+    # p may be a float64 table entry (multi-LoRA): the threshold in float32 as for a scalar p, the
+    # scale from p unrounded.
+    keep = tl.rand(seed, offsets) >= tl.cast(p, tl.float32)
+    return tl.where(keep, tl.cast(1.0 / (1.0 - p), tl.float32), 0.0)
 
 
 @triton.jit

@@ -152,7 +152,7 @@ class Batch:
     ``perm`` (M,) lists the rows sorted by adapter id (stable), ``bounds`` (n + 1,) where each
     adapter's segment of it starts (base-only rows, id -1, sort first and belong to no segment);
     :meth:`table` cuts the segments into tiles for one block size. ``scalings`` (float32),
-    ``ranks`` (int32) and ``dropout_p`` (float32, or None: no dropout), each (n,), are contiguous:
+    ``ranks`` (int32) and ``dropout_p`` (float64, or None: no dropout), each (n,), are contiguous:
     the kernels read adapter a's value at ``ptr + a``, so a strided or expanded (stride-0) view is
     copied here, once, for every launch of the call."""
 
@@ -259,7 +259,7 @@ def _frozen(x, w, bias, out):
 
 def forward(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, dropout_p, seed):
     """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r_max)). x, weight, the stacks and
-    bias share one dtype; scalings and dropout_p (or None) are float32 (n,), ranks int32 (n,)."""
+    bias share one dtype; scalings float32 (n,), dropout_p (or None) float64 (n,), ranks int32 (n,)."""
     M = x.shape[0]
     R = A_stack.shape[1]
     N = B_stack.shape[1]

@@ -37,8 +37,8 @@ def _lora_grads(n_needs):
 def _multi():
     return dict(x=torch.randn(M, K), weight=torch.randn(N, K), A_stack=torch.randn(NA, R, K),
                 B_stack=torch.randn(NA, N, R), scalings=torch.ones(NA), ranks=torch.tensor([R, 1], dtype=torch.int32),
-                adapter_ids=torch.tensor([0, 1, -1, 1, 0]), bias=torch.randn(N), dropout_p=torch.tensor([0.1, 0.0]),
-                seed=0)
+                adapter_ids=torch.tensor([0, 1, -1, 1, 0]), bias=torch.randn(N),
+                dropout_p=torch.tensor([0.1, 0.0], dtype=torch.float64), seed=0)
 
 
 def _qlora():
@@ -202,7 +202,8 @@ CASES = [
      r"adapter_ids must be in \[-1, 2\), got 2 at row 3"),
     ("multi_lora id below -1", lambda ops: _multi_forward(ops, adapter_ids=torch.tensor([0, -2, -1, 1, 0])),
      r"adapter_ids must be in \[-1, 2\), got -2"),
-    ("multi_lora dropout_p 1", lambda ops: _multi_forward(ops, dropout_p=torch.tensor([0.1, 1.0])),
+    ("multi_lora dropout_p 1",
+     lambda ops: _multi_forward(ops, dropout_p=torch.tensor([0.1, 1.0], dtype=torch.float64)),
      r"dropout_p must be in \[0, 1\)"),
     ("multi_lora bias short", lambda ops: _multi_forward(ops, bias=torch.randn(N - 1)), r"bias must have shape \(8,\)"),
     ("multi_lora backward u short", lambda ops: _multi_backward(ops, u=torch.randn(M, R - 1)),
@@ -335,8 +336,8 @@ LAYOUTS = {
     # one row for all: stride 0 in dimension 0 (other values than t, compared with their copy)
     "expanded": lambda t: t[:1].expand_as(t) if t.dim() and t.shape[0] > 1 else None,
 }
-_WRONG_DTYPE = {torch.float32: torch.float64, torch.int64: torch.float32, torch.int32: torch.int64,
-                torch.bool: torch.uint8, torch.uint8: torch.int8}
+_WRONG_DTYPE = {torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.float32,
+                torch.int32: torch.int64, torch.bool: torch.uint8, torch.uint8: torch.int8}
 # Other classes: a replacement, and what the op must do with it.
 OTHERS = {
     "empty": lambda t: t.new_empty((0, *t.shape[1:])) if t.dim() and t.shape[0] else None,  # runs, or refused

@@ -89,7 +89,7 @@ def _check(backend, device, dtype, lead, n_in, n_out, ranks, ids, *, bias=True, 
         torch.manual_seed(1234)
         seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
         keep = _keep(backend, seed, (M, n_in), ps, ids2d, device)
-        p_t = torch.tensor(ps, device=device)
+        p_t = torch.tensor(ps, dtype=torch.float64, device=device)  # the truth's: 1 / (1 - p) unrounded
     ranks_t = torch.tensor(ranks, device=device)
 
     def reference_run(cast):
@@ -240,6 +240,15 @@ def test_dropout_same_mask_forward_and_backward(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_dropout_near_one_scales_exactly(backend, device):
+    # 1 / (1 - p) from p rounded to float32 is 1.3e-5 off at p = 0.999, past float32's bound: the
+    # probabilities travel in float64 whatever the dtype.
+    gen = torch.Generator().manual_seed(4)
+    ids = _ids("some_base", 300, len(RANKS), device, gen)
+    _check(backend, device, torch.float32, (300,), 40, 24, RANKS, ids, dropout_p=[0.999, 0.0, 0.99, 0.9999])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 def test_dropout_drops_per_adapter(backend, device):
     # With x = 1, A = 1, B = 1 and scaling 1, each row's update is the count of kept inputs / (1 - p):
     # its expectation is K whatever p, and it varies with p as K p / (1 - p).
@@ -276,8 +285,8 @@ def test_backward_runs_on_the_forward_backend(backend, device):
 @pytest.mark.parametrize("dropout_p,autocast", [(0.0, False), (0.3, False), (0.0, True)])
 def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
     # Eager calls go through an autograd.Function (fastadapt/ops/_declare.py), torch.compile through
-    # the custom op: the same backend functions, the same autocast rule (scalings and dropout kept
-    # float32), so the same bits.
+    # the custom op: the same backend functions, the same autocast rule (scalings kept float32,
+    # dropout float64), so the same bits.
     tensors = _inputs((3, 5), 48, 40, [4, 2], torch.float32, device)
     ids = torch.tensor([1, -1, 0, 1, 0] * 3, device=device)
     scalings, ranks = torch.tensor([0.5, 2.0], device=device), torch.tensor([4, 2], dtype=torch.int32, device=device)
@@ -290,7 +299,7 @@ def test_eager_path_matches_the_custom_op(backend, device, dropout_p, autocast):
                 y = fastadapt.multi_lora_linear(x, tensors[1], A, B, scalings, ids.view(3, 5), b,
                                                 dropout_p=dropout_p, ranks=ranks)
             else:
-                p = torch.full((2,), dropout_p, device=device) if dropout_p else None
+                p = torch.full((2,), dropout_p, dtype=torch.float64, device=device) if dropout_p else None
                 seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p else None
                 y = torch.ops.fastadapt.multi_lora_linear(x, tensors[1], A, B, scalings, ranks, ids, b, p, seed)[0]
         y.backward(torch.ones_like(y))

@@ -60,10 +60,13 @@ def mixed_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     index = {a: i for i, a in enumerate(present)}
     device = x.device
     ids = _on_device(tuple(index.get(n, -1) for n in names), torch.int64, device)
-    scalings = _on_device(tuple(float(adapters[a][2]) for a in present), torch.float32, device)
+    # In the op's table dtypes, so that it converts nothing per call: the scalings in float32 (float64
+    # for a float64 call), the probabilities in float64.
+    scalings = _on_device(tuple(float(adapters[a][2]) for a in present), torch.promote_types(dtype, torch.float32),
+                          device)
     dropout = tuple(float(adapters[a][3]) for a in present)
     return multi_lora_linear(x, weight, A_stack, B_stack, scalings, ids, bias,
-                             dropout_p=_on_device(dropout, torch.float32, device) if any(dropout) else 0.0,
+                             dropout_p=_on_device(dropout, torch.float64, device) if any(dropout) else 0.0,
                              training=training, ranks=_on_device(tuple(ranks), torch.int32, device))
 
 

@@ -47,12 +47,12 @@ def row_dropout_p(adapter_ids: torch.Tensor, dropout_p: torch.Tensor | None):
 
 
 def _dropped(x, keep, p_rows):
-    """keep * x / (1 - p), computed in float32 (float64 for float64 x) and rounded once to x's
-    dtype, as eager dropout does with its scalar."""
+    """keep * x * (1 / (1 - p)), computed in float32 (float64 for float64 x) and rounded once to x's
+    dtype, the scale from p in float64, as eager dropout does with its scalar."""
     if keep is None:
         return x
     wide = torch.promote_types(x.dtype, torch.float32)
-    return (x.to(wide) * keep.to(wide) / (1.0 - p_rows.to(wide))).to(x.dtype)
+    return (x.to(wide) * keep.to(wide) * (1.0 / (1.0 - p_rows.double())).to(wide)).to(x.dtype)
 
 
 def _per_adapter_rows(adapter_ids, n):

@@ -142,7 +142,7 @@ def compile_grid(grid):
                         W, A, B = meta(N, K, dtype=dt), meta(n, R, K, dtype=dt), meta(n, N, R, dtype=dt)
                         b = meta(N, dtype=dt) if bias else None
                         scalings, ranks = meta(n, dtype=torch.float32), meta(n, dtype=torch.int32)
-                        p = meta(n, dtype=torch.float32) if dropout else None
+                        p = meta(n, dtype=torch.float64) if dropout else None
                         ids = meta(M, dtype=torch.int64)
                         y, u = ml.forward(x, W, A, B, scalings, ranks, ids, b, p, 1)
                         ml.backward(y, x, W, A, B, u, scalings, ranks, ids, p, 1, (True,) * 5)

@@ -64,20 +64,21 @@ void check_lora_backward(c10::DeviceType device, const Tensor& gy, const Tensor&
 
 namespace {
 
-// Rank segments of lora_A (r rows): one probability each, every segment at least one row, r in all.
-void check_lora_segments(const char* op, const Tensor& lora_A, at::IntArrayRef segments,
-                         at::ArrayRef<double> segment_p) {
+// The adapters' ranks: rank segments of lora_A (r rows), one dropout probability each, every segment at
+// least one row, r in all.
+void check_lora_ranks(const char* op, const Tensor& lora_A, at::IntArrayRef ranks,
+                         at::ArrayRef<double> ranks_p) {
   const ArgCheck c(op, lora_A, c10::kCPU);
-  TORCH_CHECK(!segments.empty() && segments.size() == segment_p.size(), op, ": segments and segment_p need one entry "
-              "per segment, got ", segments.size(), " and ", segment_p.size());
+  TORCH_CHECK(!ranks.empty() && ranks.size() == ranks_p.size(), op, ": ranks and ranks_p need one entry "
+              "per adapter, got ", ranks.size(), " and ", ranks_p.size());
   int64_t total = 0;  // overflow-checked: a sum that wraps to r let segments past r through
-  for (size_t k = 0; k < segments.size(); ++k) {
-    TORCH_CHECK(segments[k] >= 1, op, ": segment ", k, " has ", segments[k], " rows, expected at least 1");
-    TORCH_CHECK(segment_p[k] >= 0.0 && segment_p[k] < 1.0, op, ": segment_p[", k, "] must be in [0, 1), got ",
-                segment_p[k]);
-    total = c.add("the sum of segments", total, segments[k]);
+  for (size_t k = 0; k < ranks.size(); ++k) {
+    TORCH_CHECK(ranks[k] >= 1, op, ": ranks[", k, "] is ", ranks[k], ", expected at least 1");
+    TORCH_CHECK(ranks_p[k] >= 0.0 && ranks_p[k] < 1.0, op, ": ranks_p[", k, "] must be in [0, 1), got ",
+                ranks_p[k]);
+    total = c.add("the sum of ranks", total, ranks[k]);
   }
-  TORCH_CHECK(total == lora_A.size(0), op, ": segments sum to ", total, ", expected r = ", lora_A.size(0));
+  TORCH_CHECK(total == lora_A.size(0), op, ": ranks sum to ", total, ", expected r = ", lora_A.size(0));
 }
 
 using cpu::RB;
@@ -88,14 +89,14 @@ struct Segment {
   cpu::Dropout d;
 };
 
-std::vector<Segment> segments_of(int64_t r, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed) {
+std::vector<Segment> segments_of(int64_t r, at::IntArrayRef ranks, at::ArrayRef<double> ranks_p, int64_t seed) {
   std::vector<Segment> out;
   int64_t begin = 0;
-  for (size_t k = 0; k < segments.size(); ++k) {
+  for (size_t k = 0; k < ranks.size(); ++k) {
     // Segment k's mask from seed + k, wrapping (in uint64: a signed seed + k may overflow).
     const auto seed_k = static_cast<int64_t>(static_cast<uint64_t>(seed) + k);
-    out.push_back({begin, begin + segments[k], cpu::Dropout(segment_p[k], seed_k)});
-    begin += segments[k];
+    out.push_back({begin, begin + ranks[k], cpu::Dropout(ranks_p[k], seed_k)});
+    begin += ranks[k];
   }
   return out;
 }
@@ -289,22 +290,22 @@ namespace {
 
 std::tuple<Tensor, Tensor> lora_segments_forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                                                      const Tensor& lora_B, double scaling,
-                                                     const std::optional<Tensor>& bias, at::IntArrayRef segments,
-                                                     at::ArrayRef<double> segment_p, int64_t seed) {
+                                                     const std::optional<Tensor>& bias, at::IntArrayRef ranks,
+                                                     at::ArrayRef<double> ranks_p, int64_t seed) {
   const char* op = "fastadapt_C::lora_segments_forward";
   check_lora_forward(c10::kCPU, x, weight, lora_A, lora_B, bias, 0.0, op);
-  check_lora_segments(op, lora_A, segments, segment_p);
-  return forward(x, weight, lora_A, lora_B, scaling, bias, segments_of(lora_A.size(0), segments, segment_p, seed));
+  check_lora_ranks(op, lora_A, ranks, ranks_p);
+  return forward(x, weight, lora_A, lora_B, scaling, bias, segments_of(lora_A.size(0), ranks, ranks_p, seed));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_segments_backward_cpu(
     const Tensor& gy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& u, double scaling, at::IntArrayRef segments, at::ArrayRef<double> segment_p, int64_t seed,
+    const Tensor& u, double scaling, at::IntArrayRef ranks, at::ArrayRef<double> ranks_p, int64_t seed,
     std::array<bool, 5> needs) {
   const char* op = "fastadapt_C::lora_segments_backward";
   check_lora_backward(c10::kCPU, gy, x, weight, lora_A, lora_B, u, 0.0, op);
-  check_lora_segments(op, lora_A, segments, segment_p);
-  return backward(gy, x, weight, lora_A, lora_B, u, scaling, segments_of(lora_A.size(0), segments, segment_p, seed),
+  check_lora_ranks(op, lora_A, ranks, ranks_p);
+  return backward(gy, x, weight, lora_A, lora_B, u, scaling, segments_of(lora_A.size(0), ranks, ranks_p, seed),
                   needs);
 }
 
@@ -321,9 +322,9 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same with several adapters' rank segments, each with its own dropout (CPU only).
   m.def("lora_segments_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
-        "int[] segments, float[] segment_p, int seed) -> (Tensor, Tensor)");
+        "int[] ranks, float[] ranks_p, int seed) -> (Tensor, Tensor)");
   m.def("lora_segments_backward(Tensor gy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
-        "float scaling, int[] segments, float[] segment_p, int seed, bool[5] needs) "
+        "float scaling, int[] ranks, float[] ranks_p, int seed, bool[5] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

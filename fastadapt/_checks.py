@@ -28,18 +28,20 @@ def tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, min_ndim: i
     return t
 
 
-def same_device(**tensors: torch.Tensor | None) -> None:
+def _differing(attr: str, tensors: dict) -> dict:
+    """The tensors given (None left out) if they differ in ``attr``, else nothing."""
     present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
+    return present if len({getattr(v, attr) for v in present.values()}) > 1 else {}
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    if present := _differing("device", tensors):
         listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
 def same_dtype(**tensors: torch.Tensor | None) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
+    if present := _differing("dtype", tensors):
         listing = ", ".join(f"{k}: {v.dtype}" for k, v in present.items())
         raise TypeError(f"dtypes must match, got {listing}")
 

@@ -1,4 +1,5 @@
-"""The process setup of fastadapt's own entry points (the ``fastadapt`` command, the test suite)."""
+"""The process setup of fastadapt's own entry points (the ``fastadapt`` command, the test suite), and
+the versions they report."""
 
 from __future__ import annotations
 
@@ -39,3 +40,16 @@ def quiet_third_party() -> None:
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of fastadapt and the libraries its results depend on."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("fastadapt", "torch", "triton", "peft", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

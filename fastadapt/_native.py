@@ -42,12 +42,17 @@ CACHE_ENV = "FASTADAPT_CACHE"
 _HERE = Path(__file__).resolve().parent
 # Installed (pip install ., a wheel): fastadapt/csrc; a checkout (pip install -e .): csrc/ beside the package.
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
-# One translation unit per op (its schemas, checks and kernels) plus ops.cpp, what they share.
-CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "qlora.cpp", "bottleneck.cpp",
-               "prefix_attention.cpp")
-CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")
-HEADERS = ("common.h", "cpu_common.h", "cuda_common.cuh", "registration.h", "lora.h", "bottleneck.h",
-           "prefix_attention.h")
+
+
+def _in_csrc(*suffixes: str) -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in CSRC.iterdir() if p.suffix in suffixes)) if CSRC.is_dir() else ()
+
+
+# Every source in csrc/ is built, so that an op's csrc/OP.cpp (its schemas, checks and kernels) and
+# csrc/OP_cuda.cu are listed nowhere else; ops.cpp, what they share (the TORCH_LIBRARY), first.
+CPP_SOURCES = tuple(sorted(_in_csrc(".cpp"), key=lambda name: name != "ops.cpp"))
+CUDA_SOURCES = _in_csrc(".cu")
+HEADERS = _in_csrc(".h", ".cuh")
 CUDA_ARCHS = "8.0;9.0"  # setup.py builds; the JIT build targets the GPUs it sees
 # How long first use waits for another live process that is building the same extension (a build
 # takes about a minute; a dead builder's lock is never waited on).
@@ -220,7 +225,7 @@ def _jit() -> tuple[bool, str]:
     reason = _compiler_reason()
     if reason:
         return False, reason
-    if not all((CSRC / n).exists() for n in CPP_SOURCES):
+    if "ops.cpp" not in CPP_SOURCES:
         return False, f"csrc/ sources not found at {CSRC} (a wheel without them needs FASTADAPT_BUILD_EXT=1)"
     from torch.utils import cpp_extension
 
@@ -316,6 +321,27 @@ def ops():
     if not ok:
         raise RuntimeError(f"fastadapt._C is unavailable: {why}")
     return torch.ops.fastadapt_C
+
+
+def asked(grads, needs) -> tuple:
+    """A native backward's gradients, None where ``needs`` did not ask for one (the kernels return an
+    empty tensor there)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def calls(name: str):
+    """(forward, backward) of a native backend that takes the op's backend arguments as they come:
+    ``fastadapt_C::<name>_forward(*args)`` and ``<name>_backward(*args, needs)`` (csrc/<name>.cpp)."""
+
+    def forward(*args):
+        return getattr(ops(), f"{name}_forward")(*args)
+
+    def backward(*args):
+        *args, needs = args
+        needs = [bool(n) for n in needs]
+        return asked(getattr(ops(), f"{name}_backward")(*args, needs), needs)
+
+    return forward, backward
 
 
 def dropout_keep(seed: int, shape, p: float, device) -> torch.Tensor:

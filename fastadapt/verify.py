@@ -15,9 +15,9 @@ from fastadapt.testing import bound, rel_err
 
 @dataclass
 class OpCase:
-    """One op at one shape: ``make()`` gives fresh float32 CPU tensors, ``fused`` and ``exact``
-    (the float64 reference) take them as positional arguments; inputs whose index is in
-    ``frozen`` get no gradient (a frozen base weight)."""
+    """One op at one shape (each op's are in its module of :mod:`fastadapt.bench.cases`): ``make()``
+    gives fresh float32 CPU tensors, ``fused`` and ``exact`` (the float64 reference) take them as
+    positional arguments; inputs whose index is in ``frozen`` get no gradient (a frozen base weight)."""
 
     op: str
     shape: str
@@ -25,156 +25,6 @@ class OpCase:
     fused: Callable
     exact: Callable
     frozen: tuple[int, ...] = ()
-
-
-def _lora_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import lora as reference
-
-    def case(lead, k, n, r):
-        def make():
-            return [torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(r, k) / k**0.5,
-                    torch.randn(n, r) / r**0.5, torch.randn(n)]
-        return OpCase("lora_linear", f"x {tuple(lead)}x{k}, W {n}x{k}, r={r}, bias", make,
-                      lambda *t: fastadapt.lora_linear(*t[:4], 0.5, t[4]),
-                      lambda *t: reference.lora_linear(*t[:4], 0.5, t[4]), (1,))
-
-    return [case((4, 33), 96, 80, 8), case((129,), 123, 65, 1)]
-
-
-def _dora_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import dora as reference
-
-    def case(lead, k, n, r):
-        def make():
-            return [torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(r, k) / k**0.5,
-                    torch.randn(n, r) / r**0.5, torch.rand(n) + 0.5, torch.randn(n)]
-        return OpCase("dora_linear", f"x {tuple(lead)}x{k}, W {n}x{k}, r={r}, magnitude, bias", make,
-                      lambda *t: fastadapt.dora_linear(*t[:5], 0.5, t[5]),
-                      lambda *t: reference.dora_linear(*t[:5], 0.5, t[5]), (1,))
-
-    return [case((4, 33), 96, 80, 8), case((129,), 123, 65, 1)]
-
-
-def _multi_lora_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import multi_lora as reference
-
-    def case(lead, k, n, ranks, ids):
-        r_max = max(ranks)
-        scalings = [0.5 + i for i in range(len(ranks))]
-
-        def make():
-            return [torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(len(ranks), r_max, k) / k**0.5,
-                    torch.randn(len(ranks), n, r_max) / r_max**0.5, torch.randn(n)]
-
-        def fused(x, w, A, B, b):
-            return fastadapt.multi_lora_linear(x, w, A, B, scalings, torch.tensor(ids, device=x.device), b,
-                                               ranks=ranks)
-
-        def exact(x, w, A, B, b):
-            rows = torch.tensor(ids, device=x.device).view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
-            y = reference.multi_lora_linear(x.reshape(-1, k), w, A, B, torch.tensor(scalings, dtype=x.dtype,
-                                            device=x.device), torch.tensor(ranks, device=x.device), rows.reshape(-1), b)
-            return y.view(*x.shape[:-1], n)
-
-        return OpCase("multi_lora_linear", f"x {tuple(lead)}x{k}, W {n}x{k}, ranks {ranks}, ids {ids}, bias", make,
-                      fused, exact, (1,))
-
-    return [case((4, 33), 96, 80, [8, 4, 8], [2, -1, 0, 2]),
-            case((129,), 123, 65, [1, 7], [i % 3 - 1 for i in range(129)])]
-
-
-def _qlora_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import lora, qlora
-
-    def case(fmt, lead, k, n, r):
-        # The quantized weight is drawn once, on the CPU, and moved to the inputs' device; the exact
-        # side runs on its float64 dequantization (bnb's fp32 product, not rounded to the dtype).
-        weight = qlora.random_weight(fmt, n, k)
-
-        def on(device):
-            return weight._replace(**{f: getattr(weight, f).to(device) for f in ("data", "code", "absmax", "absmax2",
-                                                                                   "code2", "offset")
-                                      if getattr(weight, f) is not None})
-
-        def make():
-            return [torch.randn(*lead, k), torch.randn(r, k) / k**0.5, torch.randn(n, r) / r**0.5, torch.randn(n)]
-
-        return OpCase("qlora_linear", f"x {tuple(lead)}x{k}, {fmt} W {n}x{k}, r={r}, bias", make,
-                      lambda x, a, b, bias: fastadapt.qlora_linear(x, on(x.device), a, b, 0.5, bias),
-                      lambda x, a, b, bias: lora.lora_linear(x, qlora.dequantize(on(x.device), x.dtype), a, b, 0.5,
-                                                             bias))
-
-    return [case("nf4-nested", (4, 33), 128, 80, 8), case("fp8-channel", (129,), 80, 65, 1)]
-
-
-def _bottleneck_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import bottleneck as reference
-
-    def pfeiffer():  # z, residual, down (16 x 96), up (96 x 16): a Pfeiffer adapter with gelu
-        return [torch.randn(4, 33, 96), torch.randn(4, 33, 96), torch.randn(16, 96) / 96**0.5, torch.randn(16),
-                torch.randn(96, 16) / 4, torch.randn(96)]
-
-    def pfeiffer_fused(z, r, dw, db, uw, ub):
-        return fastadapt.bottleneck_adapter(z, dw, db, uw, ub, r, activation="gelu", scaling=0.5)
-
-    def pfeiffer_exact(z, r, dw, db, uw, ub):
-        return reference.bottleneck_adapter(z, dw, db, uw, ub, r, scaling=0.5, activation_name="gelu")[0]
-
-    def houlsby():  # + LN before and after (residual inside), a per-channel scale, swish; d=80, m=7
-        d, m = 80, 7
-        return [torch.randn(129, d), torch.randn(129, d), torch.randn(m, d) / d**0.5, torch.randn(m),
-                torch.randn(d, m) / m**0.5, torch.randn(d), 1 + torch.randn(d) / 10, 1 + torch.randn(d) / 10,
-                torch.randn(d) / 10, 1 + torch.randn(d) / 10, torch.randn(d) / 10]
-
-    def houlsby_fused(z, r, dw, db, uw, ub, sc, lbw, lbb, law, lab):
-        return fastadapt.bottleneck_adapter(z, dw, db, uw, ub, r, activation="swish", scale=sc,
-                                            ln_before=(lbw, lbb), ln_after=(law, lab),
-                                            adapter_residual_before_ln=True)
-
-    def houlsby_exact(z, r, dw, db, uw, ub, sc, lbw, lbb, law, lab):
-        return reference.bottleneck_adapter(z, dw, db, uw, ub, r, scale=sc, ln_before=(lbw, lbb),
-                                            ln_after=(law, lab), residual_before_ln_after=True,
-                                            activation_name="swish")[0]
-
-    return [OpCase("bottleneck_adapter", "z (4, 33, 96), m=16, gelu, residual", pfeiffer, pfeiffer_fused,
-                   pfeiffer_exact),
-            OpCase("bottleneck_adapter", "z (129, 80), m=7, swish, LN before+after, channel scale", houlsby,
-                   houlsby_fused, houlsby_exact)]
-
-
-def _prefix_attention_cases() -> list[OpCase]:
-    import fastadapt
-    from fastadapt.reference import prefix_attention as reference
-
-    def gqa():  # q (B2, H4, S37, D32), GQA k/v with 2 heads, a 10-token prefix, per-head gate
-        return [torch.randn(2, 4, 37, 32), torch.randn(2, 2, 37, 32), torch.randn(2, 2, 37, 32),
-                torch.randn(1, 2, 10, 32), torch.randn(1, 2, 10, 32), torch.randn(4) / 2]
-
-    def gqa_exact(q, k, v, kp, vp, g):
-        return reference.prefix_attention(q, k, v, kp.expand(2, -1, -1, -1), vp.expand(2, -1, -1, -1), g)
-
-    def wide():  # one batch, 2 heads of 80, 65 tokens (not a block multiple), 3-token prefix, one gate
-        return [torch.randn(1, 2, 65, 80), torch.randn(1, 2, 65, 80), torch.randn(1, 2, 65, 80),
-                torch.randn(1, 2, 3, 80), torch.randn(1, 2, 3, 80), torch.randn(1) / 2]
-
-    def wide_exact(q, k, v, kp, vp, g):
-        return reference.prefix_attention(q, k, v, kp, vp, g.expand(2))
-
-    fused = lambda *t: fastadapt.prefix_attention(*t)  # noqa: E731
-    return [OpCase("prefix_attention", "q (2, 4, 37, 32), kv heads 2, L=10, per-head gate", gqa, fused, gqa_exact),
-            OpCase("prefix_attention", "q (1, 2, 65, 80), L=3, one gate", wide, fused, wide_exact)]
-
-
-def op_cases() -> dict[str, list[OpCase]]:
-    """Each op's verification cases, odd shapes first-to-last (the first is the demo's)."""
-    return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "multi_lora_linear": _multi_lora_cases(),
-            "qlora_linear": _qlora_cases(),
-            "bottleneck_adapter": _bottleneck_cases(), "prefix_attention": _prefix_attention_cases()}
 
 
 @dataclass

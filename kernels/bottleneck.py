@@ -34,11 +34,11 @@ import triton.language as tl
 
 from fastadapt.backends import triton_interpret
 from fastadapt.kernels.common import cast, dot_constexprs, dropout_scale, mma, pow2_block, split_rows
+from fastadapt.ops.bottleneck import MAX_BOTTLENECK  # the op's declared limit, which dispatch checks
 
 # Activation codes (constexpr ACT); names as in fastadapt.reference.bottleneck.canonical_activation.
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "leakyrelu": 6}
 LEAKY_SLOPE = 0.01  # F.leaky_relu's default, the one ``adapters`` uses
-MAX_BOTTLENECK = 1024
 
 
 @triton.jit

@@ -292,7 +292,7 @@ def _frozen_plus_update(x, weight, transposed, u, v, bias, out, *, dropout_p=0.0
     return lora_matmul(None, None, u, v, None, out, dropout_p=dropout_p, seed=seed, accumulate=True)
 
 
-def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
     """Fused forward for 2-D x (M, K): returns (y (M, N), u (M, r)). All inputs share one dtype;
     ``weight`` is a tensor or a quantized weight (see :func:`_frozen_plus_update`)."""
     M = x.shape[0]
@@ -301,18 +301,18 @@ def forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, u
-    for a, b, p, sd in rank_segments(R, dropout_p, seed, segments, segment_p):
+    for a, b, p, sd in rank_segments(R, dropout_p, seed, ranks, ranks_p):
         lora_down(x, lora_A[a:b].t(), scaling, u[:, a:b], dropout_p=p, seed=sd)
     _frozen_plus_update(x, weight, False, u, lora_B.t(), bias, y)
     return y, u
 
 
-def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+def backward(gy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None, ranks_p=None):
     """Fused backward: (gx, gA, gB, gbias, gweight), ``None`` where not needed."""
     need_x, need_A, need_B, need_bias, need_weight = needs
     M, K = x.shape
     N, R = lora_B.shape
-    spans = rank_segments(R, dropout_p, seed, segments, segment_p)
+    spans = rank_segments(R, dropout_p, seed, ranks, ranks_p)
     gx = gA = gB = gbias = gweight = None
     gu = None
     if need_x or need_A:

@@ -214,12 +214,12 @@ class _Frozen:
         return qlora_matmul(x, self.q, transposed, u, v, bias, out, dropout_p=dropout_p, seed=seed)
 
 
-def forward(x, q, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def forward(x, q, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
     """Fused forward for 2-D x (M, K): (y (M, N), u (M, r))."""
-    return lora.forward(x, _Frozen(q), lora_A, lora_B, scaling, bias, dropout_p, seed, segments, segment_p)
+    return lora.forward(x, _Frozen(q), lora_A, lora_B, scaling, bias, dropout_p, seed, ranks, ranks_p)
 
 
-def backward(gy, x, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+def backward(gy, x, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None, ranks_p=None):
     """Fused backward: (gx, gA, gB, gbias), ``None`` where ``needs`` says not needed."""
-    return lora.backward(gy, x, _Frozen(q), lora_A, lora_B, u, scaling, dropout_p, seed, (*needs, False), segments,
-                         segment_p)[:4]
+    return lora.backward(gy, x, _Frozen(q), lora_A, lora_B, u, scaling, dropout_p, seed, (*needs, False), ranks,
+                         ranks_p)[:4]

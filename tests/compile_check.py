@@ -3,7 +3,8 @@
 The CPU interpreter, in which the test suite runs the kernels, accepts code that the compiler
 rejects (dot operands smaller than 16, loop-carried values that change type, constexpr branches it
 never takes). This script runs the kernels' own launchers on meta tensors (no memory, no device)
-over a grid of inputs, with Triton's launch intercepted: each launch is recorded as the kernel
+over each op's grid of inputs (its ``compile_grid``, beside its other cases in
+fastadapt/bench/cases/OP.py), with Triton's launch intercepted: each launch is recorded as the kernel
 would be specialised on a GPU (argument types, divisibility, the constexprs the launcher passes)
 and, for an autotuned kernel, once per autotune config its pruning keeps. Distinct launches are
 then compiled with Triton's own front end and bundled ptxas for a GPUTarget, and the result is
@@ -35,7 +36,6 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, don'
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import heapq  # noqa: E402
-import itertools  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -168,192 +168,25 @@ def _meta(*shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _lora_grid():
-    from fastadapt.kernels import common, lora
-    # (M, K, N, R): decode M=1, odd sizes, aligned sizes (divisibility specialisations), r past 64.
-    shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64), (7, 123, 80, 128))
-    for dname, *_ in DTYPES:
-        for gemm in ("torch", "triton"):
-            for M, K, N, R in shapes:
-                for bias in (False, True):
-                    for p in (0.0, 0.1):
-                        with _setting(f"lora M={M} K={K} N={N} r={R} bias={bias} p={p}", dname,
-                                      {lora.GEMM_ENV: gemm}) as dt:
-                            x = _meta(M, K, dtype=dt)
-                            W, A, B = _meta(N, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
-                            b = _meta(N, dtype=dt) if bias else None
-                            y, u = lora.forward(x, W, A, B, 0.5, b, p, 1)
-                            lora.backward(y, x, W, A, B, u, 0.5, p, 1, (True,) * 5)
-                            # Split M reductions (atomics) are chosen from the SM count of a CUDA device.
-                            lora.lora_reduce(u, x, 1.0, _meta(R, K, dtype=torch.float32), dropout_p=p, seed=1,
-                                             splits=3)
-        with _setting("lora non-contiguous x", dname) as dt:
-            x = _meta(300, 96, dtype=dt).t()
-            y, u = lora.forward(x, _meta(64, 300, dtype=dt), _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt),
-                                2.0, None, 0.1, 1)
-            lora.backward(y, x, _meta(64, 300, dtype=dt), _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt), u,
-                          2.0, 0.1, 1, (True,) * 5)
-    with _setting("dropout_keep", "fp32"):
-        common.dropout_keep(1, (129, 123), 0.1, "meta")
+class _Grid:
+    """What an op's ``compile_grid(grid)`` (in its cases module, fastadapt/bench/cases/OP.py) records
+    its launches with: ``with grid.setting(name, dtype, env) as dt`` (a name for the report, one of
+    ``grid.dtypes`` with its matmul precision, environment variables; yields the torch dtype) around
+    launcher calls on ``grid.meta(*shape, dtype=...)`` tensors."""
 
-
-def _dora_grid():
-    from fastadapt.kernels import dora
-    from fastadapt.strategy import DORA_NORM
-    # As LoRA's: decode M=1, odd sizes, aligned sizes, r past 64 (the norm's r loop); each shape
-    # under both strategies (the norm in the GEMM, or its own kernel beside cuBLAS).
-    shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64), (7, 123, 80, 128))
-    norms = (DORA_NORM.fused, DORA_NORM.split)
-    for dname, *_ in DTYPES:
-        for (M, K, N, R), norm in itertools.product(shapes, norms):
-            for bias in (False, True):
-                for p in (0.0, 0.1):
-                    with _setting(f"dora M={M} K={K} N={N} r={R} bias={bias} p={p}", dname,
-                                  {DORA_NORM.env: norm}) as dt:
-                        x = _meta(M, K, dtype=dt)
-                        W, A, B = _meta(N, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
-                        m, b = _meta(N, dtype=torch.float32), _meta(N, dtype=dt) if bias else None
-                        y, u, pre, n = dora.forward(x, W, A, B, m, 0.5, b, p, 1)
-                        dora.backward(y, x, W, A, B, m, u, pre, n, 0.5, p, 1, (True,) * 5 + (False,))
-                        # Split reductions (atomics) are chosen from the SM count of a CUDA device.
-                        dora.dora_colsum(y, pre, n, _meta(N, dtype=torch.float32),
-                                         _meta(N, dtype=torch.float32) if bias else None, splits=3)
-                        dora.weight_norm(W, A, B, 0.5, _meta(N, dtype=torch.float32), splits=3)
-        for norm in norms:
-            with _setting("dora non-contiguous x, transposed weight", dname, {DORA_NORM.env: norm}) as dt:
-                x = _meta(300, 96, dtype=dt).t()
-                W = _meta(300, 64, dtype=dt).t()
-                args = (x, W, _meta(16, 300, dtype=dt), _meta(64, 16, dtype=dt), _meta(64, dtype=torch.float32))
-                y, u, pre, n = dora.forward(*args, 2.0, None, 0.1, 1)
-                dora.backward(y, *args, u, pre, n, 2.0, 0.1, 1, (True,) * 5 + (False,))
-
-
-def _multi_lora_grid():
-    from fastadapt.kernels import multi_lora as ml
-    # (M, K, N, n, r_max): decode M=1 with many adapters, odd sizes, aligned sizes, r past 64.
-    shapes = ((1, 4096, 4096, 16, 16), (129, 80, 123, 3, 7), (8192, 4096, 4096, 4, 16), (7, 123, 80, 2, 128))
-    for dname, *_ in DTYPES:
-        for M, K, N, n, R in shapes:
-            for bias in (False, True):
-                for dropout in (False, True):
-                    with _setting(f"multi_lora M={M} K={K} N={N} n={n} r={R} bias={bias} dropout={dropout}",
-                                  dname) as dt:
-                        x = _meta(M, K, dtype=dt)
-                        W, A, B = _meta(N, K, dtype=dt), _meta(n, R, K, dtype=dt), _meta(n, N, R, dtype=dt)
-                        b = _meta(N, dtype=dt) if bias else None
-                        scalings, ranks = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int32)
-                        p = _meta(n, dtype=torch.float64) if dropout else None
-                        ids = _meta(M, dtype=torch.int64)
-                        y, u = ml.forward(x, W, A, B, scalings, ranks, ids, b, p, 1)
-                        ml.backward(y, x, W, A, B, u, scalings, ranks, ids, p, 1, (True,) * 5)
-                        # Split chunks of each adapter's rows (atomics) are chosen from the SM count of a CUDA device.
-                        ml.multi_reduce(u, x, ml.Batch(ids, scalings, ranks, p), _meta(n, R, K, dtype=torch.float32),
-                                        dropout=True, seed=1, splits=3)
-        with _setting("multi_lora non-contiguous x", dname) as dt:
-            x = _meta(300, 96, dtype=dt).t()
-            n, ids = 3, _meta(96, dtype=torch.int64)
-            W, A, B = _meta(64, 300, dtype=dt), _meta(n, 16, 300, dtype=dt), _meta(n, 64, 16, dtype=dt)
-            scalings, ranks = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int32)
-            y, u = ml.forward(x, W, A, B, scalings, ranks, ids, None, scalings, 1)
-            ml.backward(y, x, W, A, B, u, scalings, ranks, ids, scalings, 1, (True,) * 5)
-
-
-def _qlora_grid():
-    from fastadapt.kernels import qlora
-    from fastadapt.reference.qlora import QuantizedWeight
-    from fastadapt.strategy import QLORA_DEQUANT
-    # (M, K, N, R): decode M=1, odd sizes (blocks spanning rows), aligned sizes; each under both
-    # strategies (dequantized in the GEMM, or once into a buffer for LoRA's path).
-    shapes = ((1, 4096, 4096, 16), (129, 80, 123, 7), (2048, 4096, 11008, 64))
-    for dname, *_ in DTYPES:
-        for (M, K, N, R), dequant in itertools.product(shapes, (QLORA_DEQUANT.fused, QLORA_DEQUANT.split)):
-            for bits, nested in ((4, False), (4, True), (8, False)):
-                for bias, p in ((False, 0.0), (True, 0.1)):
-                    with _setting(f"qlora M={M} K={K} N={N} r={R} bits={bits} nested={nested} bias={bias} p={p}",
-                                  dname, {QLORA_DEQUANT.env: dequant}) as dt:
-                        blocksize = 64 if bits == 4 else K
-                        blocks = -(-N * K // blocksize)
-                        f32 = (lambda *s: _meta(*s, dtype=torch.float32))
-                        q = QuantizedWeight(_meta((N * K * bits + 7) // 8, dtype=torch.uint8), f32(2 ** bits),
-                                            _meta(blocks, dtype=torch.uint8) if nested else f32(blocks),
-                                            f32(-(-blocks // 256)) if nested else None, f32(256) if nested else None,
-                                            f32(1) if nested else None, blocksize, 256, bits, (N, K))
-                        x, A, B = _meta(M, K, dtype=dt), _meta(R, K, dtype=dt), _meta(N, R, dtype=dt)
-                        y, u = qlora.forward(x, q, A, B, 0.5, _meta(N, dtype=dt) if bias else None, p, 1)
-                        qlora.backward(y, x, q, A, B, u, 0.5, p, 1, (True,) * 4)
-
-
-def _bottleneck_grid():
-    from fastadapt.kernels import bottleneck as bn
-    d = 4096
-    # Every combination of the flags that steer the kernels' control flow, at one width and
-    # activation; then each activation and each bottleneck width (BLOCK_B 16..1024) with every
-    # flag on and with every flag off.
-    flags = [dict(res=res, lnb=lnb, lna=lna, res_before=rb, gate=gate, scale=sc, p=p, bias=True, act="relu", m=64)
-             for res in (False, True) for lnb in (False, True) for lna in (False, True) for rb in (False, True)
-             for gate in (False, True) for sc in (None, "scalar", "channel") for p in (0.0, 0.1)]
-    base = dict(res=True, lnb=True, lna=True, res_before=True, gate=True, scale="channel", p=0.1, bias=True)
-    off = dict(res=False, lnb=False, lna=False, res_before=False, gate=False, scale=None, p=0.0, bias=True)
-    flags += [dict(flags_, act=act, m=64) for act in bn.ACT_CODES for flags_ in (base, off)]
-    flags += [dict(flags_, act="gelu", m=m, bias=False) for m in (1, 48, 200, 1024) for flags_ in (base, off)]
-    for dname, *_ in DTYPES:
-        for f in flags:
-            with _setting("bottleneck " + " ".join(f"{k}={v}" for k, v in f.items()), dname) as dt:
-                M, m = 129, f["m"]
-                z = _meta(M, d, dtype=dt)
-                vec = (lambda n: _meta(n, dtype=dt))
-                r = _meta(M, d, dtype=dt) if f["res"] else None
-                scale = {None: None, "scalar": vec(1), "channel": vec(d)}[f["scale"]]
-                lnb = (vec(d), vec(d)) if f["lnb"] else (None, None)
-                lna = (vec(d), vec(d)) if f["lna"] else (None, None)
-                gate = _meta(M, 1, dtype=dt)[:, 0] if f["gate"] else None
-                wd, bd, wu, bu = _meta(m, d, dtype=dt), vec(m) if f["bias"] else None, _meta(d, m, dtype=dt), \
-                    vec(d) if f["bias"] else None
-                args = (z, r, wd, bd, wu, bu, scale, *lnb, *lna, gate, 1.5, f["act"], 1e-5, f["res_before"], f["p"], 1)
-                out, h, stats = bn.forward(*args)
-                bwd = (out, z, r, wd, bd, wu, bu, h, stats, scale, *lnb, *lna, gate, 1.5, f["act"], 1e-5,
-                       f["res_before"], f["p"], 1)
-                bn.backward(*bwd, [True] * 12, splits=1)
-                bn.backward(*bwd, [True] * 12, splits=3)  # atomics: chosen from the SM count on CUDA
-                bn.backward(*bwd, [False, True] + [False] * 10, splits=1)  # no g_z: NEED_Z off
-
-
-def _prefix_grid():
-    from fastadapt.kernels import prefix_attention as pa
-    # (B, H, Hkv, Sq, Sk, L, D): training (GQA, odd lengths, D=80 padded to 128), decode Sq=1, D=64.
-    shapes = ((2, 8, 2, 129, 129, 10, 80), (1, 4, 4, 1, 300, 3, 64), (2, 32, 8, 512, 512, 30, 128))
-    for dname, *_ in DTYPES:
-        for B, H, Hkv, Sq, Sk, L, D in shapes:
-            for joint in (False, True):
-                for causal in (False, True):
-                    for kpm in (False, True):
-                        with _setting(f"prefix B={B} H={H}/{Hkv} S={Sq}/{Sk} L={L} D={D} joint={joint} "
-                                      f"causal={causal} kpm={kpm}", dname) as dt:
-                            q = _meta(B, Sq, H, D, dtype=dt).transpose(1, 2)  # (B, S, H, D) read in place
-                            k, v = _meta(B, Hkv, Sk, D, dtype=dt), _meta(B, Hkv, Sk, D, dtype=dt)
-                            kp = _meta(1, Hkv, L, D, dtype=dt).expand(B, -1, -1, -1)
-                            vp = _meta(1, Hkv, L, D, dtype=dt).expand(B, -1, -1, -1)
-                            gate = None if joint else _meta(H, dtype=torch.float32)
-                            mask = _meta(B, Sk, dtype=torch.bool) if kpm else None
-                            out, st, stp = pa.forward(q, k, v, kp, vp, gate, mask, D ** -0.5, causal, joint)
-                            needs = (True, True, True, True, True, not joint)
-                            pa.backward(out, q, k, v, kp, vp, gate, mask, out, st, stp, D ** -0.5, causal, joint,
-                                        needs)
-                            pa.backward(out, q, k, v, kp, vp, gate, mask, out, st, stp, D ** -0.5, causal, joint,
-                                        (False, False, False, True, True, False))  # frozen tokens: prefix only
-                            pa.backward(out, q, k, v, kp, vp, gate, mask, out, st, stp, D ** -0.5, causal, joint,
-                                        (True, True, True, False, False, False))  # tokens only
+    dtypes = tuple(name for name, *_ in DTYPES)
+    setting = staticmethod(_setting)
+    meta = staticmethod(_meta)
 
 
 def record() -> list[Launch]:
+    from fastadapt.bench import cases
+
     _recorded.clear()
     with _intercept():
-        _lora_grid()
-        _dora_grid()
-        _multi_lora_grid()
-        _qlora_grid()
-        _bottleneck_grid()
-        _prefix_grid()
+        for module in cases.modules().values():
+            if hasattr(module, "compile_grid"):
+                module.compile_grid(_Grid)
     return list(_recorded)
 
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 from harness import backends_for
 
-from fastadapt import cli
+from fastadapt import cli, dispatch
 from fastadapt.bench import cases, report, runner, timing
+from fastadapt.bench.cases import dora as dora_cases
+from fastadapt.bench.cases import qlora as qlora_cases
 
 pytest.importorskip("peft")
 
@@ -23,13 +25,11 @@ def test_smoke_run_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["command"] == f"fastadapt bench --quick --smoke --device cpu --out {tmp_path}"
     checked = {(r["check"], r["backend"]) for r in results["verify"]}
-    for op in ("lora_linear", "dora_linear", "multi_lora_linear", "qlora_linear", "bottleneck_adapter",
-               "prefix_attention"):
+    for op in dispatch.ops():
         assert {(op, b) for b in ("triton", "cpp", "reference")} <= checked
     assert any(r["check"].startswith("PEFT LoRA Llama") for r in results["verify"])
     assert all(r["status"] == "ok" for r in results["verify"])
-    assert {c["op"] for c in results["cases"]} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix",
-                                                   "model"}
+    assert {c["op"] for c in results["cases"]} == set(cases.names())
     for case in results["cases"]:
         assert case["status"] == "ok", case
         # Triton's interpreter is never timed: the CPU's fused variant is the C++ backend.
@@ -99,10 +99,29 @@ def test_case_selection_by_tier_and_op():
         assert len(names) == len(set(names)), f"{scale}: duplicate case names"
         assert [c.name for c in quick] == [c.name for c in default if c.tier == "quick"]
         assert len(quick) < len(default) <= len(full)
-        assert {c.op for c in quick} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix", "model"}
-    assert {c.op for c in cases.select("cuda", "full", ["prefix"])} == {"prefix"}
+        assert {c.op for c in quick} == set(cases.names())
+    assert {c.op for c in cases.select("cuda", "full", ["prefix_attention"])} == {"prefix_attention"}
     with pytest.raises(ValueError, match="tier"):
         cases.select("cuda", "slow")
+
+
+def test_every_op_brings_one_cases_module():
+    # Each registered op's checks, timed cases and compile grid are one module of fastadapt.bench.cases,
+    # named as the op's slice and found through the registry: a new op adds that file, and demo,
+    # bench and the compile check take it up.
+    modules = cases.modules()
+    assert [m.OP for m in modules.values() if hasattr(m, "OP")] == list(dispatch.ops())
+    assert list(modules)[-1] == "model" and list(modules) == cases.names()
+    for name, module in modules.items():
+        for scale in cases.SCALES:
+            assert {c.op for c in module.cases(scale)} == {name}, (name, scale)
+        if name != "model":
+            assert {c.op for c in module.verify()} == {module.OP}
+            assert callable(module.compile_grid)
+    # The order of a run: every op's headline first, the strategy sweeps after everything else.
+    ordered = cases.all_cases("cuda")
+    assert [c.op for c in ordered[:len(modules)]] == list(modules)
+    assert [c.last for c in ordered] == sorted(c.last for c in ordered)
 
 
 def test_strategy_cases_time_both_strategies_around_the_crossover(monkeypatch):
@@ -125,8 +144,8 @@ def test_strategy_cases_time_both_strategies_around_the_crossover(monkeypatch):
     choose = FrozenProductRule.choose
     monkeypatch.setattr(FrozenProductRule, "choose", lambda self, rows: ran.append(choose(self, rows)) or ran[-1])
     env = cases.Env("cpu", torch.float32, ["triton"], False)
-    for case, rule in ((cases.dora_strategies(600, 32, 48, 4, "quick"), DORA_NORM),
-                       (cases.qlora_strategies(16, 64, 48, 4, "fp8-channel", "quick"), QLORA_DEQUANT)):
+    for case, rule in ((dora_cases.dora_strategies(600, 32, 48, 4, "quick"), DORA_NORM),
+                       (qlora_cases.qlora_strategies(16, 64, 48, 4, "fp8-channel", "quick"), QLORA_DEQUANT)):
         built = case.build(env)
         first = rule.automatic(case.params["M"])
         second = rule.split if first == rule.fused else rule.fused
@@ -146,6 +165,11 @@ def test_quantiles_and_cpu_timer():
     result = timing.measure(lambda: calls.append(1), "cpu", rep_ms=1, warmup_ms=0)
     assert result["p20"] <= result["p50"] <= result["p80"] and len(calls) >= 7  # 2 untimed + at least 5
     assert timing.peak_mib(lambda: None, "cpu") is None
+    calls.clear()  # the demo's: a given number of timed runs, after those left untimed
+    result = timing.measure(lambda: calls.append(1), "cpu", runs=1, untimed=0)
+    assert result["p20"] == result["p50"] == result["p80"] and len(calls) == 1
+    timing.measure(lambda: calls.append(1), "cpu", runs=3)
+    assert len(calls) == 1 + 1 + 3
 
 
 def _measured(p50):
@@ -214,3 +238,38 @@ def test_python_dash_m_entry_point():
                          check=True).stdout
     for option in ("--quick", "--full", "--smoke", "--op", "--device", "--dtype", "--out"):
         assert option in out
+    assert "prefix_attention" in out  # --op's choices: the registry's ops
+
+
+def test_imports_go_one_way_cli_to_bench():
+    # `fastadapt demo` is a preset of the bench runner: the CLI imports the bench, and nothing in the
+    # package imports the CLI back (fastadapt/__main__.py aside), not even inside a function, where a
+    # cycle would only show when that function first runs.
+    import ast
+    from pathlib import Path
+
+    import fastadapt
+
+    root = Path(fastadapt.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in ("cli.py", "__main__.py"):
+            continue
+        package = ["fastadapt", *path.relative_to(root).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = ".".join([*package[:len(package) - node.level + 1], node.module or ""] if node.level
+                                  else [node.module or ""]).strip(".")
+                names = [module, *(f"{module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            if any(n == "fastadapt.cli" or n.startswith("fastadapt.cli.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
+    # And at run time: the runner and every op's cases load without the CLI.
+    probe = ("import sys; from fastadapt.bench import cases, runner; cases.modules(); "
+             "assert 'fastadapt.cli' not in sys.modules, 'the bench imported fastadapt.cli'")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

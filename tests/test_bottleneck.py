@@ -81,7 +81,7 @@ def _call(fn_ln_pairs, t, *, activation, ln_after, dropout_p, keep=None, scaling
             adapter_residual_before_ln=ln_after == "before", gate=t["gate"], dropout_p=dropout_p)
     out, _ = reference.bottleneck_adapter(
         t["z"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], scaling=scaling,
-        scale=t["scale"], ln_before=lnb, ln_after=lna, residual_before_ln_after=ln_after == "before",
+        scale=t["scale"], ln_before=lnb, ln_after=lna, residual_before_ln=ln_after == "before",
         gate=None if t["gate"] is None else t["gate"][..., None], keep=keep, dropout_p=dropout_p,
         activation_name=activation)
     return out
@@ -354,8 +354,8 @@ def test_opcheck():
     gate_rows = t["gate"].reshape(-1)
     full[11] = gate_rows
     cases = [(full, "gelu", True, 0.2, torch.tensor(7)), (bare, "relu", False, 0.0, None)]
-    for tensors, act, res_before, p, seed in cases:
-        args = (*tensors, SCALING, act, 1e-5, res_before, p, seed)
+    for tensors, act, residual_before_ln, p, seed in cases:
+        args = (*tensors, SCALING, act, 1e-5, residual_before_ln, p, seed)
         torch.library.opcheck(torch.ops.fastadapt.bottleneck_adapter.default, args)
     args = (*(x.detach() if x is not None else None for x in full), SCALING, "gelu", 1e-5, True, 0.0, None)
     output = torch.ops.fastadapt.bottleneck_adapter(*args)

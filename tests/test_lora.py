@@ -159,7 +159,7 @@ def test_cuda_kernels_leave_several_adapters_with_dropout_to_triton():
     x, weight, lora_A, lora_B, b = _inputs((3,), 16, 8, 2, torch.float32, "cpu")
     why_not = dispatch.get("lora_linear", "cuda").why_not
     assert any("one mask per call" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b,
-                                                         segments=(1, 1)))
+                                                         ranks=(1, 1)))
     assert not any("mask" in r for r in why_not(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=b))
 
 

@@ -262,22 +262,22 @@ def test_lora_backward_computes_only_what_is_needed(needs):
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("segments,segment_p", [([3, 1, 4], [0.3, 0.0, 0.5]), ([5, 3], [0.0, 0.0])])
-def test_lora_segments_match_float64_reference(dtype, segments, segment_p):
+@pytest.mark.parametrize("ranks,ranks_p", [([3, 1, 4], [0.3, 0.0, 0.5]), ([5, 3], [0.0, 0.0])])
+def test_lora_segments_match_float64_reference(dtype, ranks, ranks_p):
     # Several adapters summed, each rank segment with its own dropout drawn from seed + k.
     ops = _native.ops()
-    M, K, N, r = 37, 50, 24, sum(segments)
+    M, K, N, r = 37, 50, 24, sum(ranks)
     x, weight, lora_A, lora_B, bias = _lora_inputs(M, K, N, r, dtype, row_stride=K + 3)
     scaling, seed = 0.75, 4321
-    y, u = ops.lora_segments_forward(x, weight, lora_A, lora_B, scaling, bias, segments, segment_p, seed)
+    y, u = ops.lora_segments_forward(x, weight, lora_A, lora_B, scaling, bias, ranks, ranks_p, seed)
     gy = torch.randn(M, N, dtype=dtype)
-    grads = ops.lora_segments_backward(gy, x, weight, lora_A, lora_B, u, scaling, segments, segment_p, seed,
+    grads = ops.lora_segments_backward(gy, x, weight, lora_A, lora_B, u, scaling, ranks, ranks_p, seed,
                                        [True] * 5)
-    keep = [ops.dropout_keep(x, p, seed + k) if p > 0 else None for k, p in enumerate(segment_p)]
+    keep = [ops.dropout_keep(x, p, seed + k) if p > 0 else None for k, p in enumerate(ranks_p)]
 
     def run(cast):
         ts = [t.detach().to(cast).requires_grad_() for t in (x, weight, lora_A, lora_B, bias)]
-        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, segment_p, segments)
+        out = reference.lora_linear(ts[0], ts[1], ts[2], ts[3], scaling, ts[4], keep, ranks_p, ranks)
         out.backward(gy.to(cast))
         return out, ts
 

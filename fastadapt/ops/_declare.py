@@ -354,5 +354,5 @@ def declare(spec: OpSpec) -> Declared:
 
 
 def _hashable(value):
-    """A dispatch input: lists (rank segments) as tuples, so that decisions can be cached on them."""
+    """A dispatch input: lists (ranks, ranks_p) as tuples, so that decisions can be cached on them."""
     return tuple(value) if isinstance(value, list) else value

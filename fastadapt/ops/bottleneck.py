@@ -106,7 +106,7 @@ def _fuzz(draw):
         return reference.bottleneck_adapter(
             z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
             ln_before=pair(lnb_weight, lnb_bias), ln_after=pair(lna_weight, lna_bias),
-            residual_before_ln_after=residual_before_ln, gate=None if gate is None else gate[..., None], keep=mask,
+            residual_before_ln=residual_before_ln, gate=None if gate is None else gate[..., None], keep=mask,
             dropout_p=p, activation_name=activation)[0]
 
     return FuzzCase(tensors, call, exact, grads=tuple(n for n, t in tensors.items() if t is not None),
@@ -247,17 +247,8 @@ dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy
                   backward=dispatch.lazy(_KERNELS, "backward"))
 
 
-def _native_forward(*args):
-    return _native.ops().bottleneck_forward(*args)
-
-
-def _native_backward(*args):
-    needs = [bool(n) for n in args[-1]]
-    grads = _native.ops().bottleneck_backward(*args[:-1], needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
 # csrc/bottleneck.cpp, csrc/bottleneck_cuda.cu
+_native_forward, _native_backward = _native.calls("bottleneck")
 for _backend in ("cuda", "cpp"):
     dispatch.register(OP, _backend, capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
 dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

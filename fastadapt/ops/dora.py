@@ -136,17 +136,7 @@ dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy
                   backward=dispatch.lazy(_KERNELS, "backward"), strategy=strategy.DORA_NORM)
 
 
-def _native_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
-    return _native.ops().dora_forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed)
-
-
-def _native_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p, seed, needs):
-    needs = [bool(n) for n in needs]
-    grads = _native.ops().dora_backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, pre, norm, scaling, dropout_p,
-                                        seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
 # csrc/dora.cpp; no CUDA kernel: on CUDA the Triton backend or the reference serves.
+_native_forward, _native_backward = _native.calls("dora")
 dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
 dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

@@ -5,8 +5,8 @@ backward instead of the dropped input (PEFT saves D(x), M x K); the dropout mask
 from the seed. ``fastadapt::lora_linear_backward`` is one fused backward call.
 
 Several adapters summed (PEFT's several active adapters) are one call on their concatenated ranks;
-with dropout, ``segments`` / ``segment_p`` give each adapter's rank and probability, and each draws
-its own mask (``fastadapt/reference/lora.py``, ``rank_segments``).
+with dropout, ``ranks`` / ``ranks_p`` give each adapter's rank and probability, and each draws
+its own mask (``fastadapt/reference/lora.py``, ``rank_segments``: each adapter's rows of lora_A).
 """
 
 from __future__ import annotations
@@ -37,16 +37,14 @@ def rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward(impl, x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments, segment_p):
-    y, u = impl.forward(rows(x), weight, lora_A, lora_B, scaling, bias, dropout_p, seed_int(seed), segments,
-                        segment_p)
+def _forward(impl, x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks, ranks_p):
+    y, u = impl.forward(rows(x), weight, lora_A, lora_B, scaling, bias, dropout_p, seed_int(seed), ranks, ranks_p)
     return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
-def _backward(impl, needs, gy, _gu, x, weight, lora_A, lora_B, bias, seed, u, scaling, dropout_p, segments,
-              segment_p):
+def _backward(impl, needs, gy, _gu, x, weight, lora_A, lora_B, bias, seed, u, scaling, dropout_p, ranks, ranks_p):
     gx, *grads = impl.backward(rows(gy), rows(x), weight, lora_A, lora_B, u, scaling, dropout_p, seed_int(seed),
-                               needs, segments, segment_p)
+                               needs, ranks, ranks_p)
     return (gx.view(x.shape) if gx is not None else None), *grads
 
 
@@ -85,8 +83,8 @@ LORA_LINEAR = declare(OpSpec(
     args=(Arg("x", "Tensor", grad=True, select=True), Arg("weight", "Tensor", grad=True, select=True),
           Arg("lora_A", "Tensor", grad=True, select=True), Arg("lora_B", "Tensor", grad=True, select=True),
           Arg("scaling", "float"), Arg("bias", "Tensor?", grad=True, select=True), Arg("dropout_p", "float"),
-          Arg("seed", "Tensor?"), Arg("segments", "int[]?", select=True, optional=True),
-          Arg("segment_p", "float[]?", optional=True)),
+          Arg("seed", "Tensor?"), Arg("ranks", "int[]?", select=True, optional=True),
+          Arg("ranks_p", "float[]?", optional=True)),
     outputs=("y", "u"), saved=("u",), grads=("x", "lora_A", "lora_B", "bias", "weight"),
     fake=_fake, forward=_forward, backward=_backward, fuzz=_fuzz))
 
@@ -129,14 +127,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     and with ``ranks``, a sum of such updates over the adapters' slices of lora_A and lora_B.
     """
-    segments = segment_p = None
+    ranks_p = None
     if ranks is not None:
-        dropout_p, segments, segment_p = _rank_segments(lora_A, ranks, dropout_p, training)
+        dropout_p, ranks, ranks_p = _check_ranks(lora_A, ranks, dropout_p, training)
     dtype, scaling, p, seed = check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
-    if segments is not None:
+    if ranks is not None:
         seed = _draw_seed()
     lora_B, scaling = scaled_B(lora_B, scaling, dtype)
-    return LORA_LINEAR(x, weight, lora_A.to(dtype), lora_B, scaling, bias, p, seed, segments, segment_p)[0]
+    return LORA_LINEAR(x, weight, lora_A.to(dtype), lora_B, scaling, bias, p, seed, ranks, ranks_p)[0]
 
 
 def check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, weight_shape):
@@ -192,16 +190,16 @@ def _draw_seed() -> Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
-MAX_SEGMENTS = 64
+MAX_ADAPTERS = 64
 
 
-def _rank_segments(lora_A, ranks, dropout_p, training):
-    """(dropout_p, segments, segment_p) of :func:`lora_linear`'s ``ranks``: segments only where
+def _check_ranks(lora_A, ranks, dropout_p, training):
+    """(dropout_p, ranks, ranks_p) of :func:`lora_linear`'s ``ranks``: ranks only where
     they change the result (several adapters with dropout in training), else a plain call."""
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or not ranks:
         raise TypeError(f"ranks must be a non-empty sequence of ints, got {ranks!r}")
-    if len(ranks) > MAX_SEGMENTS:
-        raise ValueError(f"ranks: at most {MAX_SEGMENTS} adapters per call, got {len(ranks)}")
+    if len(ranks) > MAX_ADAPTERS:
+        raise ValueError(f"ranks: at most {MAX_ADAPTERS} adapters per call, got {len(ranks)}")
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"ranks must be positive ints, got {list(ranks)}")
@@ -240,8 +238,8 @@ def check_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
 # Backends
 
 
-def _cuda_limits(backend, segments=None, **_):
-    if backend == "cuda" and segments is not None:
+def _cuda_limits(backend, ranks=None, **_):
+    if backend == "cuda" and ranks is not None:
         return ["several adapters with dropout (one mask each): the CUDA kernels draw one mask per call"]
     return []
 
@@ -252,23 +250,23 @@ dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy
                   backward=dispatch.lazy(_KERNELS, "backward"))
 
 
-def native_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def native_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
     """The cpp / cuda backends' forward (csrc/lora.cpp, csrc/lora_cuda.cu)."""
-    if segments is not None:
-        return _native.ops().lora_segments_forward(x2d, weight, lora_A, lora_B, scaling, bias, segments, segment_p,
+    if ranks is not None:
+        return _native.ops().lora_segments_forward(x2d, weight, lora_A, lora_B, scaling, bias, ranks, ranks_p,
                                                    seed)
     return _native.ops().lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
 
-def native_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None,
-                    segment_p=None):
+def native_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None,
+                    ranks_p=None):
     needs = [bool(n) for n in needs]
-    if segments is not None:
-        grads = _native.ops().lora_segments_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, segments, segment_p,
+    if ranks is not None:
+        grads = _native.ops().lora_segments_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, ranks, ranks_p,
                                                      seed, needs)
     else:
         grads = _native.ops().lora_backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return _native.asked(grads, needs)
 
 
 # Where the cpp kernels stop beating eager PyTorch (oneDNN/MKL GEMMs), fwd+bwd, r=16, measured on
@@ -296,14 +294,14 @@ for _backend in ("cuda", "cpp"):
                       slower=_cpp_slower if _backend == "cpp" else None)
 
 
-def _composite(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
-    spans = reference.rank_segments(lora_A.shape[0], dropout_p, seed_int(seed), segments, segment_p)
+def _composite(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
+    spans = reference.rank_segments(lora_A.shape[0], dropout_p, seed_int(seed), ranks, ranks_p)
     keep = [dropout_keep(sd, (x.shape[:-1].numel(), x.shape[-1]), p, x.device) for _, _, p, sd in spans]
     keep = [None if k is None else k.view(x.shape) for k in keep]
-    if segments is None:
+    if ranks is None:
         y = reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, keep[0], dropout_p)
     else:
-        y = reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, keep, segment_p, segments)
+        y = reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, keep, ranks_p, ranks)
     return y, None  # u is what the fused backward keeps; autograd keeps its own
 
 

@@ -261,16 +261,7 @@ dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy
                   backward=dispatch.lazy(_KERNELS, "backward"))
 
 
-def _native_forward(*args):
-    return _native.ops().multi_lora_forward(*args)
-
-
-def _native_backward(*args):
-    needs = [bool(n) for n in args[-1]]
-    grads = _native.ops().multi_lora_backward(*args[:-1], needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
 # csrc/multi_lora.cpp; no CUDA kernel: Triton serves CUDA.
+_native_forward, _native_backward = _native.calls("multi_lora")
 dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)
 dispatch.register(OP, "reference", forward=reference.forward, backward=reference.backward)

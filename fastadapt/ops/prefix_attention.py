@@ -198,17 +198,8 @@ dispatch.register(OP, "triton", capabilities=CAPABILITIES, forward=dispatch.lazy
                   backward=dispatch.lazy(_KERNELS, "backward"))
 
 
-def _native_forward(*args):
-    return _native.ops().prefix_attention_forward(*args)
-
-
-def _native_backward(*args):
-    needs = [bool(n) for n in args[-1]]
-    grads = _native.ops().prefix_attention_backward(*args[:-1], needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
 # csrc/prefix_attention.cpp, csrc/prefix_attention_cuda.cu
+_native_forward, _native_backward = _native.calls("prefix_attention")
 dispatch.register(OP, "cuda", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward,
                   nondeterministic="the backward sums dK, dV over queries with fp32 atomics")
 dispatch.register(OP, "cpp", capabilities=CAPABILITIES, forward=_native_forward, backward=_native_backward)

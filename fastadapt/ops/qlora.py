@@ -18,7 +18,7 @@ from fastadapt import _checks, _native, dispatch, strategy
 from fastadapt.backends import Capabilities
 from fastadapt.ops import _autocast, lora
 from fastadapt.ops._declare import Arg, OpSpec, declare
-from fastadapt.ops.lora import _draw_seed, _rank_segments, check_adapter_args, rows, seed_int
+from fastadapt.ops.lora import _check_ranks, _draw_seed, check_adapter_args, rows, seed_int
 from fastadapt.reference import qlora as reference
 from fastadapt.reference.qlora import QuantizedWeight
 
@@ -139,17 +139,17 @@ def _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, b
 
 
 def _forward(impl, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, lora_A,
-             lora_B, scaling, bias, dropout_p, seed, segments, segment_p):
+             lora_B, scaling, bias, dropout_p, seed, ranks, ranks_p):
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
-    y, u = impl.forward(rows(x), q, lora_A, lora_B, scaling, bias, dropout_p, seed_int(seed), segments, segment_p)
+    y, u = impl.forward(rows(x), q, lora_A, lora_B, scaling, bias, dropout_p, seed_int(seed), ranks, ranks_p)
     return y.view(*x.shape[:-1], out_features), u
 
 
 def _backward(impl, needs, gy, _gu, x, data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits,
-              out_features, lora_A, lora_B, u, scaling, dropout_p, seed, segments, segment_p, **_):
+              out_features, lora_A, lora_B, u, scaling, dropout_p, seed, ranks, ranks_p, **_):
     q = _weight(data, code, absmax, absmax2, code2, offset, blocksize, blocksize2, bits, out_features, x.shape[-1])
     gx, *grads = impl.backward(rows(gy), rows(x), q, lora_A, lora_B, u, scaling, dropout_p, seed_int(seed), needs,
-                               segments, segment_p)
+                               ranks, ranks_p)
     return (gx.view(x.shape) if gx is not None else None), *grads
 
 
@@ -192,7 +192,7 @@ QLORA_LINEAR = declare(OpSpec(
           Arg("out_features", "int"), Arg("lora_A", "Tensor", grad=True, select=True),
           Arg("lora_B", "Tensor", grad=True, select=True), Arg("scaling", "float"),
           Arg("bias", "Tensor?", grad=True, select=True), Arg("dropout_p", "float"), Arg("seed", "Tensor?"),
-          Arg("segments", "int[]?", optional=True), Arg("segment_p", "float[]?", optional=True)),
+          Arg("ranks", "int[]?", optional=True), Arg("ranks_p", "float[]?", optional=True)),
     outputs=("y", "u"), saved=("u",), grads=("x", "lora_A", "lora_B", "bias"),
     fake=_fake, forward=_forward, backward=_backward, fuzz=_fuzz))
 
@@ -223,11 +223,11 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
         F.linear(x, W, bias) + (F.dropout(x, dropout_p, training) @ lora_A.T) @ lora_B.T * scaling
     """
     q = _check_weight(weight)
-    segments = segment_p = None
+    ranks_p = None
     if ranks is not None:
-        dropout_p, segments, segment_p = _rank_segments(lora_A, ranks, dropout_p, training)
+        dropout_p, ranks, ranks_p = _check_ranks(lora_A, ranks, dropout_p, training)
     scaling, p, seed = check_adapter_args(x, lora_A, lora_B, bias, scaling, dropout_p, training, q.shape)
-    if segments is not None:
+    if ranks is not None:
         seed = _draw_seed()
     _checks.same_device(x=x, weight_data=q.data, weight_code=q.code, weight_absmax=q.absmax, weight_absmax2=q.absmax2,
                         weight_code2=q.code2, weight_offset=q.offset, lora_A=lora_A, lora_B=lora_B, bias=bias)
@@ -237,7 +237,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_A: Tensor, lora_B: Ten
         dtype = x.dtype
     lora_B, scaling = lora.scaled_B(lora_B, scaling, dtype)
     return QLORA_LINEAR(x, q.data, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, q.bits,
-                        q.shape[0], lora_A.to(dtype), lora_B, scaling, bias, p, seed, segments, segment_p)[0]
+                        q.shape[0], lora_A.to(dtype), lora_B, scaling, bias, p, seed, ranks, ranks_p)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,21 +260,21 @@ def native_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> Tensor:
 
 # Several adapters with their own dropout (rank segments): the LoRA kernels' segmented form on the
 # dequantized weight, which is what qlora_forward/backward do with one segment.
-def _native_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
-    if segments is not None:
+def _native_forward(x2d, q, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
+    if ranks is not None:
         return lora.native_forward(x2d, native_dequantize(q, x2d.dtype), lora_A, lora_B, scaling, bias, 0.0, seed,
-                                   segments, segment_p)
+                                   ranks, ranks_p)
     return _native.ops().qlora_forward(x2d, *_weight_args(q), q.shape[0], lora_A, lora_B, scaling, bias, dropout_p,
                                        seed)
 
 
-def _native_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+def _native_backward(gy, x2d, q, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None, ranks_p=None):
     needs = [bool(n) for n in needs]
-    if segments is not None:
+    if ranks is not None:
         return lora.native_backward(gy, x2d, native_dequantize(q, x2d.dtype), lora_A, lora_B, u, scaling, 0.0, seed,
-                                    [*needs, False], segments, segment_p)[:4]
+                                    [*needs, False], ranks, ranks_p)[:4]
     grads = _native.ops().qlora_backward(gy, x2d, *_weight_args(q), lora_A, lora_B, u, scaling, dropout_p, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return _native.asked(grads, needs)
 
 
 # csrc/qlora.cpp; CPU only.

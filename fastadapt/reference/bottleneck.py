@@ -10,7 +10,7 @@ input, ``r`` (M, d) the residual input (absent for a parallel adapter), ``W_d`` 
     q   = D(s * u)                      s = scaling * scale, scale absent | (1,) "learned" | (d,) "channel";
                                         D = inverted dropout (adapters drops the scaled up-projection)
     o   = g * q                         g (M,) per-row gate (use_gating), else g = 1
-    out = LN_after(o + r)               adapter_residual_before_ln and ln_after
+    out = LN_after(o + r)               residual_before_ln and ln_after (the public adapter_residual_before_ln)
         = LN_after(o) + r               ln_after, residual after the norm
         = o + r                         no ln_after (r absent: out = o)
 
@@ -25,8 +25,9 @@ Gradients (the fused backward computes exactly these; ``^`` = normalised, mean/r
     g_h  = g_a * f'(h),  g_W_d = g_h^T zn,  g_b_d = colsum g_h,  g_zn = g_h W_d
     g_z  = LN_bwd(g_zn) if ln_before else g_zn
 
-``residual_before_ln`` and ``original_ln_before/after`` only choose which tensors are passed as
-``z`` and ``r`` and what the host layer does afterwards: they live in ``fastadapt.nn.bottleneck``.
+AdapterHub's ``BnConfig.residual_before_ln`` (where the host layer takes the residual, another flag
+than this one's) and ``original_ln_before/after`` only choose which tensors are passed as ``z`` and
+``r`` and what the host layer does afterwards: they live in ``fastadapt.nn.bottleneck``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _layer_norm(x, weight, bias, eps):
 
 
 def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=None, *, scaling=1.0,
-                       scale=None, ln_before=None, ln_after=None, residual_before_ln_after=False,
+                       scale=None, ln_before=None, ln_after=None, residual_before_ln=False,
                        gate=None, keep=None, dropout_p=0.0, activation_name="relu", eps=1e-5,
                        _ln_after_fn=None):
     """The adapter core with autograd, on (..., d) tensors; returns ``(out, h)``.
@@ -107,7 +108,7 @@ def bottleneck_adapter(z, down_weight, down_bias, up_weight, up_bias, residual=N
     q = s if keep is None else s * keep.to(s.dtype) / (1.0 - dropout_p)
     o = q if gate is None else q * gate
     norm = _ln_after_fn or _layer_norm
-    if ln_after is not None and residual_before_ln_after:
+    if ln_after is not None and residual_before_ln:
         out = norm(o + residual if residual is not None else o, *ln_after, eps)
     else:
         out = norm(o, *ln_after, eps) if ln_after is not None else o
@@ -128,7 +129,7 @@ def _stats(x, eps):
 
 
 def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_weight, lnb_bias,
-            lna_weight, lna_bias, gate, scaling, activation_name, eps, res_before, dropout_p, seed):
+            lna_weight, lna_bias, gate, scaling, activation_name, eps, residual_before_ln, dropout_p, seed):
     """Backend forward: ``(out, h, stats)``; stats (4, M) float32 = mean/rstd of the input of
     LN_before and of LN_after (rows left unset where that norm is off)."""
     M = z.shape[0]
@@ -145,7 +146,7 @@ def forward(z, residual, down_weight, down_bias, up_weight, up_bias, scale, lnb_
         z, down_weight, down_bias, up_weight, up_bias, residual, scaling=scaling, scale=scale,
         ln_before=(lnb_weight, lnb_bias) if lnb_weight is not None else None,
         ln_after=(lna_weight, lna_bias) if lna_weight is not None else None,
-        residual_before_ln_after=res_before, gate=None if gate is None else gate[:, None], keep=keep,
+        residual_before_ln=residual_before_ln, gate=None if gate is None else gate[:, None], keep=keep,
         dropout_p=dropout_p, activation_name=activation_name, eps=eps, _ln_after_fn=ln_after)
     return out, h, stats
 
@@ -182,7 +183,7 @@ def _ln_backward(g, xhat, rstd, weight):
 
 
 def backward(gout, z, residual, down_weight, down_bias, up_weight, up_bias, h, stats, scale, lnb_weight,
-             lnb_bias, lna_weight, lna_bias, gate, scaling, activation_name, eps, res_before, dropout_p,
+             lnb_bias, lna_weight, lna_bias, gate, scaling, activation_name, eps, residual_before_ln, dropout_p,
              seed, needs):
     """Backend backward: the gradients of (z, residual, down_weight, down_bias, up_weight, up_bias,
     scale, lnb_weight, lnb_bias, lna_weight, lna_bias, gate), ``None`` where ``needs`` is False.

@@ -37,17 +37,17 @@ import torch
 from fastadapt.reference.dropout import dropout_keep
 
 
-def rank_segments(rank: int, dropout_p: float, seed: int, segments: Optional[Sequence[int]],
-                  segment_p: Optional[Sequence[float]]) -> list[tuple[int, int, float, int]]:
+def rank_segments(rank: int, dropout_p: float, seed: int, ranks: Optional[Sequence[int]],
+                  ranks_p: Optional[Sequence[float]]) -> list[tuple[int, int, float, int]]:
     """The rank segments of a call as (first row of A, end, dropout p, seed): one segment of the
-    whole rank with ``dropout_p`` when ``segments`` is None, else segment k of ``segments[k]`` rows
-    with ``segment_p[k]`` drawn from ``seed + k``. Every backend walks the same list."""
-    if segments is None:
+    whole rank with ``dropout_p`` when ``ranks`` is None, else segment k of ``ranks[k]`` rows
+    with ``ranks_p[k]`` drawn from ``seed + k``. Every backend walks the same list."""
+    if ranks is None:
         return [(0, rank, dropout_p, seed)]
     bounds = [0]
-    for r in segments:
+    for r in ranks:
         bounds.append(bounds[-1] + r)
-    return [(a, b, p, seed + k) for k, (a, b, p) in enumerate(zip(bounds, bounds[1:], segment_p))]
+    return [(a, b, p, seed + k) for k, (a, b, p) in enumerate(zip(bounds, bounds[1:], ranks_p))]
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -88,22 +88,22 @@ def _lora(x, weight, lora_A, lora_B, scaling, bias, keeps, ps, bounds):
     return y, parts
 
 
-def forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
     """Backend forward: (y, u) for 2-D ``x2d``; the masks come from ``seed``."""
-    spans = rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p)
+    spans = rank_segments(lora_A.shape[0], dropout_p, seed, ranks, ranks_p)
     keeps = [dropout_keep(sd, x2d.shape, p, x2d.device) for _, _, p, sd in spans]
     y, parts = _lora(x2d, weight, lora_A, lora_B, scaling, bias, keeps, [p for _, _, p, _ in spans],
                      [(a, b) for a, b, _, _ in spans])
     return y, _cat(parts, 1) * scaling
 
 
-def backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+def backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None, ranks_p=None):
     """Backend backward: (gx, gA, gB, gbias, gweight), ``None`` where ``needs`` says not needed."""
     need_x, need_A, need_B, need_bias, need_weight = needs
     gu = (gy @ lora_B) * scaling
     gx = gy @ weight if need_x else None
     gA = []
-    for a, b, p, sd in rank_segments(lora_A.shape[0], dropout_p, seed, segments, segment_p):
+    for a, b, p, sd in rank_segments(lora_A.shape[0], dropout_p, seed, ranks, ranks_p):
         keep = dropout_keep(sd, x2d.shape, p, x2d.device)
         if need_x:
             gx = gx + _dropped(gu[:, a:b] @ lora_A[a:b], keep, p)

@@ -119,14 +119,14 @@ def random_weight(fmt: str, n_out: int, n_in: int, device=None, blocksize: int =
                            torch.tensor(1.5 / n_in**0.5, device=device), blocksize, 256, 4, (n_out, n_in))
 
 
-def forward(x2d, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments=None, segment_p=None):
+def forward(x2d, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks=None, ranks_p=None):
     """Backend forward: (y, u) for 2-D ``x2d`` and a :class:`QuantizedWeight`."""
     weight = dequantize(qweight, x2d.dtype)
-    return lora.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, segments, segment_p)
+    return lora.forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, ranks, ranks_p)
 
 
-def backward(gy, x2d, qweight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, segments=None, segment_p=None):
+def backward(gy, x2d, qweight, lora_A, lora_B, u, scaling, dropout_p, seed, needs, ranks=None, ranks_p=None):
     """Backend backward: (gx, gA, gB, gbias); the frozen quantized weight has no gradient."""
     weight = dequantize(qweight, x2d.dtype)
-    return lora.backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, (*needs, False), segments,
-                         segment_p)[:4]
+    return lora.backward(gy, x2d, weight, lora_A, lora_B, u, scaling, dropout_p, seed, (*needs, False), ranks,
+                         ranks_p)[:4]

@@ -43,7 +43,7 @@ _HERE = Path(__file__).resolve().parent
 # Installed (pip install ., a wheel): fastadapt/csrc; a checkout (pip install -e .): csrc/ beside the package.
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 # One translation unit per op (its schemas, checks and kernels) plus ops.cpp, what they share.
-CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "qlora.cpp", "bottleneck.cpp",
+CPP_SOURCES = ("ops.cpp", "lora.cpp", "dora.cpp", "multi_lora.cpp", "moe_lora.cpp", "qlora.cpp", "bottleneck.cpp",
                "prefix_attention.cpp")
 CUDA_SOURCES = ("lora_cuda.cu", "bottleneck_cuda.cu", "prefix_attention_cuda.cu")
 HEADERS = ("common.h", "cpu_common.h", "cuda_common.cuh", "registration.h", "lora.h", "bottleneck.h",

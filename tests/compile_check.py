@@ -258,6 +258,35 @@ def _multi_lora_grid():
             ml.backward(y, x, W, A, B, u, scalings, ranks, ids, scalings, 1, (True,) * 5)
 
 
+def _moe_lora_grid():
+    from fastadapt.kernels import moe_lora as moe
+    # (T, H, I, E, k, r): decode T=1, odd sizes, Qwen3-30B-A3B's and gpt-oss-20b's experts (the
+    # benchmark's shapes). On meta tensors torch._grouped_mm never serves: each product runs the
+    # Triton grouped GEMM, whose launches are what is recorded here.
+    shapes = ((1, 2048, 768, 128, 8, 16), (7, 123, 37, 5, 2, 3), (4096, 2048, 768, 128, 8, 16),
+              (4096, 2880, 2880, 32, 4, 16))
+    for dname, *_ in DTYPES:
+        for T, H, I, E, k, R in shapes:
+            for activation, bias in (("silu", False), ("gpt_oss", True)):
+                for p in (0.0, 0.1):
+                    with _setting(f"moe_lora T={T} H={H} I={I} E={E} k={k} r={R} {activation} p={p}", dname) as dt:
+                        x, idx, w = _meta(T, H, dtype=dt), _meta(T, k, dtype=torch.int64), _meta(T, k, dtype=dt)
+                        W1, W2 = _meta(E, 2 * I, H, dtype=dt), _meta(E, H, I, dtype=dt)
+                        b1, b2 = (_meta(E, 2 * I, dtype=dt), _meta(E, H, dtype=dt)) if bias else (None, None)
+                        lora = (_meta(E, R, H, dtype=dt), _meta(E, 2 * I, R, dtype=dt), 0.5,
+                                _meta(E, R, I, dtype=dt), _meta(E, H, R, dtype=dt), 2.0)
+                        out = moe.forward(x, idx, w, W1, b1, W2, b2, *lora, activation, 1.702, 7.0, p, 1)
+                        moe.backward(out[0], x, idx, w, W1, W2, *lora, activation, 1.702, 7.0, p, 1, *out[1:],
+                                     (True,) * 6)
+        with _setting("moe_lora transposed weights (gpt-oss's storage), float32 routing", dname) as dt:
+            T, H, I, E, k = 9, 64, 32, 4, 2
+            x, idx, w = _meta(T, H, dtype=dt), _meta(T, k, dtype=torch.int64), _meta(T, k, dtype=torch.float32)
+            W1, W2 = _meta(E, H, 2 * I, dtype=dt).transpose(1, 2), _meta(E, I, H, dtype=dt).transpose(1, 2)
+            lora = (None, None, 1.0, _meta(E, 4, I, dtype=dt), _meta(E, H, 4, dtype=dt), 2.0)
+            out = moe.forward(x, idx, w, W1, None, W2, None, *lora, "silu", 1.702, 7.0, 0.0, 1)
+            moe.backward(out[0], x, idx, w, W1, W2, *lora, "silu", 1.702, 7.0, 0.0, 1, *out[1:], (True,) * 6)
+
+
 def _qlora_grid():
     from fastadapt.kernels import qlora
     from fastadapt.reference.qlora import QuantizedWeight
@@ -351,6 +380,7 @@ def record() -> list[Launch]:
         _lora_grid()
         _dora_grid()
         _multi_lora_grid()
+        _moe_lora_grid()
         _qlora_grid()
         _bottleneck_grid()
         _prefix_grid()

@@ -136,8 +136,9 @@ def unmark(module: torch.nn.Module, mark: str) -> None:
 
 def _patchers() -> list[Patcher]:
     # Imported here: each integration imports its library (peft, adapters) only when asked to patch.
-    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora, peft_prefix_tuning
-    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER, adapterhub.PATCHER]
+    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora, peft_moe, peft_prefix_tuning
+    return [peft_lora.PATCHER, peft_moe.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER,
+            adapterhub.PATCHER]
 
 
 def patch(model: torch.nn.Module, strict: bool = False) -> PatchReport:

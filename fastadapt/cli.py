@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     size.add_argument("--full", action="store_true", help="every case, more shapes than DESIGN.md's")
     bench.add_argument("--smoke", action="store_true", help="tiny shapes (CI on a CPU): checks the command, not speed")
     bench.add_argument("--op", action="append",
-                       choices=["lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix", "model"],
+                       choices=["lora", "dora", "multi_lora", "moe_lora", "qlora", "bottleneck", "prefix", "model"],
                        help="only these ops (repeatable); model: the PEFT Llama check and training step")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="timing dtype (default: bfloat16 on cuda, float32 on cpu); verification runs all three")

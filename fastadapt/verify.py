@@ -86,6 +86,34 @@ def _multi_lora_cases() -> list[OpCase]:
             case((129,), 123, 65, [1, 7], [i % 3 - 1 for i in range(129)])]
 
 
+def _moe_lora_cases() -> list[OpCase]:
+    import fastadapt
+    from fastadapt.reference import moe_lora as reference
+
+    def case(T, H, I, E, k, r1, r2, activation):
+        # A fixed routing (an index tensor is no differentiable input): expert 0 gets no token.
+        idx = [[1 + (3 * t + j) % (E - 1) for j in range(k)] for t in range(T)]
+
+        def make():
+            return [torch.randn(T, H), torch.rand(T, k), torch.randn(E, 2 * I, H) / H**0.5,
+                    torch.randn(E, H, I) / I**0.5, torch.randn(E, r1, H) / H**0.5, torch.randn(E, 2 * I, r1) / r1**0.5,
+                    torch.randn(E, r2, I) / I**0.5, torch.randn(E, H, r2) / r2**0.5]
+
+        def fused(x, w, W1, W2, A1, B1, A2, B2):
+            return fastadapt.moe_lora_experts(x, torch.tensor(idx, device=x.device), w, W1, W2, gate_up_A=A1,
+                                              gate_up_B=B1, gate_up_scaling=0.5, down_A=A2, down_B=B2,
+                                              down_scaling=2.0, activation=activation, limit=1.5)
+
+        def exact(x, w, W1, W2, A1, B1, A2, B2):
+            return reference.experts(x, torch.tensor(idx, device=x.device), w, W1, W2, None, None, A1, B1, 0.5, A2,
+                                     B2, 2.0, activation, 1.702, 1.5)[0]
+
+        return OpCase("moe_lora_experts", f"x {T}x{H}, {E} experts top-{k}, intermediate {I}, ranks {r1}/{r2}, "
+                      f"{activation}", make, fused, exact, (2, 3))
+
+    return [case(9, 32, 16, 5, 2, 4, 2, "silu"), case(33, 40, 12, 4, 3, 1, 3, "gpt_oss")]
+
+
 def _qlora_cases() -> list[OpCase]:
     import fastadapt
     from fastadapt.reference import lora, qlora
@@ -173,7 +201,7 @@ def _prefix_attention_cases() -> list[OpCase]:
 def op_cases() -> dict[str, list[OpCase]]:
     """Each op's verification cases, odd shapes first-to-last (the first is the demo's)."""
     return {"lora_linear": _lora_cases(), "dora_linear": _dora_cases(), "multi_lora_linear": _multi_lora_cases(),
-            "qlora_linear": _qlora_cases(),
+            "moe_lora_experts": _moe_lora_cases(), "qlora_linear": _qlora_cases(),
             "bottleneck_adapter": _bottleneck_cases(), "prefix_attention": _prefix_attention_cases()}
 
 

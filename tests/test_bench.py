@@ -23,13 +23,13 @@ def test_smoke_run_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["command"] == f"fastadapt bench --quick --smoke --device cpu --out {tmp_path}"
     checked = {(r["check"], r["backend"]) for r in results["verify"]}
-    for op in ("lora_linear", "dora_linear", "multi_lora_linear", "qlora_linear", "bottleneck_adapter",
-               "prefix_attention"):
+    for op in ("lora_linear", "dora_linear", "multi_lora_linear", "moe_lora_experts", "qlora_linear",
+               "bottleneck_adapter", "prefix_attention"):
         assert {(op, b) for b in ("triton", "cpp", "reference")} <= checked
     assert any(r["check"].startswith("PEFT LoRA Llama") for r in results["verify"])
     assert all(r["status"] == "ok" for r in results["verify"])
-    assert {c["op"] for c in results["cases"]} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix",
-                                                   "model"}
+    assert {c["op"] for c in results["cases"]} == {"lora", "dora", "multi_lora", "moe_lora", "qlora", "bottleneck",
+                                                   "prefix", "model"}
     for case in results["cases"]:
         assert case["status"] == "ok", case
         # Triton's interpreter is never timed: the CPU's fused variant is the C++ backend.
@@ -92,7 +92,8 @@ def test_case_selection_by_tier_and_op():
         assert len(names) == len(set(names)), f"{scale}: duplicate case names"
         assert [c.name for c in quick] == [c.name for c in default if c.tier == "quick"]
         assert len(quick) < len(default) <= len(full)
-        assert {c.op for c in quick} == {"lora", "dora", "multi_lora", "qlora", "bottleneck", "prefix", "model"}
+        assert {c.op for c in quick} == {"lora", "dora", "multi_lora", "moe_lora", "qlora", "bottleneck", "prefix",
+                                          "model"}
     assert {c.op for c in cases.select("cuda", "full", ["prefix"])} == {"prefix"}
     with pytest.raises(ValueError, match="tier"):
         cases.select("cuda", "slow")

@@ -306,7 +306,8 @@ def test_lora_experts_module_with_dropout(backend):
         for p in module.lora_B.parameters():
             p.normal_()
     assert sorted(k for k in module.state_dict() if "lora" in k) == [
-        "lora_A.down_proj.weight", "lora_A.gate_up_proj.weight", "lora_B.down_proj.weight", "lora_B.gate_up_proj.weight"]
+        "lora_A.down_proj.weight", "lora_A.gate_up_proj.weight", "lora_B.down_proj.weight",
+        "lora_B.gate_up_proj.weight"]
     T, k = 6, 2
     x, idx, w = torch.randn(T, 32, requires_grad=True), torch.randint(0, 4, (T, k)), torch.rand(T, k)
     torch.manual_seed(11)

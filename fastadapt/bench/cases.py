@@ -50,7 +50,7 @@ class Built:
 
 @dataclass
 class Case:
-    op: str                      # lora | dora | multi_lora | bottleneck | prefix | model
+    op: str                      # lora | dora | multi_lora | moe_lora | qlora | bottleneck | prefix | model
     name: str
     params: dict
     tier: str
@@ -346,6 +346,76 @@ def multi_lora_decode(M: int, K: int, N: int, n: int, r: int, tier: str) -> Case
 
     return Case("multi_lora", f"inference M={M} {K}x{N} {n} adapters r={r}, one per row",
                 dict(kind="decode", M=M, K=K, N=N, n=n, r=r), tier, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE experts with per-expert LoRA (PEFT target_parameters)
+
+
+def _moe_experts(env: Env, family: str, T: int, H: int, I: int, E: int, k: int):
+    """A transformers experts module of ``family`` (frozen, random) in a container whose child is
+    ``experts``, and a routing: k distinct experts per token, softmax weights (trainable)."""
+    import transformers
+
+    if family == "gpt_oss":
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+        config = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                           num_experts_per_tok=k)
+    else:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+        config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                                             num_experts_per_tok=k)
+    config._experts_implementation = "eager"
+    container = torch.nn.Module()
+    container.experts = Experts(config).to(env.device, env.dtype)
+    with torch.no_grad():
+        for p in container.experts.parameters():
+            p.normal_(0, 0.02 if p.dim() == 3 else 0.1).requires_grad_(False)
+    logits = torch.randn(T, E, device=env.device)
+    top, idx = logits.topk(k, dim=-1)
+    weights = top.softmax(-1).to(env.dtype).requires_grad_()
+    return container, idx, weights
+
+
+def moe_lora_train(family: str, T: int, H: int, I: int, E: int, k: int, r: int, tier: str) -> Case:
+    """Forward + backward of one MoE block's experts with PEFT ``target_parameters`` LoRA (r on both
+    projections), T tokens, top-k routing: patched onto the fused op, against PEFT's path as
+    installed (its parametrization of ``W + s B A`` around transformers' eager experts and around
+    its ``grouped_mm`` experts). The floor: the frozen experts alone, transformers' ``grouped_mm``."""
+
+    def build(env: Env) -> Built:
+        import peft
+
+        import fastadapt
+
+        container, idx, weights = _moe_experts(env, family, T, H, I, E, k)
+        x = torch.randn(T, H, device=env.device, dtype=env.dtype, requires_grad=True)
+        grad_y = torch.randn(T, H, device=env.device, dtype=env.dtype)
+        floor = copy.deepcopy(container).experts
+        floor.config._experts_implementation = "grouped_mm"
+        peft_model = peft.get_peft_model(container, peft.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+            init_lora_weights=False), autocast_adapter_dtype=False)
+        grouped = copy.deepcopy(peft_model)
+        grouped.base_model.model.experts.base_layer.base_layer.config._experts_implementation = "grouped_mm"
+        patched = copy.deepcopy(peft_model)
+        fastadapt.patch(patched, strict=True)
+        models = (peft_model, grouped, patched)
+        leaves = [x, weights, *(q for m in models for q in m.parameters() if q.requires_grad)]
+
+        def step(model):
+            layer = model.base_model.model.experts
+            return forward_backward(lambda: layer(x, idx, weights), leaves, grad_y)
+
+        variants = _fused(env, step(patched), "moe_lora_experts")
+        variants["peft target_parameters, eager experts"] = step(peft_model)
+        variants["peft target_parameters, grouped_mm experts"] = step(grouped)
+        variants["floor: frozen experts, grouped_mm"] = forward_backward(lambda: floor(x, idx, weights), leaves,
+                                                                          grad_y)
+        return Built(variants, "floor: frozen experts, grouped_mm", leaves=leaves)
+
+    return Case("moe_lora", f"fwd+bwd {family} T={T} H={H} I={I} E={E} top-{k} r={r}",
+                dict(kind="train", family=family, T=T, H=H, I=I, E=E, k=k, r=r), tier, build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,6 +864,9 @@ def all_cases(scale: str) -> list[Case]:
             multi_lora_decode(16, 4096, 4096, 16, 16, "quick"),
             multi_lora_decode(64, 4096, 4096, 16, 16, "quick"),
             multi_lora_decode(4, 4096, 4096, 16, 16, "default"),
+            # Qwen3-30B-A3B's and gpt-oss-20b's experts (issue 23's shapes).
+            moe_lora_train("qwen3_moe", 4096, 2048, 768, 128, 8, 16, "quick"),
+            moe_lora_train("gpt_oss", 4096, 2880, 2880, 32, 4, 16, "quick"),
             bottleneck(8192, 4096, 64, "seq_bn", True, "quick"),
             model_step(4, 2048, 4096, 11008, 4, 32, 16, "quick", trainer=True),
             prefix(4, 32, 32, 2048, 128, 10, True, "quick"),
@@ -837,6 +910,8 @@ def all_cases(scale: str) -> list[Case]:
             multi_lora_train(2048, 1024, 1024, 4, 16, "quick"),
             qlora_train(2048, 1024, 1024, 16, "quick"),
             multi_lora_decode(16, 1024, 1024, 16, 16, "quick"),
+            moe_lora_train("qwen3_moe", 512, 256, 128, 16, 4, 16, "quick"),
+            moe_lora_train("gpt_oss", 512, 256, 256, 8, 2, 16, "default"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick"),
             model_step(2, 128, 256, 688, 2, 4, 16, "quick", trainer=True),
             bottleneck(2048, 1024, 64, "seq_bn", False, "quick"),
@@ -858,6 +933,7 @@ def all_cases(scale: str) -> list[Case]:
             multi_lora_train(64, 96, 80, 4, 8, "quick"),
             qlora_train(64, 128, 80, 8, "quick"),
             multi_lora_decode(4, 96, 80, 4, 8, "quick"),
+            moe_lora_train("qwen3_moe", 32, 64, 32, 4, 2, 4, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick"),
             model_step(1, 16, 64, 128, 1, 4, 8, "quick", trainer=True),
             bottleneck(64, 96, 16, "seq_bn", False, "quick"),

@@ -25,7 +25,8 @@ from fastadapt.bench import cases as bench_cases
 from fastadapt.bench import report, timing
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OPS = {"lora": "lora_linear", "dora": "dora_linear", "multi_lora": "multi_lora_linear", "qlora": "qlora_linear",
+OPS = {"lora": "lora_linear", "dora": "dora_linear", "multi_lora": "multi_lora_linear",
+       "moe_lora": "moe_lora_experts", "qlora": "qlora_linear",
        "bottleneck": "bottleneck_adapter", "prefix": "prefix_attention"}
 
 # The Llama that the patched-vs-unpatched check runs (odd sequence length; float64 copy included).

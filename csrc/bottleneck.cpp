@@ -148,6 +148,12 @@ inline float act_grad(Act act, float h) {
   }
 }
 
+// g * f'(h), where a dead ReLU passes exactly 0 whatever g holds (torch's threshold_backward
+// selects, it does not multiply: a NaN or inf g must not reach the down-projection's gradient).
+inline float act_backward(Act act, float g, float h) {
+  return act == Act::relu ? (h <= 0.f ? 0.f : g) : g * act_grad(act, h);
+}
+
 // Row reductions in double (16 independent lanes, so they still vectorize): a per-row LN
 // statistic or gate gradient is one number from d terms that cancel.
 inline double row_sum(const float* v, int64_t n) {
@@ -394,7 +400,7 @@ void activation_grad_pass(const Tensor& h, const Tensor& g_a, Act act, Tensor& g
   T* ghp = g_h.data_ptr<T>();
   at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
-      ghp[i] = static_cast<T>(static_cast<float>(gap[i]) * act_grad(act, static_cast<float>(hp[i])));
+      ghp[i] = static_cast<T>(act_backward(act, static_cast<float>(gap[i]), static_cast<float>(hp[i])));
   });
 }
 

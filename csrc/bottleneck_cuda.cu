@@ -142,7 +142,10 @@ template <typename T>
 __global__ void act_grad_kernel(const T* __restrict__ h, const T* __restrict__ g_a, T* __restrict__ g_h, int64_t n,
                                 int act) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) g_h[i] = static_cast<T>(static_cast<float>(g_a[i]) * act_grad(act, static_cast<float>(h[i])));
+  if (i < n) {  // a dead ReLU passes exactly 0 whatever g_a holds, as torch's threshold_backward
+    const float g = static_cast<float>(g_a[i]), hv = static_cast<float>(h[i]);
+    g_h[i] = static_cast<T>(act == kRelu ? (hv <= 0.f ? 0.f : g) : g * act_grad(act, hv));
+  }
 }
 
 // o + r (LN_after input when the residual goes inside it) for element (m, n).

@@ -33,15 +33,17 @@ def _versions() -> dict[str, str]:
 def cmd_info(args) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fastadapt import _native, dispatch
     from fastadapt.backends import device_reasons, native_status, triton_status
 
     console = Console(width=max(Console().width, 110))  # tables stay readable when piped (80 cols)
-    console.print("  ".join(f"{k} {v}" for k, v in _versions().items()))
+    # markup=False / escape: rich would take bracketed text in these (an OSError's "[Errno 2]") for markup.
+    console.print("  ".join(f"{k} {v}" for k, v in _versions().items()), markup=False)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    console.print(f"CUDA device: {gpu}")
+    console.print(f"CUDA device: {gpu}", markup=False)
     native = native_status()
     cuda_why = _native.cuda_reason()
     status = {"triton": triton_status(), "cuda": (not cuda_why, cuda_why or native[1]), "cpp": native,
@@ -61,17 +63,17 @@ def cmd_info(args) -> int:
         for d in devices:
             reasons = device_reasons(name, d)
             cells.append("yes" if not reasons else "no: " + "; ".join(reasons))
-        table.add_row(name, "yes" if ok else "no", *cells, ops, detail)
+        table.add_row(name, "yes" if ok else "no", *map(escape, cells), ops, escape(detail))
     console.print(table)
     for (op, name), why in dispatch.nondeterministic().items():
         console.print(f"non-deterministic: {name} {op} ({why}); dispatch skips it under "
-                      "torch.use_deterministic_algorithms(True)")
+                      "torch.use_deterministic_algorithms(True)", markup=False)
     for (op, name), rule in dispatch.crossovers().items():
-        console.print(f"crossover: automatic dispatch passes over {name} for {op} {rule}")
+        console.print(f"crossover: automatic dispatch passes over {name} for {op} {rule}", markup=False)
     for (op, name), rule in dispatch.strategies().items():
-        console.print(f"strategy: {name} {op} runs {rule}")
+        console.print(f"strategy: {name} {op} runs {rule}", markup=False)
     console.print(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '')!r} "
-                  "(set it to force one backend; dispatch errors name the reasons if it cannot serve)")
+                  "(set it to force one backend; dispatch errors name the reasons if it cannot serve)", markup=False)
     return 0
 
 
@@ -124,6 +126,7 @@ DEMO_SIZES = {
 def cmd_demo(args) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
@@ -135,8 +138,9 @@ def cmd_demo(args) -> int:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = DEMO_SIZES[device]
-    console.print(f"[bold]fastadapt demo[/] on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-                  f"{dtype}; " + "  ".join(f"{k} {v}" for k, v in _versions().items()))
+    console.print("[bold]fastadapt demo[/] " + escape(
+        f"on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), {dtype}; "
+        + "  ".join(f"{k} {v}" for k, v in _versions().items())))
     backends = [b for b in dispatch.BACKENDS if not device_reasons(b, device)]
     ok = True
 
@@ -165,7 +169,8 @@ def cmd_demo(args) -> int:
     ok &= check.passed
     console.print(f"patched vs unpatched PEFT, against a float64 copy: logits error {check.ours:.1e} "
                   f"(PEFT {check.peft:.1e}), {check.tensors - 1} LoRA grads: "
-                  + ("[green]ok[/] (each within 2x PEFT's own error)" if check.passed else f"[red]FAIL[/] {check.bad}"))
+                  + ("[green]ok[/] (each within 2x PEFT's own error)" if check.passed
+                     else f"[red]FAIL[/] {escape(str(check.bad))}"))
 
     # 3. Training steps (fwd + bwd + AdamW): unpatched PEFT, fastadapt as patch() leaves it (automatic
     # dispatch, which passes over a backend below its crossover), and each backend forced.
@@ -185,7 +190,7 @@ def cmd_demo(args) -> int:
         table.add_row(label, f"{t * 1e3:.1f}", f"{t / base:.2f}x")
     console.print(table)
     for (op, name), rule in dispatch.crossovers().items():
-        console.print(f"automatic dispatch passes over {name} for {op} {rule}")
+        console.print(f"automatic dispatch passes over {name} for {op} {rule}", markup=False)
     if device == "cpu":
         console.print("On the CPU the Triton kernels run in Triton's interpreter (numpy, one program at a "
                       "time): its timing shows that the real kernel code runs, not GPU speed.")

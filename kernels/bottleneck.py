@@ -81,6 +81,15 @@ def _act(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _act_backward(g, h, ACT: tl.constexpr):
+    """g * f'(h), where a dead ReLU passes exactly 0 whatever g holds (torch's threshold_backward
+    selects: a NaN or inf g must not reach the down-projection's gradient)."""
+    if ACT == 1:
+        return tl.where(h <= 0, 0.0, g)
+    return g * _act_grad(h, ACT)
+
+
+@triton.jit
 def _act_grad(h, ACT: tl.constexpr):
     """f'(h) for fp32 h, with torch's choice at the kinks (relu'(0) = 0, leaky_relu'(0) = slope) and
     at NaN (relu'(NaN) = 1, leaky_relu'(NaN) = slope: torch tests h <= 0 and h > 0 respectively)."""
@@ -436,7 +445,7 @@ def _bn_bwd_rows_kernel(
         ga = mma(gu, _tile(wu_ptr, cols, bcols, B, 1, col_ok[:, None] & b_ok[None, :]), ga, UPCAST, PRECISION)
     if GATING:
         tl.store(ggate_ptr + rows, ggate, mask=row_ok)
-    gh = cast(ga * _act_grad(h, ACT), z_ptr.dtype.element_ty, UPCAST)
+    gh = cast(_act_backward(ga, h, ACT), z_ptr.dtype.element_ty, UPCAST)
     tl.store(gh_ptr + rows[:, None] * B + bcols[None, :], gh, mask=bmask)
 
     # g_z in the same program: g_h never goes back through HBM for it.

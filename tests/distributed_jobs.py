@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 import fastadapt
-from fastadapt import dispatch, llama_adapter
+from fastadapt import dispatch
+from fastadapt.inject import llama_adapter
 from fastadapt.ops._declare import Declared
 from fastadapt.nn.bottleneck import DoubleSeqBnConfig
 

@@ -53,9 +53,9 @@ def _fine(env):
     return cases.Built({"fastadapt[reference]": lambda: x @ x, "floor: nothing": lambda: x + 1}, "floor: nothing")
 
 
-def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def broken_build(env):
-        raise RuntimeError("no such shape")
+        raise RuntimeError("no such shape [2, 3]")
 
     def out_of_memory(env):
         def oom():
@@ -70,6 +70,7 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert status == 1
     rows = {c["name"]: c for c in json.loads((tmp_path / "results.json").read_text())["cases"]}
     assert rows["broken"]["status"] == "error" and "no such shape" in rows["broken"]["error"]
+    assert "no such shape [2, 3]" in capsys.readouterr().out  # not taken for rich markup
     assert rows["oom"]["status"] == "error" and "out of memory" in rows["oom"]["variants"]["peft"]["error"]
     assert "p50" in rows["oom"]["variants"]["fastadapt[reference]"]  # the other variants still ran
     assert rows["fine"]["status"] == "ok"
@@ -77,12 +78,18 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "no such shape" in md and "out of memory" in md
 
 
-def test_time_budget_skips_the_rest_without_failing(tmp_path, monkeypatch):
+def test_time_budget_skips_the_rest_without_failing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cases, "select", lambda *a, **k: [_case("late", _fine)])
+
+    def no_matplotlib(*args):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "plot", no_matplotlib)
     assert cli.main(["bench", "--smoke", "--device", "cpu", "--op", "lora", "--budget", "1e-9",
                      "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "results.json").read_text())["cases"]
     assert row["status"] == "skipped" and "time budget" in row["error"]
+    assert "pip install 'fastadapt[bench]'" in capsys.readouterr().out  # the extra's name survives rich
 
 
 def test_case_selection_by_tier_and_op():

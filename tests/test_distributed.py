@@ -27,7 +27,8 @@ from harness import assert_close, bound, rel_err
 
 import distributed_jobs as jobs
 import fastadapt
-from fastadapt import dispatch, llama_adapter
+from fastadapt import dispatch
+from fastadapt.inject import llama_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -115,6 +115,23 @@ def test_report_says_what_was_left_alone_and_why_and_what_falls_back():
         model(input_ids=ids)  # once per report: no second warning
 
 
+def test_the_report_names_every_condition_the_forward_checks():
+    # One rule states each condition in the report and checks it at call time: a DoRA adapter with
+    # lora_bias (PEFT's config refuses the pair, its layer takes it) runs PEFT's forward, as its
+    # layer's report entry says.
+    from peft.tuners.lora import layer
+    config = peft.LoraConfig(r=4, use_dora=True, init_lora_weights=False)
+    config.lora_bias = True
+    lora = layer.Linear(torch.nn.Linear(16, 8), "default", config=config, r=4)
+    theirs = copy.deepcopy(lora)
+    report = fastadapt.patch(torch.nn.Sequential(lora))
+    assert "lora_bias on a DoRA adapter ['default']" in report.fallbacks[0][1], str(report)
+    x = torch.randn(2, 16)
+    with pytest.warns(UserWarning, match="lora_bias on a DoRA adapter"):
+        assert torch.equal(lora(x), theirs(x))
+    assert report.calls == {"fallback: lora_bias on a DoRA adapter": 1}
+
+
 def test_strict_patch_raises_on_a_fallback():
     torch.manual_seed(0)
     model = peft.get_peft_model(_tiny_llama(), _lora_config(target_modules=["q_proj"]))
@@ -125,6 +142,28 @@ def test_strict_patch_raises_on_a_fallback():
     model.set_adapter("mica")
     with pytest.raises(fastadapt.FallbackError, match="q_proj.*LoRA variant adapter"):
         model(input_ids=ids)
+
+
+def test_adapters_added_after_patch_are_served():
+    # New target modules get new LoRA layers, which join the patched model: patched on the spot,
+    # in the report, fused (strict), also in a copy of the model (then in the copy's report).
+    ours, theirs = _pair(target_modules=["q_proj"])
+    report = fastadapt.patch(ours, strict=True)
+    copied = copy.deepcopy(ours)
+    for model in (ours, theirs, copied):
+        torch.manual_seed(1)
+        model.add_adapter("later", _lora_config(target_modules=["q_proj", "v_proj", "down_proj"]))
+        model.set_adapter("later")
+    assert len(report.patched) == 6 and any(name.endswith("layers.1.mlp.down_proj") for name, _ in report.patched)
+    ids = torch.randint(0, 64, (2, 7))
+    _assert_same(_step(ours, ids), _step(theirs, ids))
+    assert report.calls == {"fused": 6}
+    assert rel_err(copied(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+    assert report.calls == {"fused": 6}  # the copy counts in its own report
+    fastadapt.unpatch(ours)
+    ours.add_adapter("after_unpatch", _lora_config(target_modules=["k_proj"]))
+    from peft.tuners.lora import layer
+    assert all("forward" not in vars(m) for m in ours.modules() if isinstance(m, layer.LoraLayer))
 
 
 def test_save_and_load_pretrained_round_trip(tmp_path):
@@ -392,6 +431,35 @@ def test_generation_in_inference_mode():
     assert report.calls["fused"] == 14 * 6 and len(report.calls) == 1
 
 
+@pytest.mark.parametrize("inner, lora_first", [("loha", False), ("loha", True), ("adalora", False),
+                                              ("adalora", True)])  # AdaLoRA adds to LoRA's output in place
+def test_lora_stacked_on_another_tuner_in_a_mixed_model(inner, lora_first):
+    # A PeftMixedModel stacks the tuners of one layer: LoRA added over a LoHa / AdaLoRA layer adds
+    # its update to that layer's output, which computing on the frozen weight would drop (left to
+    # PEFT, and said why); LoRA under the other tuner is served (the outer one calls it).
+    torch.manual_seed(0)
+    other = {"loha": peft.LoHaConfig(target_modules=["0"], init_weights=False),
+             "adalora": peft.AdaLoraConfig(target_modules=["0"], init_lora_weights=False, total_step=10)}[inner]
+    configs = [("other", other), ("lora", _lora_config(target_modules=["0", "2"]))]
+    if lora_first:
+        configs.reverse()
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    model = peft.PeftMixedModel(base, configs[0][1], configs[0][0])
+    model.add_adapter(*configs[1])
+    model.set_adapter(["other", "lora"])
+    theirs = copy.deepcopy(model)
+    report = fastadapt.patch(model, strict=True)
+    stacked = [why for name, why in report.skipped if name == "base_model.model.0"]
+    if lora_first:
+        assert [n for n, _ in report.patched] == ["base_model.model.0.base_layer", "base_model.model.2"], str(report)
+    else:
+        assert [n for n, _ in report.patched] == ["base_model.model.2"], str(report)
+        assert len(stacked) == 1 and "another tuner's layer over the Linear" in stacked[0], str(report)
+    x = torch.randn(3, 16)
+    assert rel_err(model(x), theirs(x)) < 1e-6
+    assert report.calls == {"fused": len(report.patched)}
+
+
 # --- DoRA (use_dora=True) runs fastadapt::dora_linear ---
 
 
@@ -418,6 +486,39 @@ def test_dora_model_matches_peft_logits_and_grads():
     assert report.calls == {"fused": 14}
     merged = ours.merge_and_unload()
     assert rel_err(merged(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("backend", harness.backends_for("lora_linear", "cpu"))
+def test_lora_at_initialisation_gives_the_base_layer_bit_for_bit(backend):
+    # B = 0: every backend adds an exact zero to the base layer's own product (README, "Patched
+    # models").
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(123, 48))
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+    report = fastadapt.patch(model, strict=True)
+    model.train()
+    x = torch.randn(2, 21, 123)
+    with fastadapt.use_backend(backend):
+        assert torch.equal(model(x), base(x))
+    assert report.calls == {"fused": 1}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_at_initialisation_gives_the_base_layer_bit_for_bit_on_the_reference_backend(dropout):
+    # PEFT's DoRA layer at initialisation (B = 0, m = ||W||) returns its base layer's output exactly
+    # (PEFT's tests assert atol=0). The reference backend composes the output as PEFT does, with the
+    # norm computed as the magnitude was initialised, so it does too; the cpp and Triton kernels
+    # round otherwise (README, "Patched models").
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(777, 129))
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["0"], use_dora=True,
+                                                                      lora_dropout=dropout))
+    report = fastadapt.patch(model, strict=True)
+    model.train()  # dropout on: PEFT then recomputes D(x) W^T, and so does the op
+    x = torch.randn(2, 150, 777)
+    with fastadapt.use_backend("reference"):
+        assert torch.equal(model(x), base(x))
+    assert report.calls == {"fused": 1}
 
 
 @pytest.mark.parametrize("setup", ["autocast_bf16", "bf16_base_fp32_adapters"])

@@ -163,3 +163,20 @@ def test_calls_without_the_prefix_are_plain_attention():
         assert rel_err(ours.get_base_model()(input_ids=ids, attention_mask=mask).logits[keep],
                        theirs.get_base_model()(input_ids=ids, attention_mask=mask).logits[keep]) < 1e-6
     assert report.calls == {"fused": 2}  # the first call's two layers; nothing else fused or fell back
+
+
+def test_prefix_tuning_adapters_added_after_patch_are_fused():
+    # Prefix tuning is patched on the PeftModel, whose prompt encoder serves every adapter: one
+    # added after patch(), with another prefix length, runs the fused op too.
+    ours, theirs = _pair()
+    report = fastadapt.patch(ours, strict=True)
+    for model in (ours, theirs):
+        torch.manual_seed(1)
+        model.add_adapter("later", peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        model.set_adapter("later")
+    ids, mask = _batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids, attention_mask=mask).logits[keep],
+                       theirs(input_ids=ids, attention_mask=mask).logits[keep]) < 1e-5
+    assert report.calls == {"fused": 2}

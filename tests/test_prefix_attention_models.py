@@ -11,7 +11,7 @@ import torch
 from harness import rel_err
 
 import fastadapt
-from fastadapt import llama_adapter
+from fastadapt.inject import llama_adapter
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,3 +180,41 @@ def test_peft_adaption_prompt_patched_matches_peft(kv_heads):
     fastadapt.unpatch(ours)
     logits_unpatched, _ = _step(ours, ids)
     assert torch.equal(logits_unpatched, ref_logits)
+
+
+def test_peft_adaption_prompts_added_or_inactive_at_patch_time_are_fused():
+    # PEFT keeps each adapter's wrappers aside while another is active and swaps them in with
+    # set_adapter; the ones inactive at patch() and those of an adapter added after it (here with
+    # other prompt lengths and layer counts) run the fused op too, and unpatch() restores them all.
+    peft = pytest.importorskip("peft")
+    from peft.tuners.adaption_prompt.layer import AdaptedAttention
+
+    def config(adapter_len, adapter_layers):
+        return peft.AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM")
+
+    theirs = peft.get_peft_model(_model("llama"), config(5, 2))
+    theirs.add_adapter("inactive", config(3, 1))
+    theirs.set_adapter("inactive")
+    _randomize_gates(theirs)
+    theirs.set_adapter("default")
+    _randomize_gates(theirs)
+    ours = copy.deepcopy(theirs)
+    report = fastadapt.patch(ours, strict=True)  # a call that runs PEFT's forward raises
+    assert len(report.patched) == 3, str(report)
+    for model in (ours, theirs):
+        torch.manual_seed(1)
+        model.add_adapter("later", config(7, 2))
+        model.set_adapter("later")
+        _randomize_gates(model)
+    assert len(report.patched) == 5, str(report)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        for name in ("inactive", "later", "default"):
+            ours.set_adapter(name)
+            theirs.set_adapter(name)
+            assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= 1e-5, name
+    assert report.calls == {"fused": 1 + 2 + 2} and not _TWO_PASS_CALLS and len(report.patched) == 5
+    fastadapt.unpatch(ours)
+    wrappers = [m for m in ours.modules() if isinstance(m, AdaptedAttention)]
+    wrappers += [w for cached in ours.base_model._cached_adapters.values() for w in cached]
+    assert len(wrappers) == 5 and all("forward" not in vars(w) for w in wrappers)

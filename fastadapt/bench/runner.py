@@ -214,16 +214,16 @@ def run(args) -> int:
                      "the command works, nothing about speed.")
     results = {"meta": _meta(args, device, dtype, notes), "verify": [], "cases": []}
     meta = results["meta"]
-    console.print(f"[bold]fastadapt bench[/] on {meta['device_name']}, timing in {meta['dtype']}, "
-                  f"cases: {tier}{' (smoke)' if args.smoke else ''}; "
-                  + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    console.print("[bold]fastadapt bench[/] " + escape(
+        f"on {meta['device_name']}, timing in {meta['dtype']}, cases: {tier}{' (smoke)' if args.smoke else ''}; "
+        + "  ".join(f"{k} {v}" for k, v in meta["versions"].items())))
     for note in notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{escape(note)}[/]")
     plan = _verify_plan(device, ops, args.smoke)
     selected = bench_cases.select("smoke" if args.smoke else device, tier, ops)
     ok = True
 
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("verify", total=len(plan) + len(selected))
@@ -263,7 +263,7 @@ def run(args) -> int:
             if row["variants"]:
                 console.print(report.case_table(row))
             if row["status"] != "ok":
-                console.print(f"[red]{row['status']}[/] {case.op}: {case.name}: {row.get('error', '')}")
+                console.print(f"[red]{row['status']}[/] " + escape(f"{case.op}: {case.name}: {row.get('error', '')}"))
             torch._dynamo.reset()  # drop this case's compiled graphs (and their memory)
             _free(device)
             report.write(results, out)
@@ -272,10 +272,10 @@ def run(args) -> int:
     try:
         plots = report.plot(results, out)
     except ImportError:
-        console.print("matplotlib is not installed (pip install 'fastadapt[bench]'): no plots")
+        console.print("matplotlib is not installed (pip install 'fastadapt[bench]'): no plots", markup=False)
         plots = []
     files = ["RESULTS.md", "results.json", *plots]
-    console.print(f"wrote {', '.join(str(out / f) for f in files)}")
+    console.print(f"wrote {', '.join(str(out / f) for f in files)}", markup=False)
     failed = [r for r in results["verify"] if r["status"] not in ("ok", "n/a")]
     errors = [c for c in results["cases"] if c["status"] == "error"]
     console.print(("[green]all checks passed[/]" if not failed else f"[red]{len(failed)} check(s) failed[/]")

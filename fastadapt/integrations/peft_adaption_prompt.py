@@ -3,23 +3,43 @@
 PEFT's ``AdaptedAttention`` runs the model's attention, then recomputes the queries and runs a
 second, eager attention over the prompt (recomputing the prompt's K/V at every call, also at every
 decode step). Patching replaces the wrapper instance's ``forward`` only: the wrapped attention
-module runs once, with its attention core routed through :func:`fastadapt.llama_adapter._attention`
+module runs once, with its attention core routed through :mod:`fastadapt.inject.llama_adapter`
 (transformers' ``AttentionInterface``), which adds the gated prefix in the same fused pass. PEFT
 keeps its parameters (shared, not copied), adapter switching and ``save_pretrained``; what the fused
 path does not serve (GPT-2 wrappers, an o_proj bias, ``output_attention``) runs PEFT's forward.
+Each adapter has its own wrappers, which PEFT swaps in and out with ``set_adapter``: all are
+patched, the inactive ones included, and those of an adapter added later as they join the model.
 """
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
-from fastadapt import llama_adapter
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.inject import llama_adapter
+from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, track, unbind_forward
 from fastadapt.nn.prefix_attention import GatedPrefixAttention
 
 _MARK = "_fastadapt_adaption_prompt_patched"
+_VIEW = "_fastadapt_adaption_view"  # on each patched wrapper: the op's view of its PEFT parameters
+
+
+def _wrappers(model: nn.Module, prefix: str, layer) -> list[tuple[str, nn.Module]]:
+    """(name, wrapper) of every adaption-prompt wrapper of ``model``: those in place, and those PEFT
+    keeps aside for its inactive adapters (``AdaptionPromptModel._cached_adapters``, swapped in by
+    ``set_adapter``), named ``<place>[<adapter>]``."""
+    from peft.tuners.adaption_prompt import AdaptionPromptModel
+    found, names = [], {}
+    for name, module in model.named_modules(prefix=prefix):
+        names[id(module)] = name
+        if isinstance(module, layer._BaseAdaptedAttention):
+            found.append((name, module))
+    for module in model.modules():
+        if isinstance(module, AdaptionPromptModel):
+            for adapter, cached in module._cached_adapters.items():
+                target = module.peft_config[adapter].target_modules
+                found += [(f"{names[id(parent)]}.{target}[{adapter}]".lstrip("."), wrapper)
+                          for parent, wrapper in zip(module._parents[adapter], cached)]
+    return found
 
 
 def _static_reasons(module, layer) -> list[str]:
@@ -43,9 +63,11 @@ def _fused_forward(self, **kwargs):
         return type(self).forward(self, **kwargs)
     report.fused()
     inner = self.model
-    view = inner.__dict__["_fastadapt_adaption"]
-    # PEFT's parameters, looked up at call time (set_adapter may have swapped them).
+    # The wrapped attention serves the wrapper of whichever adapter is active (their prompt lengths
+    # may differ): its view, with PEFT's parameters looked up at call time (FSDP swaps them).
+    view = self.__dict__[_VIEW]
     view.adaption_prompt, view.adaption_gate = self.adaption_prompt, self.adaption_gate
+    object.__setattr__(inner, "_fastadapt_adaption", view)
     saved = inner.config
     inner.config = inner.__dict__["_fastadapt_config"]
     try:
@@ -56,15 +78,14 @@ def _fused_forward(self, **kwargs):
 
 class _PeftAdaptionPromptPatcher:
     name = "peft-adaption-prompt"
+    library = "peft"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             from peft.tuners.adaption_prompt import layer
         except ImportError:
             return  # without peft there are no adaption-prompt wrappers to patch
-        for name, module in model.named_modules():
-            if not isinstance(module, layer._BaseAdaptedAttention):
-                continue
+        for name, module in _wrappers(model, prefix, layer):
             if is_bound(module, _MARK):
                 report.skipped.append((name, "already patched"))
                 continue
@@ -72,7 +93,6 @@ class _PeftAdaptionPromptPatcher:
             if reasons:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
-            llama_adapter._register()
             inner = module.model
             cfg = inner.config
             heads = cfg.num_attention_heads
@@ -80,11 +100,11 @@ class _PeftAdaptionPromptPatcher:
             view = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, inner.head_dim, module.adapter_len,
                                         gate="scalar", gate_tanh=False, device="meta")
             view.adaption_prompt, view.adaption_gate = module.adaption_prompt, module.adaption_gate
-            private = copy.copy(cfg)
-            private._attn_implementation = llama_adapter.ATTN_IMPLEMENTATION
+            private = llama_adapter.private_config(inner, llama_adapter.ATTN_IMPLEMENTATION,
+                                                  llama_adapter.adapter_attention)
             # Plain attributes (object.__setattr__): not submodules, so PEFT's state dict, parameter
             # list and save_pretrained are unchanged.
-            object.__setattr__(inner, "_fastadapt_adaption", view)
+            object.__setattr__(module, _VIEW, view)
             object.__setattr__(inner, "_fastadapt_config", private)
             inner._fastadapt_base_attn = cfg._attn_implementation or "eager"
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
@@ -92,11 +112,18 @@ class _PeftAdaptionPromptPatcher:
                          fallbacks="attention weights requested (output_attentions)")
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
-        for name, module in model.named_modules():
+        try:
+            from peft.tuners.adaption_prompt import layer
+        except ImportError:
+            return
+        for name, module in _wrappers(model, "", layer):
             if is_bound(module, _MARK):
                 unbind_forward(module, _MARK)
+                del module.__dict__[_VIEW]
+                track(module, name, None)  # one PEFT keeps aside is out of unpatch's walk of the model
                 inner = module.model
-                for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn"):
+                for attr in ("_fastadapt_adaption", "_fastadapt_config", "_fastadapt_base_attn",
+                             "_fastadapt_attention"):
                     inner.__dict__.pop(attr, None)
                 report.patched.append((name, "restored PEFT's forward"))
 

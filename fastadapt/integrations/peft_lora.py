@@ -22,16 +22,21 @@ such call warns about, and ``patch(model, strict=True)`` refuses: LoRA variants 
 a DoRA adapter active together with others (PEFT applies each DoRA adapter to the output of the
 ones before it), ``adapter_names`` naming a LoRA variant or ``lora_bias`` adapter, and an input
 whose dtype differs from the base weight's outside autocast (PEFT's own forward raises there).
+Each such condition is one :class:`~fastadapt.integrations.Rule` (``_LORA_RULES`` and its
+neighbours), from which both the report's text and the forward's check come. The forward is
+chosen per layer kind at patch time (:func:`_lora_forward`, :func:`_qlora_forward`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, peft_qlora, report_of, unbind_forward
+from fastadapt.integrations import (PatchReport, Rule, bind, bind_forward, conditions, first_reason, is_bound,
+                                    peft_qlora, report_of, unbind_forward)
 from fastadapt.nn.multi_lora import mixed_batch
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.dora import dora_linear
@@ -39,10 +44,6 @@ from fastadapt.ops.lora import lora_linear
 
 _MARK = "_fastadapt_lora_patched"
 _MODEL_MARK = "_fastadapt_lora_mixed_training"
-
-# The call-time conditions every patched layer shares (the report adds each layer's own).
-_ALWAYS = ("extra forward arguments other than adapter_names; adapter_names naming a LoRA variant or "
-           "lora_bias adapter; an input dtype other than the base weight's outside autocast")
 
 
 def _conv1d_class():
@@ -57,11 +58,18 @@ def _static_reasons(module, lora_layer) -> list[str]:
     """Why a PEFT LoRA layer can never take the fused path (checked once, at patch time)."""
     if isinstance(module, lora_layer.Embedding):
         return ["LoRA on an embedding runs PEFT's forward (a gather plus a rank-r lookup: no GEMM to fuse into)"]
-    if peft_qlora.is_qlora(module):
-        return peft_qlora.static_reasons(module)
-    if type(module) is not lora_layer.Linear:
+    qlora = peft_qlora.is_qlora(module)
+    if not qlora and type(module) is not lora_layer.Linear:
         return [f"{type(module).__module__}.{type(module).__name__} is not a plain LoRA Linear"]
-    base = module.get_base_layer()
+    inner, base = module.base_layer, module.get_base_layer()
+    if inner is not base:
+        # PEFT's mixed models stack tuners on one layer (LoRA on LoHa, LoKr, AdaLoRA...): PEFT adds
+        # LoRA's update to what base_layer returns, the inner tuner's output, while the fused ops
+        # compute the frozen product from the innermost weight and would drop the inner adapters.
+        return [f"base_layer is {type(inner).__module__}.{type(inner).__name__}, another tuner's layer over the "
+                f"{type(base).__name__} (a mixed model): the fused ops would drop its output"]
+    if qlora:
+        return peft_qlora.static_reasons(module)
     if type(base) is not nn.Linear and type(base) is not _conv1d_class():
         return [f"base layer is {type(base).__name__}, not nn.Linear or Conv1D (quantized or custom)"]
     return []
@@ -78,59 +86,76 @@ def _dropout_p(module, name: str) -> float:
     return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
-def _layer_fallbacks(module) -> str:
-    """The call-time conditions under which this patched layer still runs PEFT's forward."""
-    if peft_qlora.is_qlora(module):
-        conditions = [peft_qlora.ALWAYS]
-        if module.lora_variant:
-            conditions.append(f"a LoRA variant adapter {sorted(module.lora_variant)} (DoRA included) is active")
-        return "; ".join(conditions)
-    conditions = [_ALWAYS]
+class _Call(NamedTuple):
+    """One call of a patched layer, as the rules read it."""
+
+    module: nn.Module
+    base: nn.Module  # the frozen layer
+    x: torch.Tensor
+    adapters: list[str]  # the active adapters of the layer; in a mixed batch, those adapter_names names
+    extra: bool  # forward arguments besides x (a mixed batch's adapter_names excepted)
+    kwargs: dict
+    compute_dtype: torch.dtype | None  # autocast's
+
+
+# --- The conditions under which a patched layer runs PEFT's forward. Each states itself in the patch
+# report (for the adapters the layer has at patch time) and checks the calls, so the two agree.
+
+
+def _other_variants(module, names) -> list[str]:
+    if not module.lora_variant:  # asked at every call: most layers have no variant
+        return []
     dora = _dora_adapters(module)
-    others = sorted(set(module.lora_variant) - set(dora))
-    if others:
-        conditions.append(f"a LoRA variant adapter {others} is active")
-    if dora and len(module.lora_A) > 1:
-        conditions.append(f"a DoRA adapter {dora} is active together with other adapters")
-    return "; ".join(conditions)
+    return [a for a in names if a in module.lora_variant and a not in dora]
 
 
-def _dtype_reason(x, weight, compute_dtype) -> str | None:
-    if compute_dtype is None and x.dtype != weight.dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} outside autocast"
+def _dora(call) -> list[str]:
+    return [a for a in call.adapters if a in _dora_adapters(call.module)] if call.module.lora_variant else []
+
+
+def _dora_with_bias(module) -> list[str]:
+    return [a for a in _dora_adapters(module) if module.lora_B[a].bias is not None]
+
+
+def _dtype_reason(call) -> str | None:
+    weight = call.base.weight
+    if call.compute_dtype is None and call.x.dtype != weight.dtype:
+        return f"input dtype {call.x.dtype} differs from the base weight's {weight.dtype} outside autocast"
     return None
 
 
-def _call_reason(module, x, active, args, kwargs, weight, compute_dtype) -> str | None:
-    """Why this call must run PEFT's own forward (None: the fused op serves it)."""
-    qlora = peft_qlora.is_qlora(module)
-    if args or kwargs:
-        return "mixed-batch adapter_names on a QLoRA layer" if qlora and "adapter_names" in kwargs \
-            else "extra forward arguments"
-    if qlora and any(a in module.lora_variant for a in active):
-        return f"LoRA variant adapter(s) {[a for a in active if a in module.lora_variant]} (DoRA, ...) on a QLoRA layer"
-    dora = [a for a in active if a in _dora_adapters(module)] if module.lora_variant else []
-    variants = [a for a in active if a in module.lora_variant and a not in dora]
-    if variants:
-        return f"LoRA variant adapter(s) {variants} (other than DoRA) active"
-    if dora and len(active) > 1:
-        return f"DoRA adapter(s) {dora} active together with other adapters (PEFT applies each to the sum before it)"
-    if dora and module.lora_B[dora[0]].bias is not None:
-        return "lora_bias on a DoRA adapter"
-    if qlora:
-        return peft_qlora.call_reason(module.get_base_layer(), x, compute_dtype)
-    return _dtype_reason(x, weight, compute_dtype)
+_EXTRA = Rule("extra forward arguments other than adapter_names",
+              lambda call: "extra forward arguments" if call.extra else None)
+_VARIANT = Rule(lambda m: f"a LoRA variant adapter {others} is active"
+                if (others := _other_variants(m, sorted(m.lora_variant))) else None,
+                lambda call: f"LoRA variant adapter(s) {variants} (other than DoRA) active"
+                if (variants := _other_variants(call.module, call.adapters)) else None)
+_DORA_WITH_OTHERS = Rule(
+    lambda m: f"a DoRA adapter {dora} is active together with other adapters"
+    if (dora := _dora_adapters(m)) and len(m.lora_A) > 1 else None,
+    lambda call: f"DoRA adapter(s) {dora} active together with other adapters (PEFT applies each to the sum before it)"
+    if (dora := _dora(call)) and len(call.adapters) > 1 else None)
+_DORA_BIAS = Rule(lambda m: f"lora_bias on a DoRA adapter {biased}" if (biased := _dora_with_bias(m)) else None,
+                  lambda call: "lora_bias on a DoRA adapter"
+                  if (dora := _dora(call)) and call.module.lora_B[dora[0]].bias is not None else None)
+_DTYPE = Rule("an input dtype other than the base weight's outside autocast", _dtype_reason)
+_NAMED_VARIANT = Rule("adapter_names naming a LoRA variant adapter",
+                      lambda call: f"adapter_names names LoRA variant adapter(s) {variants} (DoRA, ...)"
+                      if (variants := [a for a in call.adapters if a in call.module.lora_variant]) else None)
+_NAMED_BIAS = Rule("adapter_names naming a lora_bias adapter",
+                   lambda call: f"adapter_names names lora_bias adapter(s) {biased} (a bias per adapter's rows)"
+                   if (biased := [a for a in call.adapters if call.module.lora_B[a].bias is not None]) else None)
+_QLORA_EXTRA = Rule("mixed-batch adapter_names (or other extra forward arguments)",
+                    lambda call: None if not call.extra else "mixed-batch adapter_names on a QLoRA layer"
+                    if "adapter_names" in call.kwargs else "extra forward arguments")
+_QLORA_VARIANT = Rule(
+    lambda m: f"a LoRA variant adapter {sorted(m.lora_variant)} (DoRA included) is active" if m.lora_variant else None,
+    lambda call: f"LoRA variant adapter(s) {variants} (DoRA, ...) on a QLoRA layer"
+    if (variants := [a for a in call.adapters if a in call.module.lora_variant]) else None)
 
-
-def _mixed_batch_reason(module, x, present, weight, compute_dtype) -> str | None:
-    """Why this mixed-batch call must run PEFT's own forward (None: the fused op serves it)."""
-    variants = [a for a in present if a in module.lora_variant]
-    if variants:
-        return f"adapter_names names LoRA variant adapter(s) {variants} (DoRA, ...)"
-    biased = [a for a in present if module.lora_B[a].bias is not None]
-    if biased:
-        return f"adapter_names names lora_bias adapter(s) {biased} (a bias per adapter's rows)"
-    return _dtype_reason(x, weight, compute_dtype)
+_LORA_RULES = (_EXTRA, _VARIANT, _DORA_WITH_OTHERS, _DORA_BIAS, _DTYPE)
+_MIXED_BATCH_RULES = (_NAMED_VARIANT, _NAMED_BIAS, _DTYPE)
+_QLORA_RULES = (_QLORA_EXTRA, _QLORA_VARIANT, *peft_qlora.RULES)
 
 
 def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
@@ -140,16 +165,12 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
     named = set(adapter_names)
     # Adapters this layer does not have run the base layer alone, as in PEFT.
     present = [a for a in self.lora_A if a in named]
-    name, report = report_of(self)
-    base = self.get_base_layer()
-    weight = base.weight
-    compute_dtype = autocast_dtype(x)
-    reason = _mixed_batch_reason(self, x, present, weight, compute_dtype)
-    if not present or reason is not None:
-        if reason is not None:
-            report.fall_back(name, reason)
+    if not present:
         return type(self).forward(self, x, adapter_names=adapter_names)
-    report.fused()
+    base = self.get_base_layer()
+    if not _served(self, _MIXED_BATCH_RULES, _Call(self, base, x, present, False, {}, autocast_dtype(x))):
+        return type(self).forward(self, x, adapter_names=adapter_names)
+    weight = base.weight
     if type(base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view, no copy
         weight = weight.t()
     adapters = {a: (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], _dropout_p(self, a))
@@ -157,35 +178,32 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
     return mixed_batch(x, weight, base.bias, adapters, adapter_names, self.training)
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    qlora = peft_qlora.is_qlora(self)
-    if not self.disable_adapters and not args and kwargs.keys() == {"adapter_names"} \
-            and kwargs["adapter_names"] is not None and not qlora:
-        return _mixed_batch_forward(self, x, kwargs["adapter_names"])
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if self.disable_adapters or self.merged or not active:
-        return type(self).forward(self, x, *args, **kwargs)  # the base layer alone: nothing to fuse
+def _served(self, rules, call: _Call) -> bool:
+    """Whether the fused op serves ``call``; if not, it is reported as a fallback (or refused: strict)."""
     name, report = report_of(self)
-    base = self.get_base_layer()
-    weight = base.weight
-    compute_dtype = autocast_dtype(x)
-    reason = _call_reason(self, x, active, args, kwargs, weight, compute_dtype)
+    reason = first_reason(rules, call)
     if reason is not None:
         report.fall_back(name, reason)
-        return type(self).forward(self, x, *args, **kwargs)
+        return False
     report.fused()
-    if type(base) is not nn.Linear and not qlora:  # Conv1D keeps (in, out): the op takes the transposed view
-        weight = weight.t()
-    if active[0] in self.lora_variant:  # DoRA, the only active adapter (_call_reason)
-        adapter = active[0]
-        return dora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                           self.lora_magnitude_vector[adapter].weight, self.scaling[adapter], base.bias,
-                           dropout_p=_dropout_p(self, adapter), training=self.training)
-    dtype = compute_dtype or x.dtype
+    return True
+
+
+def _single_call(self, x, args, kwargs, rules):
+    """(the call, or None where PEFT's forward runs it) for a call of the layer's active adapters."""
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if self.disable_adapters or self.merged or not active:
+        return None  # the base layer alone: nothing to fuse
+    call = _Call(self, self.get_base_layer(), x, active, bool(args or kwargs), kwargs, autocast_dtype(x))
+    return call if _served(self, rules, call) else None
+
+
+def _summed_adapters(self, active, dtype):
+    """(lora_A, lora_B, scaling, dropout_p, ranks, bias): the active adapters as one fused call's
+    arguments, the base bias plus their lora_bias."""
     lora_B = [self.lora_B[a] for a in active]
     if len(active) == 1:
-        lora_A, scaling = self.lora_A[active[0]].weight, self.scaling[active[0]]
-        up = lora_B[0].weight
+        lora_A, up, scaling = self.lora_A[active[0]].weight, lora_B[0].weight, self.scaling[active[0]]
         dropout_p, ranks = _dropout_p(self, active[0]), None
     else:
         # PEFT sums the adapters' updates: one rank-(r1 + r2 + ...) update, each adapter's scaling
@@ -196,14 +214,42 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         scaling = 1.0
         dropout_p = [_dropout_p(self, a) for a in active]
         ranks = [self.lora_A[a].weight.shape[0] for a in active]
-    bias = base.bias
+    bias = self.get_base_layer().bias
     lora_bias = [(b.bias, self.scaling[a]) for a, b in zip(active, lora_B) if b.bias is not None]
     if lora_bias:  # lora_bias: lora_B's bias, scaled like the rest of lora_B's output
         extra = sum(b * s for b, s in lora_bias)
         bias = (extra if bias is None else bias + extra).to(dtype)
-    if qlora:
-        return peft_qlora.fused(base, x, lora_A, up, scaling, bias, dropout_p, self.training, ranks)
+    return lora_A, up, scaling, dropout_p, ranks, bias
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA layer on an nn.Linear or Conv1D: fastadapt::lora_linear, dora_linear (a DoRA adapter
+    alone) or, with adapter_names, multi_lora_linear."""
+    if not self.disable_adapters and not args and kwargs.keys() == {"adapter_names"} \
+            and kwargs["adapter_names"] is not None:
+        return _mixed_batch_forward(self, x, kwargs["adapter_names"])
+    call = _single_call(self, x, args, kwargs, _LORA_RULES)
+    if call is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    weight, active = call.base.weight, call.adapters
+    if type(call.base) is not nn.Linear:  # Conv1D keeps (in, out): the op takes the transposed view
+        weight = weight.t()
+    if active[0] in self.lora_variant:  # DoRA, the only active adapter (_LORA_RULES)
+        adapter = active[0]
+        return dora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                           self.lora_magnitude_vector[adapter].weight, self.scaling[adapter], call.base.bias,
+                           dropout_p=_dropout_p(self, adapter), training=self.training)
+    lora_A, up, scaling, dropout_p, ranks, bias = _summed_adapters(self, active, call.compute_dtype or x.dtype)
     return lora_linear(x, weight, lora_A, up, scaling, bias, dropout_p=dropout_p, training=self.training, ranks=ranks)
+
+
+def _qlora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA layer on a bitsandbytes NF4 Linear4bit: fastadapt::qlora_linear."""
+    call = _single_call(self, x, args, kwargs, _QLORA_RULES)
+    if call is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_A, up, scaling, dropout_p, ranks, bias = _summed_adapters(self, call.adapters, call.compute_dtype or x.dtype)
+    return peft_qlora.fused(call.base, x, lora_A, up, scaling, bias, dropout_p, self.training, ranks)
 
 
 def _modules_to_save_class():
@@ -249,14 +295,15 @@ def _lora_model_class():
 
 class _PeftLoraPatcher:
     name = "peft-lora"
+    library = "peft"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             from peft.tuners.lora import layer as lora_layer
         except ImportError:
             return  # without peft there are no PEFT LoRA layers to patch
         to_save = _modules_to_save_class()
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if to_save is not None and isinstance(module, to_save):
                 report.skipped.append((name, "modules_to_save: a trainable copy of the whole module, run as it is "
                                              "(no adapter to fuse)"))
@@ -272,19 +319,22 @@ class _PeftLoraPatcher:
                 report.skipped.append((name, "; ".join(reasons)))
                 continue
             base = type(module.get_base_layer()).__name__
-            dora = _dora_adapters(module)
-            ops = [] if len(dora) == len(module.lora_A) else ["fastadapt::lora_linear (adapter_names: multi_lora_linear)"]
-            if dora:
-                ops.append(f"fastadapt::dora_linear (DoRA adapter(s) {dora})")
             if peft_qlora.is_qlora(module):
-                ops = ["fastadapt::qlora_linear (NF4 read in place)"]
-            bind_forward(module, _fused_forward, _MARK, name=name, report=report,
-                         what=f"peft LoRA {base} -> {', '.join(ops)}", fallbacks=_layer_fallbacks(module))
+                forward, rules, ops = _qlora_forward, _QLORA_RULES, ["fastadapt::qlora_linear (NF4 read in place)"]
+            else:
+                dora = _dora_adapters(module)
+                forward, rules = _lora_forward, _LORA_RULES + _MIXED_BATCH_RULES
+                ops = [] if len(dora) == len(module.lora_A) else \
+                    ["fastadapt::lora_linear (adapter_names: multi_lora_linear)"]
+                if dora:
+                    ops.append(f"fastadapt::dora_linear (DoRA adapter(s) {dora})")
+            bind_forward(module, forward, _MARK, name=name, report=report,
+                         what=f"peft LoRA {base} -> {', '.join(ops)}", fallbacks=conditions(rules, module))
         lora_model = _lora_model_class()
         for module in model.modules():
             # The LoraModel's own __dict__: a PeftModel forwards attribute reads to it.
             if lora_model is not None and isinstance(module, lora_model) and _MODEL_MARK not in module.__dict__:
-                module._enable_peft_forward_hooks = _forward_hooks_in_training.__get__(module)
+                bind(module, "_enable_peft_forward_hooks", _forward_hooks_in_training)
                 setattr(module, _MODEL_MARK, True)
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:

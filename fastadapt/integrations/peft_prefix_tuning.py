@@ -5,7 +5,7 @@ PEFT hands every decoder layer a KV cache that starts with the adapter's ``num_v
 prefix keys and values, and extends the attention mask with ones for them; the model's attention
 then runs one softmax over ``[prefix; tokens]`` with a bottom-right causal mask. Patching routes
 the attention core of the base model's attention modules through transformers'
-``AttentionInterface`` (as :mod:`fastadapt.llama_adapter` does) to
+``AttentionInterface`` (as :mod:`fastadapt.inject.llama_adapter` does) to
 ``fastadapt.prefix_attention(mode="joint")``, with the prefix split off the front of the cached
 keys: the prefix never goes through the token path's causal masking, and in decoding the cache's
 tokens and the prefix are read in one pass.
@@ -29,12 +29,10 @@ under the name the model reads (:func:`_prepare_inputs_for_generation`).
 
 from __future__ import annotations
 
-import types
-
 from torch import nn
 
-from fastadapt import llama_adapter
-from fastadapt.integrations import PatchReport, attach, is_bound, mark_patched, report_of, unmark
+from fastadapt.inject import llama_adapter
+from fastadapt.integrations import PatchReport, attach, bind, is_bound, mark_patched, report_of, unmark
 from fastadapt.ops.prefix_attention import prefix_attention
 
 _MARK = "_fastadapt_prefix_tuning_patched"
@@ -66,7 +64,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     elif (window is not None and k_len > window) or kwargs.get("cu_seq_lens_q") is not None:
         reason = "sliding window or packed sequences"
     else:
-        served, kpm = llama_adapter._key_padding(attention_mask, q_len, k_len, causal)
+        served, kpm = llama_adapter.key_padding(attention_mask, q_len, k_len, causal)
         if not served:
             reason = "a mask other than causal + key padding"
         elif kpm is not None and not bool(kpm[:, :prefix_len].all()):
@@ -115,14 +113,15 @@ def _prepare_inputs_for_generation(self, *args, **kwargs):
 
 class _PeftPrefixTuningPatcher:
     name = "peft-prefix-tuning"
+    library = "peft"
 
-    def patch(self, model: nn.Module, report: PatchReport) -> None:
+    def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         try:
             import peft
             from peft.utils import PeftType
         except ImportError:
             return  # without peft there is no prefix tuning to patch
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(prefix=prefix):
             if not isinstance(module, peft.PeftModel):
                 continue
             if not any(c.peft_type == PeftType.PREFIX_TUNING for c in module.peft_config.values()):
@@ -136,19 +135,17 @@ class _PeftPrefixTuningPatcher:
                 report.skipped.append((name or "<model>", f"prefix tuning on model type {model_type!r} is not "
                                                           f"supported (only {llama_adapter.SUPPORTED_MODEL_TYPES})"))
                 continue
-            from transformers import AttentionInterface
-            AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-            attns = llama_adapter._attention_modules(base)
+            attns = llama_adapter.attention_modules(base)
             hooks = []
             for attn in attns:
-                llama_adapter.route_attention(attn, ATTN_IMPLEMENTATION)
+                llama_adapter.route_attention(attn, ATTN_IMPLEMENTATION, _attention)
                 attach(attn, f"{name}.{attn.__class__.__name__}[{attn.layer_idx}]".lstrip("."), report)
                 attn.__dict__[_LEN] = None
                 hooks.append(attn.register_forward_pre_hook(_read_prefix_len, with_kwargs=True))
             module.__dict__[_ATTNS] = attns
             module.__dict__[_HOOKS] = hooks
-            module.get_prompt = types.MethodType(_get_prompt, module)
-            module.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, module)
+            bind(module, "get_prompt", _get_prompt)
+            bind(module, "prepare_inputs_for_generation", _prepare_inputs_for_generation)
             mark_patched(module, _MARK, name=name or "<model>", report=report,
                          what=f"peft prefix tuning ({len(attns)} attention layers) -> fastadapt::prefix_attention "
                               "(joint)", fallbacks=_FALLBACKS)

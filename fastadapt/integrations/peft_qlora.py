@@ -16,13 +16,8 @@ import functools
 import torch
 from torch import nn
 
+from fastadapt.integrations import Rule
 from fastadapt.ops.qlora import nf4_from_bnb, qlora_linear
-
-
-# The call-time conditions every patched QLoRA layer has (peft_lora adds the adapters' own).
-ALWAYS = ("mixed-batch adapter_names (or other extra forward arguments); an input dtype other than "
-          "bitsandbytes' compute_dtype; autocast to another dtype; a weight bitsandbytes repacked for its CPU "
-          "inference kernel (eval mode without grad on an AVX512-BF16 CPU)")
 
 
 @functools.cache  # asked on every patched call
@@ -62,16 +57,29 @@ def _compute_dtype(base, x) -> torch.dtype:
     return base.compute_dtype or x.dtype
 
 
-def call_reason(base, x, autocast: torch.dtype | None) -> str | None:
-    """Why this call must run PEFT's (and bnb's) own forward (None: the fused op serves it)."""
-    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
-        return "bitsandbytes repacked the weight for its CPU inference kernel"
-    compute = _compute_dtype(base, x)
-    if compute != x.dtype:
-        return f"bitsandbytes' compute_dtype {compute} differs from the input dtype {x.dtype}"
-    if autocast is not None and autocast != compute:
-        return f"autocast to {autocast} (bitsandbytes' 4-bit matmul computes in its compute_dtype {compute})"
+def _autocast_reason(call) -> str | None:
+    compute = _compute_dtype(call.base, call.x)
+    if call.compute_dtype is not None and call.compute_dtype != compute:
+        return f"autocast to {call.compute_dtype} (bitsandbytes' 4-bit matmul computes in its compute_dtype {compute})"
     return None
+
+
+def _dtype_reason(call) -> str | None:
+    compute = _compute_dtype(call.base, call.x)
+    if compute != call.x.dtype:
+        return f"bitsandbytes' compute_dtype {compute} differs from the input dtype {call.x.dtype}"
+    return None
+
+
+# The call-time conditions of bitsandbytes' base layer (peft_lora adds the adapters' own): ``call``
+# has the base layer, the input and the autocast dtype (None outside autocast).
+RULES = (
+    Rule("a weight bitsandbytes repacked for its CPU inference kernel (eval mode without grad on an AVX512-BF16 CPU)",
+         lambda call: "bitsandbytes repacked the weight for its CPU inference kernel"
+         if getattr(call.base.weight.quant_state, "packing_format_for_cpu", False) else None),
+    Rule("an input dtype other than bitsandbytes' compute_dtype", _dtype_reason),
+    Rule("autocast to another dtype", _autocast_reason),
+)
 
 
 def fused(base, x, lora_A, lora_B, scaling, bias, dropout_p, training, ranks=None):

@@ -163,7 +163,8 @@ class Declared:
     def _op_forward(self, *args):
         args = self._full(args)
         impl = self.select(args)
-        return (*self._run_forward(impl, args), torch.tensor(dispatch.BACKENDS.index(impl.backend), dtype=torch.int8))
+        outputs = (_not_a_view(o) for o in self._run_forward(impl, args))
+        return (*outputs, torch.tensor(dispatch.BACKENDS.index(impl.backend), dtype=torch.int8))
 
     def _fake(self, *args):
         return (*self.spec.fake(**dict(zip(self.names, self._full(args)))), torch.empty((), dtype=torch.int8))
@@ -187,8 +188,6 @@ class Declared:
 
     def _setup_context(self, ctx, inputs, output, backend=None):
         ctx.unsaved, tensors, saved, ctx.scalars = self._saved(inputs, output)
-        ctx.passthrough_shapes = {name: inputs[self.names.index(name)].shape for name in self.spec.passthrough
-                                  if name in ctx.unsaved and inputs[self.names.index(name)] is not None}
         if backend is None:  # the custom op: its last output is the index of the backend it ran on
             saved.append(output[-1])
         ctx.backend = backend
@@ -207,8 +206,8 @@ class Declared:
             out[i] = g if need else None
         for name, output in self.spec.passthrough.items():
             i = self.names.index(name)
-            if name in ctx.unsaved and ctx.needs_input_grad[i]:  # the output's shape is the argument's
-                out[i] = grads[self.spec.outputs.index(output)].view(ctx.passthrough_shapes[name])
+            if name in ctx.unsaved and ctx.needs_input_grad[i]:
+                out[i] = grads[self.spec.outputs.index(output)]
         return tuple(out)
 
     def _autograd_backward(self, ctx, *grads):
@@ -271,14 +270,10 @@ class Declared:
         # Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
         # arguments through inspect.signature on every call (8 us on the CPU).
         def forward(ctx, *args):
-            impl, shapes = args[-2:]
-            outputs = declared._run_forward(impl, args[:-2])
-            declared._setup_context(ctx, args[:-2], outputs, impl)
-            # A view made in here (the glue's y.view(*lead, N)) could not be modified in place by the
-            # caller ("a view created inside a custom Function"): its base goes out, and is viewed
-            # outside (_eager), where an in-place change is an ordinary one on a view.
-            shapes.extend(o.shape for o in outputs)
-            return tuple(o._base if o._base is not None and o._base.numel() == o.numel() else o for o in outputs)
+            impl = args[-1]
+            outputs = declared._run_forward(impl, args[:-1])
+            declared._setup_context(ctx, args[:-1], outputs, impl)
+            return tuple(_not_a_view(o) for o in outputs)
 
         def backward(ctx, *grads):
             saved = ctx.saved_tensors
@@ -291,7 +286,7 @@ class Declared:
                 anchor = next((t for t in saved if t is not None and t.requires_grad), None)
                 if anchor is not None:
                     out = _NoDoubleBackward.apply(declared, anchor, *out)
-            return *out, None, None
+            return *out, None
 
         name = "".join(part.title() for part in self.spec.name.split("_"))
         return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
@@ -317,9 +312,16 @@ class Declared:
             return impl.composite(*args)
         if not torch.is_grad_enabled():  # inference: no graph to record, no context to save
             return self._run_forward(impl, args)
-        shapes: list = []
-        outputs = self.function.apply(*args, impl, shapes)
-        return tuple(o if o.shape == shape else o.view(shape) for o, shape in zip(outputs, shapes))
+        return self.function.apply(*args, impl)
+
+
+def _not_a_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own over the same memory: an output of the custom op or the eager
+    Function that is a view made inside (the glue's y.view(*lead, N)) could not be modified in
+    place by the caller (an activation's inplace=True, AdaLoRA's +=)."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
 def _nothing_to_save(ctx, inputs, output) -> None:

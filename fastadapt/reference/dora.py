@@ -58,19 +58,26 @@ def _norm_dtype(dtype):
 
 
 def forward(x2d, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed):
-    """Backend forward: (y, u, P, n) for 2-D ``x2d``; n in float32 (float64 for float64 inputs)."""
+    """Backend forward: (y, u, P, n) for 2-D ``x2d``; n in float32 (float64 for float64 inputs).
+
+    Composed as PEFT composes it, the base layer's output plus ``(g - 1) D(x) W^T + g u B^T``, with
+    the norm computed as PEFT initialises the magnitude (:func:`weight_norm`): at PEFT's
+    initialisation (``B = 0``, ``m = ||W||``) g is exactly 1 and the added term exactly 0, so ``y``
+    is the base layer's output bit for bit, which PEFT guarantees (its tests assert ``atol=0``).
+    """
     keep = dropout_keep(seed, x2d.shape, dropout_p, x2d.device)
     xd = _dropped(x2d, keep, dropout_p)
     n = weight_norm(weight, lora_A, lora_B, scaling, _norm_dtype(x2d.dtype))
     g = magnitude.to(n.dtype) / n
     u = (xd @ lora_A.t()) * scaling
-    P = xd @ weight.t() + u @ lora_B.t()
-    y = g * P.to(n.dtype)
+    out = torch.nn.functional.linear(x2d, weight, bias)  # the base layer's output, as its own call rounds it
     if keep is not None:
-        y = y + (x2d - xd) @ weight.t()
-    if bias is not None:
-        y = y + bias
-    return y.to(x2d.dtype), u, P, n
+        base = xd @ weight.t()
+    else:  # taken from the output, as PEFT does
+        base = out if bias is None else out - bias
+    lora = u @ lora_B.t()
+    y = out.to(n.dtype) + ((g - 1) * base.to(n.dtype) + g * lora.to(n.dtype))
+    return y.to(x2d.dtype), u, base + lora, n
 
 
 def backward(gy, x2d, weight, lora_A, lora_B, magnitude, u, P, n, scaling, dropout_p, seed, needs):

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-import types
 from typing import Optional
 
 import torch
 from torch import nn
 
 from fastadapt import _distributed
+from fastadapt.integrations import bind
 from fastadapt.nn.bottleneck import BnConfig, BottleneckAdapter, resolve_config
 
 _ORIGINAL_FORWARD = "_fastadapt_original_forward"
@@ -110,14 +110,14 @@ def _attach(host: nn.Module, location: str) -> BottleneckLayer:
                 host.add_module(a, BottleneckLayer(loc))
         if not hasattr(host, _ORIGINAL_FORWARD):
             setattr(host, _ORIGINAL_FORWARD, True)
-            host.forward = types.MethodType(_llama_layer_forward, host)
+            bind(host, "forward", _llama_layer_forward)
         return getattr(host, attr)
     if not hasattr(host, attr):
         host.add_module(attr, BottleneckLayer(location))
         # One BERT output module hosts one place; the forward reaches it under a fixed name.
         object.__setattr__(host, "_fastadapt_layer", getattr(host, attr))
         setattr(host, _ORIGINAL_FORWARD, True)
-        host.forward = types.MethodType(_bert_output_forward, host)
+        bind(host, "forward", _bert_output_forward)
     return getattr(host, attr)
 
 

@@ -33,16 +33,11 @@ CONFIG_NAME = "adaption_prompt_config.json"
 WEIGHTS_NAME = "adaption_prompt.safetensors"
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of the decoder layers, in layer order."""
     mods = [m for m in model.modules()
             if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "config"))]
     return sorted(mods, key=lambda m: m.layer_idx)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 
 
 def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int, gate: str = "scalar",
@@ -70,12 +65,11 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"add_adaption_prompt supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     _distributed.check_not_wrapped(model, "add_adaption_prompt")
-    attns = _attention_modules(model)
+    attns = attention_modules(model)
     if not isinstance(adapter_layers, int) or not 1 <= adapter_layers <= len(attns):
         raise ValueError(f"adapter_layers must be in [1, {len(attns)}] for this model, got {adapter_layers!r}")
     if any(hasattr(a, "adaption") for a in attns):
         raise ValueError("this model already has adaption prompts (call remove_adaption_prompt first)")
-    _register()
     for attn in attns[len(attns) - adapter_layers:]:
         cfg = attn.config
         w = attn.q_proj.weight
@@ -84,7 +78,7 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
         attn.adaption = GatedPrefixAttention(cfg.hidden_size, heads, kv_heads, attn.head_dim, adapter_len, gate=gate,
                                              gate_tanh=gate_tanh, device=w.device, dtype=w.dtype)
         attn._fastadapt_fused = True
-        route_attention(attn, ATTN_IMPLEMENTATION)
+        route_attention(attn, ATTN_IMPLEMENTATION, adapter_attention)
     if freeze_base:
         for name, p in model.named_parameters():
             p.requires_grad_(".adaption." in f".{name}")
@@ -93,32 +87,55 @@ def add_adaption_prompt(model: nn.Module, adapter_len: int, adapter_layers: int,
 
 def remove_adaption_prompt(model: nn.Module) -> nn.Module:
     """Undo :func:`add_adaption_prompt` (the adapter parameters are dropped)."""
-    for attn in _attention_modules(model):
+    for attn in attention_modules(model):
         if hasattr(attn, "adaption"):
             del attn.adaption, attn._fastadapt_fused
             unroute_attention(attn)
     return model
 
 
-def route_attention(attn: nn.Module, implementation: str) -> None:
-    """Route ``attn``'s attention core to ``implementation`` (a name in transformers'
-    ``AttentionInterface``) through a private copy of its config: only this module's attention is
+class _Registered:
+    """``function`` under ``name`` in transformers' ``AttentionInterface``, registered when made and
+    again when unpickled: the interface is per process, and a pickled model whose attention config
+    names ``name`` must find it wherever it is loaded (``torch.load`` in a fresh process)."""
+
+    def __init__(self, name: str, function):
+        from transformers import AttentionInterface
+        AttentionInterface.register(name, function)
+        self.name, self.function = name, function
+
+    def __reduce__(self):
+        return _Registered, (self.name, self.function)
+
+
+def private_config(attn: nn.Module, name: str, function):
+    """A copy of ``attn``'s config whose attention implementation is ``function``, registered in
+    transformers' ``AttentionInterface`` under ``name`` (kept on ``attn``, so that it is registered
+    again wherever ``attn`` is unpickled)."""
+    attn._fastadapt_attention = _Registered(name, function)
+    config = copy.copy(attn.config)
+    config._attn_implementation = name
+    return config
+
+
+def route_attention(attn: nn.Module, name: str, function) -> None:
+    """Route ``attn``'s attention core to ``function`` (transformers' attention-interface signature)
+    through a private copy of its config (:func:`private_config`): only this module's attention is
     ours, and the masks are still built from the model's config, in its own implementation's
     format. :func:`base_attention` is the model's own; :func:`unroute_attention` undoes it."""
     attn._fastadapt_base_attn = attn.config._attn_implementation or "eager"
     attn._fastadapt_config = attn.config
-    attn.config = copy.copy(attn.config)
-    attn.config._attn_implementation = implementation
+    attn.config = private_config(attn, name, function)
 
 
 def unroute_attention(attn: nn.Module) -> None:
     attn.config = attn._fastadapt_config
-    del attn._fastadapt_config, attn._fastadapt_base_attn
+    del attn._fastadapt_config, attn._fastadapt_base_attn, attn._fastadapt_attention
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:
     """Route the adapted layers through the fused op (default) or PEFT's two-pass computation."""
-    for attn in _attention_modules(model):
+    for attn in attention_modules(model):
         if hasattr(attn, "adaption"):
             attn._fastadapt_fused = fused
 
@@ -133,7 +150,7 @@ def save_adaption_prompt(model: nn.Module, directory: str) -> None:
 
     Under FSDP2 or DeepSpeed ZeRO-3 every rank must call it: the shards are gathered, rank 0 writes."""
     from safetensors.torch import save_file
-    adapted = [a for a in _attention_modules(model) if hasattr(a, "adaption")]
+    adapted = [a for a in attention_modules(model) if hasattr(a, "adaption")]
     if not adapted:
         raise ValueError("the model has no adaption prompts")
     first = adapted[0].adaption
@@ -167,7 +184,7 @@ def load_adaption_prompt(model: nn.Module, directory: str, freeze_base: bool = T
 # The attention function
 
 
-def _key_padding(mask, q_len: int, k_len: int, causal: bool):
+def key_padding(mask, q_len: int, k_len: int, causal: bool):
     """(served, key_padding_mask or None): whether ``mask`` is exactly "bottom-right causal (if
     ``causal``) and key padding", and that padding as (B, Sk) bool (True = attend)."""
     if mask is None:
@@ -228,7 +245,7 @@ def _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwa
     return out + (g * (scores @ vp)).transpose(1, 2), weights
 
 
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def adapter_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention-interface function: (B, H, Sq, D) q, (B, Hkv, Sk, D) k/v ->
     ((B, Sq, H, D), None)."""
     q_len, k_len = query.shape[2], key.shape[2]
@@ -238,7 +255,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     window = kwargs.get("sliding_window")
     if (getattr(module, "_fastadapt_fused", True) and dropout == 0.0 and (window is None or k_len <= window)
             and kwargs.get("cu_seq_lens_q") is None):
-        served, kpm = _key_padding(attention_mask, q_len, k_len, causal)
+        served, kpm = key_padding(attention_mask, q_len, k_len, causal)
     if not served:
         return _two_pass(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     out = _adapter(module)(query, key, value, module.k_proj, module.v_proj, key_padding_mask=kpm, scale=scaling)

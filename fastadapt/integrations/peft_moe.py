@@ -23,18 +23,17 @@ require grad, and an input dtype other than the weights' outside autocast.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastadapt.integrations import PatchReport, bind_forward, is_bound, report_of, unbind_forward
+from fastadapt.integrations import (PatchReport, Rule, bind_forward, conditions, first_reason, is_bound, report_of,
+                                    unbind_forward)
 from fastadapt.integrations import transformers_experts as experts_op
 from fastadapt.ops._autocast import autocast_dtype
 
 _MARK = "_fastadapt_moe_patched"
-
-_ALWAYS = ("mixed-batch adapter_names (PEFT's ParamWrapper refuses them) or other extra forward arguments; "
-           "adapters with different dropout probabilities or lora_bias; expert parallelism; expert weights that "
-           "require grad; an input dtype other than the expert weights' outside autocast")
 
 
 def _param_wrapper():
@@ -95,17 +94,43 @@ def _projection_lora(wrapper, adapters: list[str], dtype: torch.dtype):
             torch.cat([(B * wrapper.scaling[a]).to(dtype) for a, (_, B) in zip(adapters, factors)], dim=2), 1.0)
 
 
-def _call_reason(wrappers, args, kwargs, ps) -> str | None:
-    if kwargs.get("adapter_names") is not None:
-        return "mixed-batch adapter_names on MoE experts (PEFT's ParamWrapper does not support them)"
-    if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments"
-    if len(set(ps)) > 1:
-        return f"adapters with different dropout probabilities {sorted(set(ps))} (the op takes one)"
-    for w in wrappers:
-        if any(w.lora_B[a].bias is not None for a in _adapters(w)):
-            return "lora_bias"
-    return None
+@dataclass
+class _Call:
+    """One call of a patched chain, as the conditions below judge it (the experts' own conditions,
+    :data:`fastadapt.integrations.transformers_experts.RULES`, read ``experts``, ``x``, ``weights``)."""
+
+    wrappers: list
+    active: dict  # parameter name -> the adapters it adds in this call
+    experts: nn.Module
+    x: torch.Tensor
+    weights: list
+    args: tuple
+    kwargs: dict
+    ps: list  # each active adapter's dropout probability
+
+
+def _lora_bias(wrappers, active=None) -> list[str]:
+    return sorted({a for w in wrappers for a in (active[w.parameter_name] if active else w.lora_B)
+                   if w.lora_B[a].bias is not None})
+
+
+_MIXED = Rule("mixed-batch adapter_names (PEFT's ParamWrapper refuses them itself)",
+              lambda call: "mixed-batch adapter_names on MoE experts (PEFT's ParamWrapper does not support them)"
+              if call.kwargs.get("adapter_names") is not None else None)
+_EXTRA = Rule("extra forward arguments", lambda call: "extra forward arguments"
+              if call.args or any(v is not None for k, v in call.kwargs.items() if k != "adapter_names") else None)
+_DROPOUTS = Rule(lambda m: "active adapters with different dropout probabilities"
+                 if len(_all_adapters(m)) > 1 else None,
+                 lambda call: f"adapters with different dropout probabilities {sorted(set(call.ps))} (the op takes one)"
+                 if len(set(call.ps)) > 1 else None)
+_BIAS = Rule(lambda m: f"lora_bias on adapter(s) {biased}" if (biased := _lora_bias(chain(m)[0])) else None,
+             lambda call: f"lora_bias on adapter(s) {biased}"
+             if (biased := _lora_bias(call.wrappers, call.active)) else None)
+RULES = (_MIXED, _EXTRA, _DROPOUTS, _BIAS, *experts_op.RULES)
+
+
+def _all_adapters(wrapper) -> set[str]:
+    return {a for w in chain(wrapper)[0] for a in w.lora_A}
 
 
 def _fused_forward(self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, *args, **kwargs):
@@ -117,8 +142,8 @@ def _fused_forward(self, hidden_states: torch.Tensor, top_k_index=None, top_k_we
     layout = experts_op.describe(experts)
     ps = [_dropout_p(w, a) for w in wrappers for a in active[w.parameter_name]]
     frozen = experts_op.weights(experts, layout)
-    reason = _call_reason(wrappers, args, kwargs, ps) or experts_op.call_reason(
-        experts, hidden_states, [w for w in frozen if w is not None])
+    call = _Call(wrappers, active, experts, hidden_states, [w for w in frozen if w is not None], args, kwargs, ps)
+    reason = first_reason(RULES, call)
     if reason is not None:
         report.fall_back(name, reason)
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
@@ -132,6 +157,7 @@ def _fused_forward(self, hidden_states: torch.Tensor, top_k_index=None, top_k_we
 
 class _PeftMoePatcher:
     name = "peft-moe"
+    library = "peft"
 
     def patch(self, model: nn.Module, report: PatchReport, prefix: str = "") -> None:
         wrapper_class = _param_wrapper()
@@ -153,7 +179,7 @@ class _PeftMoePatcher:
             targets = " + ".join(w.parameter_name for w in reversed(wrappers))
             bind_forward(module, _fused_forward, _MARK, name=name, report=report,
                          what=f"peft LoRA on {type(experts).__name__}.{targets} ({layout.activation}) -> "
-                              "fastadapt::moe_lora_experts", fallbacks=_ALWAYS)
+                              "fastadapt::moe_lora_experts", fallbacks=conditions(RULES, module))
 
     def unpatch(self, model: nn.Module, report: PatchReport) -> None:
         for name, module in model.named_modules():

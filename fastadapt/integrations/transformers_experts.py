@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastadapt.integrations import Rule, first_reason
 from fastadapt.ops._autocast import autocast_dtype
 from fastadapt.ops.moe_lora import moe_lora_experts
 
@@ -89,15 +90,39 @@ def factors(lora_A: torch.Tensor, lora_B: torch.Tensor, n_experts: int) -> tuple
     return lora_A.view(n_experts, -1, lora_A.shape[1]), lora_B.view(lora_B.shape[0], -1, n_experts).permute(2, 0, 1)
 
 
+@dataclass
+class ExpertsCall:
+    """One call of an experts module, as the conditions below judge it."""
+
+    experts: nn.Module
+    x: torch.Tensor
+    weights: list  # the frozen tensors the op would read (expert weights, biases)
+
+
+def _weights_grad(call: ExpertsCall) -> str | None:
+    if torch.is_grad_enabled() and any(w.requires_grad for w in call.weights):
+        return "the expert weights require grad (the op trains LoRA factors, not the experts)"
+    return None
+
+
+def _dtype(call: ExpertsCall) -> str | None:
+    if autocast_dtype(call.x) is None and any(w.dtype != call.x.dtype for w in call.weights):
+        return f"input dtype {call.x.dtype} differs from the expert weights' {call.weights[0].dtype} outside autocast"
+    return None
+
+
+# The conditions under which a call runs the library's own experts (fastadapt.integrations.Rule:
+# each states itself in the patch report and checks the calls). Shared with the PEFT patch.
+EXPERT_PARALLEL = Rule("expert parallelism", lambda call: "expert parallelism (routing sentinels past the local "
+                       "experts)" if getattr(call.experts, "_is_expert_parallel", False) else None)
+WEIGHTS_GRAD = Rule("expert weights that require grad", _weights_grad)
+DTYPE = Rule("an input dtype other than the expert weights' outside autocast", _dtype)
+RULES = (EXPERT_PARALLEL, WEIGHTS_GRAD, DTYPE)
+
+
 def call_reason(experts: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]) -> Optional[str]:
     """Why this call must run the library's own experts (None: the op serves it)."""
-    if getattr(experts, "_is_expert_parallel", False):
-        return "expert parallelism (routing sentinels past the local experts)"
-    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-        return "the expert weights require grad (the op trains LoRA factors, not the experts)"
-    if autocast_dtype(x) is None and any(w.dtype != x.dtype for w in weights):
-        return f"input dtype {x.dtype} differs from the expert weights' {weights[0].dtype} outside autocast"
-    return None
+    return first_reason(RULES, ExpertsCall(experts, x, weights))
 
 
 def weights(experts: nn.Module, layout: Layout, raw: dict | None = None) -> list[torch.Tensor]:

@@ -90,6 +90,10 @@ def _moe_lora_cases() -> list[OpCase]:
     import fastadapt
     from fastadapt.reference import moe_lora as reference
 
+    # gpt-oss's clamp acts on a few of these unit-variance values, rarely within a half-precision
+    # rounding of the limit: there the gradient jumps (1.5 failed PyTorch's own float16 reference).
+    LIMIT = 3.0
+
     def case(T, H, I, E, k, r1, r2, activation):
         # A fixed routing (an index tensor is no differentiable input): expert 0 gets no token.
         idx = [[1 + (3 * t + j) % (E - 1) for j in range(k)] for t in range(T)]
@@ -102,11 +106,11 @@ def _moe_lora_cases() -> list[OpCase]:
         def fused(x, w, W1, W2, A1, B1, A2, B2):
             return fastadapt.moe_lora_experts(x, torch.tensor(idx, device=x.device), w, W1, W2, gate_up_A=A1,
                                               gate_up_B=B1, gate_up_scaling=0.5, down_A=A2, down_B=B2,
-                                              down_scaling=2.0, activation=activation, limit=1.5)
+                                              down_scaling=2.0, activation=activation, limit=LIMIT)
 
         def exact(x, w, W1, W2, A1, B1, A2, B2):
             return reference.experts(x, torch.tensor(idx, device=x.device), w, W1, W2, None, None, A1, B1, 0.5, A2,
-                                     B2, 2.0, activation, 1.702, 1.5)[0]
+                                     B2, 2.0, activation, 1.702, LIMIT)[0]
 
         return OpCase("moe_lora_experts", f"x {T}x{H}, {E} experts top-{k}, intermediate {I}, ranks {r1}/{r2}, "
                       f"{activation}", make, fused, exact, (2, 3))

@@ -16,7 +16,8 @@ grouped products' input, as transformers' ``grouped_mm`` experts do). Then, per 
   backward, ``gu = s g B_e``, ``+= D(gu A_e)`` on the frozen product's input gradient, and the
   per-expert reductions ``gA_e = gu^T D(rows)``, ``gB_e = g^T u`` (an expert with no row gets no
   program: its gradient stays exactly zero);
-* the activation and its gradient in float32 (torch ops, one rounding: not fused yet).
+* the activation and its gradient in one pass each (:func:`_activation_kernel`, float32 inside,
+  one rounding).
 
 The routing's two ends are one pass each: :func:`_combine_kernel` sums each token's k expert
 outputs times their weights in float32 (and the input gradients of its k pairs in the backward),
@@ -35,7 +36,6 @@ from fastadapt import strategy
 from fastadapt.backends import triton_interpret
 from fastadapt.kernels.common import cast, dot_constexprs, lowrank_acc
 from fastadapt.kernels.multi_lora import Batch, _tile, group_rows, multi_down, multi_reduce, multi_update
-from fastadapt.reference.moe_lora import activation_backward, activation_wide
 
 
 @triton.jit
@@ -115,6 +115,54 @@ def _route_backward_kernel(
         tl.store(gw_ptr + pair, dot, mask=p_ok)
 
 
+@triton.jit
+def _activation_kernel(
+    g_ptr, gh_ptr, out_ptr,
+    S, I, alpha, limit,
+    stride_gm, stride_gn, stride_hm, stride_hn, stride_om, stride_on,
+    GPT_OSS: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Forward: out (S, I) = act(g) for g (S, 2I). Backward: out (S, 2I) = the gradient of g from
+    # gh (S, I). One read of g (and gh), one write, in float32; the clamps' NaN and zero-gradient
+    # rules of torch.clamp (fastadapt/reference/moe_lora.py).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < S)[:, None] & (cols < I)[None, :]
+    if GPT_OSS:  # interleaved gate / up columns
+        gate_cols, up_cols = 2 * cols, 2 * cols + 1
+    else:  # [gate; up]
+        gate_cols, up_cols = cols, I + cols
+    g_rows = g_ptr + rows[:, None] * stride_gm
+    gate = tl.load(g_rows + gate_cols[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_rows + up_cols[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    if GPT_OSS:
+        gc = tl.where(gate > limit, limit, gate)  # NaN stays NaN, as torch.clamp
+        uc = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+        sig = 1.0 / (1.0 + tl.exp(-alpha * gc))
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+    if BACKWARD:
+        d = tl.load(gh_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=mask,
+                    other=0.0).to(tl.float32)
+        if GPT_OSS:
+            dgate = tl.where(gate <= limit, d * (uc + 1.0) * (sig + gc * alpha * sig * (1.0 - sig)), 0.0)
+            dup = tl.where((up >= -limit) & (up <= limit), d * (gc * sig), 0.0)
+        else:
+            dgate = d * up * (sig * (1.0 + gate * (1.0 - sig)))
+            dup = d * (gate * sig)
+        out_rows = out_ptr + rows[:, None] * stride_om
+        tl.store(out_rows + gate_cols[None, :] * stride_on, cast(dgate, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(out_rows + up_cols[None, :] * stride_on, cast(dup, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+    else:
+        if GPT_OSS:
+            h = (uc + 1.0) * (gc * sig)
+        else:
+            h = gate * sig * up
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 cast(h, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
 class Routing:
     """The routing of one call as the kernels read it, built once per forward or backward call:
     the pairs grouped by expert (``order``, (S,) pair index per grouped row, and ``bounds``), each
@@ -180,6 +228,20 @@ def combine(src: torch.Tensor, routing: Routing, out: torch.Tensor, weights: tor
     return out
 
 
+def _activation(g: torch.Tensor, kind: str, alpha: float, limit: float, gh: torch.Tensor | None = None):
+    """``act(g)`` (S, I) for g (S, 2I), or with ``gh`` (S, I) the gradient of g (S, 2I): one pass,
+    float32 inside, rounded once to g's dtype (:func:`fastadapt.reference.moe_lora.activation_wide`
+    and ``activation_backward``)."""
+    S, I = g.shape[0], g.shape[1] // 2
+    out = torch.empty((S, 2 * I) if gh is not None else (S, I), device=g.device, dtype=g.dtype)
+    block_m, block_n = (16, 32) if triton_interpret() else (32, 128)
+    _activation_kernel[(triton.cdiv(S, block_m), triton.cdiv(I, block_n))](
+        g, gh if gh is not None else g, out, S, I, alpha, limit, g.stride(0), g.stride(1),
+        *(gh.stride() if gh is not None else (0, 0)), out.stride(0), out.stride(1), GPT_OSS=kind == "gpt_oss",
+        BACKWARD=gh is not None, UPCAST=dot_constexprs(g.dtype)["UPCAST"], BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
 def forward(x, top_k_index, top_k_weights, gate_up_proj, gate_up_bias, down_proj, down_bias, gate_up_A, gate_up_B,
             gate_up_scaling, down_A, down_B, down_scaling, activation, alpha, limit, dropout_p, seed):
     """Fused forward: (out (T, H), g (S, 2I), u1 (S, r1), u2 (S, r2), d (S, H)), grouped rows."""
@@ -197,7 +259,7 @@ def forward(x, top_k_index, top_k_weights, gate_up_proj, gate_up_bias, down_proj
     if lora1 is not None:
         multi_down(xs, gate_up_A.transpose(1, 2), lora1, u1, dropout=True, seed=seed)
         multi_update(u1, gate_up_B.transpose(1, 2), lora1, g)
-    h = activation_wide(g, activation, alpha, limit)
+    h = _activation(g, activation, alpha, limit)
     d = grouped_product(h, down_proj.transpose(1, 2), routing, down_bias)
     lora2 = routing.lora(down_A, down_scaling, dropout_p)
     if lora2 is not None:
@@ -243,7 +305,7 @@ def backward(gout, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_
         gu2 = torch.zeros_like(u2)
         multi_down(gd, down_B, lora2, gu2)
         if need_A2:
-            gA2 = _reduced(gu2, activation_wide(g, activation, alpha, limit), lora2, down_A, dropout=True,
+            gA2 = _reduced(gu2, _activation(g, activation, alpha, limit), lora2, down_A, dropout=True,
                            seed=seed + 1)
         if need_B2:
             gB2 = _reduced(u2, gd, lora2, down_B, transposed=True)
@@ -252,7 +314,7 @@ def backward(gout, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_
     gh = grouped_product(gd, down_proj, routing)
     if lora2 is not None:
         multi_update(gu2, down_A, lora2, gh, dropout=True, seed=seed + 1)
-    gg = activation_backward(g, gh, activation, alpha, limit)
+    gg = _activation(g, activation, alpha, limit, gh)
     del gh
     gu1 = None
     if lora1 is not None:

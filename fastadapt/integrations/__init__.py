@@ -1,9 +1,9 @@
 """``fastadapt.patch(model)``: swap other libraries' adapter modules for the fused ops, in place.
 
-Each integration (PEFT LoRA, PEFT adaption prompt, AdapterHub bottleneck adapters, ...) is a
-:class:`Patcher`: it walks the model, patches what it can serve, and records in the report what it
-left alone and why, and, per patched module, the call-time conditions under which that module will
-still run its library's own forward. :func:`unpatch` undoes every patch.
+Each integration (PEFT LoRA, PEFT LoRA on MoE experts, PEFT adaption prompt, AdapterHub bottleneck
+adapters, ...) is a :class:`Patcher`: it walks the model, patches what it can serve, and records in
+the report what it left alone and why, and, per patched module, the call-time conditions under
+which that module will still run its library's own forward. :func:`unpatch` undoes every patch.
 """
 
 from __future__ import annotations

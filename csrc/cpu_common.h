@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -61,6 +63,22 @@ inline void dropout_row(const Dropout& d, int64_t row, int64_t K, float* __restr
   const float inv_keep = d.inv_keep;
   for (int64_t k = 0; k < K; ++k)
     scale[k] = dropout_keep_at(seed, base + static_cast<uint64_t>(k), threshold) ? inv_keep : 0.f;
+}
+
+// The inverted-dropout scale keep / (1 - p) of gathered rows (`rows`: their row indices in the
+// (., K) tensor the mask is drawn over), float32 (rows.size(), K).
+inline at::Tensor dropout_scale(const std::vector<int64_t>& rows, int64_t K, double p, int64_t seed) {
+  const Dropout d(p, seed);
+  at::Tensor scale = at::empty({static_cast<int64_t>(rows.size()), K}, at::kFloat);
+  float* s = scale.data_ptr<float>();
+  for (size_t i = 0; i < rows.size(); ++i) dropout_row(d, rows[i], K, s + i * K);
+  return scale;
+}
+
+// D(t) of gathered rows in t's dtype (rounded after scaling, as eager dropout(x) is).
+inline at::Tensor dropped(const at::Tensor& t, const std::vector<int64_t>& rows, double p, int64_t seed) {
+  if (p == 0.0) return t;
+  return t.to(at::kFloat).mul(dropout_scale(rows, t.size(1), p, seed)).to(t.scalar_type());
 }
 
 // dst[i, :] = float(src row m0 + i) for i < rows, zero for the padding rows up to RB. With

@@ -108,22 +108,6 @@ void for_each_adapter(const Batch& b, Fn fn) {
   }
 }
 
-// The inverted-dropout scale keep / (1 - p) of the gathered rows (original row indices `rows`)
-// of a (., K) tensor, float32 (rows.size(), K).
-Tensor dropout_scale(const std::vector<int64_t>& rows, int64_t K, double p, int64_t seed) {
-  const cpu::Dropout d(p, seed);
-  Tensor scale = at::empty({static_cast<int64_t>(rows.size()), K}, at::kFloat);
-  float* s = scale.data_ptr<float>();
-  for (size_t i = 0; i < rows.size(); ++i) cpu::dropout_row(d, rows[i], K, s + i * K);
-  return scale;
-}
-
-// D(t) in t's dtype (rounded after scaling, as eager dropout(x) is).
-Tensor dropped(const Tensor& t, const std::vector<int64_t>& rows, double p, int64_t seed) {
-  if (p == 0.0) return t;
-  return t.to(at::kFloat).mul(dropout_scale(rows, t.size(1), p, seed)).to(t.scalar_type());
-}
-
 std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x_in, const Tensor& weight, const Tensor& A_stack,
                                                   const Tensor& B_stack, const Tensor& scalings, const Tensor& ranks,
                                                   const Tensor& adapter_ids, const std::optional<Tensor>& bias,
@@ -136,7 +120,7 @@ std::tuple<Tensor, Tensor> multi_lora_forward_cpu(const Tensor& x_in, const Tens
   Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   for_each_adapter(b, [&](int64_t a, const Tensor& idx, const std::vector<int64_t>& rows, int64_t r, float s,
                           double p) {
-    Tensor ua = at::mm(dropped(x.index_select(0, idx), rows, p, seed), A_stack[a].narrow(0, 0, r).t());
+    Tensor ua = at::mm(cpu::dropped(x.index_select(0, idx), rows, p, seed), A_stack[a].narrow(0, 0, r).t());
     ua.mul_(s);
     y.index_add_(0, idx, at::mm(ua, B_stack[a].narrow(1, 0, r).t()));
     u.narrow(1, 0, r).index_copy_(0, idx, ua);
@@ -168,8 +152,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_backward_cpu(
     if (!need_x && !need_A) return;
     Tensor gua = at::mm(gya, B_stack[a].narrow(1, 0, r));
     gua.mul_(s);
-    if (need_x) gx.index_add_(0, idx, dropped(at::mm(gua, A_stack[a].narrow(0, 0, r)), rows, p, seed));
-    if (need_A) gA[a].narrow(0, 0, r).copy_(at::mm(gua.t(), dropped(x.index_select(0, idx), rows, p, seed)));
+    if (need_x) gx.index_add_(0, idx, cpu::dropped(at::mm(gua, A_stack[a].narrow(0, 0, r)), rows, p, seed));
+    if (need_A) gA[a].narrow(0, 0, r).copy_(at::mm(gua.t(), cpu::dropped(x.index_select(0, idx), rows, p, seed)));
   });
   return {gx, gA, gB, gbias, gweight};
 }

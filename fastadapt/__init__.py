@@ -6,7 +6,8 @@ from fastadapt.inject.bottleneck import (add_adapter, list_adapters, load_adapte
 from fastadapt.inject.llama_adapter import add_adaption_prompt
 from fastadapt.integrations import FallbackError, PatchReport, patch, unpatch
 from fastadapt.ops import (QuantizedWeight, bottleneck_adapter, dora_linear, fp8_weight, lora_linear,
-                           multi_lora_linear, nf4_from_bnb, nf4_weight, prefix_attention, qlora_linear)
+                           moe_lora_experts, multi_lora_linear, nf4_from_bnb, nf4_weight, prefix_attention,
+                           qlora_linear)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "lora_linear",
+    "moe_lora_experts",
     "multi_lora_linear",
     "nf4_from_bnb",
     "nf4_weight",

@@ -92,3 +92,79 @@ QLORA_DEQUANT = FrozenProductRule(
     split_runs="the weight dequantized once into a compute-dtype buffer, then lora_linear's cuBLAS products",
     fused_runs="dequantized tile by tile in our Triton GEMM's K loop, the 4/8-bit codes read once",
     source=_ESTIMATE + " from public reports (unsloth #39, axolotl #3743, bitsandbytes #1319)")
+
+
+def grouped_mm_reason(*operands) -> str | None:
+    """Why ``torch._grouped_mm`` cannot take these operands (None: it can), by the checks of its
+    meta function (torch/_meta_registrations.py, ``_meta_grouped_mm_common``): bfloat16 only on
+    CUDA (compute capability 8.0 and up), float32 / bfloat16 / float16 on the CPU, and each 2-D or 3-D
+    operand unit-strided in one of its last two dimensions with the other stride a multiple of 16
+    bytes; plus 16-byte aligned data (transformers' ``_can_use_grouped_mm`` checks it too)."""
+    import torch
+
+    first = operands[0]
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if first.device.type == "cuda":
+        if first.dtype != torch.bfloat16:
+            return f"torch._grouped_mm takes bfloat16 on CUDA, not {first.dtype}"
+        if torch.cuda.get_device_capability(first.device) < (8, 0):
+            return "torch._grouped_mm needs compute capability 8.0 or newer"
+    elif first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch._grouped_mm does not take {first.dtype} on {first.device.type}"
+    for t in operands:
+        align = 16 // t.element_size()
+        (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+        if row_stride == 1 and col_stride >= max(1, rows):
+            lead = col_stride
+        elif col_stride == 1 and row_stride >= max(1, cols):
+            lead = row_stride
+        else:
+            return f"an operand of shape {tuple(t.shape)} has strides {t.stride()}: neither dimension is unit-strided"
+        if lead % align or t.data_ptr() % 16:
+            return f"an operand of shape {tuple(t.shape)}, strides {t.stride()}, is not 16-byte aligned"
+    return None
+
+
+@dataclass(frozen=True)
+class GroupedProductRule:
+    """Where the Triton backend of ``moe_lora_experts`` runs the experts' frozen products:
+    ``torch._grouped_mm`` (cuBLAS / CUTLASS grouped GEMM on CUDA) wherever it takes the operands,
+    else our Triton grouped GEMM (any dtype and strides); ``FASTADAPT_MOE_GEMM`` forces one. The
+    LoRA terms run in Triton around either (kernels/moe_lora.py)."""
+
+    env: str = "FASTADAPT_MOE_GEMM"
+    choices: tuple = ("grouped_mm", "triton")
+
+    def forced(self) -> str | None:
+        value = os.environ.get(self.env, AUTO) or AUTO
+        if value not in (AUTO, *self.choices):
+            raise ValueError(f"{self.env}={value!r}: expected {self.choices[0]!r}, {self.choices[1]!r} or {AUTO!r}")
+        return None if value == AUTO else value
+
+    def choose(self, *operands) -> str:
+        """The choice for one product's operands (a 2-D input, the experts' 3-D weight view)."""
+        reason = grouped_mm_reason(*operands)
+        forced = self.forced()
+        if forced == "grouped_mm" and reason is not None:
+            raise ValueError(f"{self.env}=grouped_mm, but {reason}")
+        return forced or ("triton" if reason else "grouped_mm")
+
+    def __call__(self, x, gate_up_proj, down_proj, **_) -> str:
+        # The products' 2-D inputs are the op's own contiguous buffers: (., H), (., 2I), (., I) rows.
+        import torch
+
+        rows = [torch.empty(0, n, device=x.device, dtype=x.dtype) for n in (x.shape[1], down_proj.shape[2])]
+        reason = grouped_mm_reason(rows[0], gate_up_proj, rows[1], down_proj)
+        if self.forced() is not None:
+            return f"{self.forced()} (forced by {self.env})"
+        return "grouped_mm" if reason is None else f"triton ({reason})"
+
+    def __str__(self) -> str:
+        return (f"torch._grouped_mm for the frozen expert products wherever it takes them, else a Triton grouped "
+                f"GEMM; the LoRA terms in Triton around them; {self.env}=grouped_mm|triton forces one; cuBLAS-first "
+                "(DESIGN.md: cuBLAS 709 against a plain Triton GEMM's 518 TFLOP/s on an H100), not measured on MoE "
+                "shapes")
+
+
+MOE_GEMM = GroupedProductRule()

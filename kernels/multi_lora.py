@@ -145,6 +145,14 @@ def _multi_reduce_kernel(
         tl.store(out, acc, mask=mask)
 
 
+def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, bounds) of rows with ids in [-1, n) (any strides), on the device with no host read:
+    ``perm`` (M,) int64 the rows sorted by id (stable), ``bounds`` (n + 1,) where each id's segment
+    of it starts (rows of id -1 sort first and belong to no segment)."""
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    return perm, torch.searchsorted(sorted_ids, torch.arange(n + 1, device=ids.device, dtype=sorted_ids.dtype))
+
+
 class Batch:
     """A batch as the kernels index it, on the device, built once per forward or backward call:
     its rows grouped by adapter, and its per-adapter vectors.
@@ -158,13 +166,24 @@ class Batch:
 
     def __init__(self, adapter_ids: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor,
                  dropout_p: torch.Tensor | None = None):
-        n = ranks.shape[0]
-        sorted_ids, perm = torch.sort(adapter_ids, stable=True)
-        self.M, self.n = adapter_ids.shape[0], n
-        self.perm = perm.to(torch.int32)
-        self.bounds = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=adapter_ids.device,
-                                                                 dtype=sorted_ids.dtype))
-        self.scalings, self.ranks = scalings.contiguous(), ranks.contiguous()
+        perm, bounds = group_rows(adapter_ids, ranks.shape[0])
+        self._set(perm.to(torch.int32), bounds, scalings, ranks, dropout_p)
+
+    @classmethod
+    def grouped(cls, bounds: torch.Tensor, M: int, scalings: torch.Tensor | None = None,
+                ranks: torch.Tensor | None = None, dropout_p: torch.Tensor | None = None) -> "Batch":
+        """A batch of M rows already in grouped order (adapter a's rows are ``bounds[a]:bounds[a + 1]``,
+        from :func:`group_rows` of the rows before they were gathered): ``perm`` is the identity.
+        Without per-adapter vectors it serves for its tiles alone (kernels that read none)."""
+        batch = cls.__new__(cls)
+        batch._set(torch.arange(M, device=bounds.device, dtype=torch.int32), bounds, scalings, ranks, dropout_p)
+        return batch
+
+    def _set(self, perm, bounds, scalings, ranks, dropout_p) -> None:
+        self.M, self.n = perm.shape[0], bounds.shape[0] - 1
+        self.perm, self.bounds = perm, bounds
+        self.scalings = None if scalings is None else scalings.contiguous()
+        self.ranks = None if ranks is None else ranks.contiguous()
         self.dropout_p = None if dropout_p is None else dropout_p.contiguous()
         self._tables: dict[int, torch.Tensor] = {}
 

@@ -34,9 +34,11 @@ LR = 0.1  # larger steps amplify fp32 rounding along the trajectory past the fp3
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Fused calls per forward pass: one per patched LoRA layer (2 decoder layers), one per bottleneck
 # adapter (Houlsby: after attention and after the FFN, 2 layers), one per adapted attention.
-SITES = {"lora": 2 * len(LORA_TARGETS), "lora_small": 2 * 2, "bottleneck": 2 * 2, "llama_adapter": 2}
+# MoE: one per experts module (2 decoder layers), whatever projections its LoRA targets.
+SITES = {"lora": 2 * len(LORA_TARGETS), "lora_small": 2 * 2, "bottleneck": 2 * 2, "llama_adapter": 2, "moe": 2}
 OP = {"lora": "lora_linear", "lora_small": "lora_linear", "bottleneck": "bottleneck_adapter",
-      "llama_adapter": "prefix_attention"}
+      "llama_adapter": "prefix_attention", "moe": "moe_lora_experts"}
+MOE_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def tiny_llama():
@@ -48,10 +50,33 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
+def tiny_moe():
+    """A tiny Qwen3-MoE: 2 decoder layers of 4 experts, top-2; transformers' eager experts (the
+    float64 truth runs them: its grouped_mm takes no float64)."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, head_dim=8,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, vocab_size=VOCAB,
+                                         max_position_embeddings=32, attn_implementation="sdpa")
+    config._experts_implementation = "eager"
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def base_model(kind: str) -> torch.nn.Module:
+    return tiny_moe() if kind == "moe" else tiny_llama()
+
+
 def build(kind: str, fused: bool = True) -> torch.nn.Module:
     """The model of a scenario, the same on every rank and in the test process (seeded)."""
-    model = tiny_llama()
-    if kind in ("lora", "lora_small"):
+    model = base_model(kind)
+    if kind == "moe":  # PEFT's LoRA on the experts' 3-D parameters (target_parameters)
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                           target_modules=[], target_parameters=MOE_TARGETS))
+        if fused:
+            fastadapt.patch(model, strict=True)
+    elif kind in ("lora", "lora_small"):
         import peft
         targets = LORA_TARGETS if kind == "lora" else ["q_proj", "v_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -166,6 +191,16 @@ def spy(kind: str):
 
         restore.append((layer.Linear, "forward", peft_forward))
         layer.Linear.forward = counted
+    if kind == "moe":  # a fallback runs PEFT's ParamWrapper forward (strict would refuse it anyway)
+        from peft.tuners.lora import layer
+        wrapper_forward = layer.ParamWrapper.forward
+
+        def counted_wrapper(self, *args, **kwargs):
+            seen["fallbacks"] += 1
+            return wrapper_forward(self, *args, **kwargs)
+
+        restore.append((layer.ParamWrapper, "forward", wrapper_forward))
+        layer.ParamWrapper.forward = counted_wrapper
     if kind == "llama_adapter":
         two_pass = llama_adapter._two_pass
 
@@ -274,7 +309,7 @@ def save_checkpoints(engine: str, kind: str, wrapped, rank: int, directory: str)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         dcp.save(get_model_state_dict(wrapped), checkpoint_id=os.path.join(directory, "dcp"))
-    if kind.startswith("lora"):
+    if kind.startswith("lora") or kind == "moe":
         if engine == "ddp" and main:
             inner.save_pretrained(os.path.join(directory, "peft"))
         elif engine == "fsdp2":

@@ -20,6 +20,7 @@ import torch
 
 M, K, N, R = 5, 16, 8, 3  # LoRA: rows, in_features, out_features, rank
 NA = 2  # multi-adapter LoRA: adapters (rank R and 1)
+E, TOPK, MI = 3, 2, 4  # MoE LoRA: experts, slots per token, intermediate (M tokens, hidden K, ranks R and 2)
 QN, QK = 8, 64  # quantized weight: out_features, in_features (NF4 double-quantized, 64-element blocks)
 D, BN = 16, 4  # bottleneck: hidden size, bottleneck width
 B, H, HKV, S, L, HD = 2, 4, 2, 6, 3, 8  # prefix attention: batch, heads, kv heads, seq, prefix, head dim
@@ -39,6 +40,22 @@ def _multi():
                 B_stack=torch.randn(NA, N, R), scalings=torch.ones(NA), ranks=torch.tensor([R, 1], dtype=torch.int32),
                 adapter_ids=torch.tensor([0, 1, -1, 1, 0]), bias=torch.randn(N),
                 dropout_p=torch.tensor([0.1, 0.0], dtype=torch.float64), seed=0)
+
+
+def _moe():
+    return dict(x=torch.randn(M, K), top_k_index=torch.tensor([[0, 2], [1, 1], [2, 0], [0, 1], [2, 2]]),
+                top_k_weights=torch.rand(M, TOPK), gate_up_proj=torch.randn(E, 2 * MI, K),
+                gate_up_bias=torch.randn(E, 2 * MI), down_proj=torch.randn(E, K, MI), down_bias=torch.randn(E, K),
+                gate_up_A=torch.randn(E, R, K), gate_up_B=torch.randn(E, 2 * MI, R), gate_up_scaling=0.5,
+                down_A=torch.randn(E, 2, MI), down_B=torch.randn(E, K, 2), down_scaling=2.0, activation="gpt_oss",
+                alpha=1.702, limit=1.5, dropout_p=0.2, seed=0)
+
+
+def _moe_backward():
+    args = {k: v for k, v in _moe().items() if k not in ("gate_up_bias", "down_bias")}
+    S = M * TOPK
+    return {**args, "gout": torch.randn(M, K), "g": torch.randn(S, 2 * MI), "u1": torch.randn(S, R),
+            "u2": torch.randn(S, 2), "d": torch.randn(S, K), "needs": [True] * 6}
 
 
 def _qlora():
@@ -79,6 +96,8 @@ ARGS = {
                               "norm": torch.rand(N) + 0.5},
     "multi_lora_forward": _multi,
     "multi_lora_backward": lambda: {**_multi(), **_lora_grads(5)},
+    "moe_lora_forward": _moe,
+    "moe_lora_backward": _moe_backward,
     "qlora_dequantize": lambda: {**_qlora(), "in_features": QK, "dtype": torch.float32},
     "qlora_forward": lambda: {**_qlora(), **_qlora_lora()},
     "qlora_backward": lambda: {**_qlora(), **_qlora_lora(), "gy": torch.randn(M, QN), "u": torch.randn(M, R),
@@ -118,6 +137,7 @@ _lora_forward, _lora_backward = _caller("lora_forward"), _caller("lora_backward"
 _segments_forward, _segments_backward = _caller("lora_segments_forward"), _caller("lora_segments_backward")
 _dora_forward, _dora_backward = _caller("dora_forward"), _caller("dora_backward")
 _multi_forward, _multi_backward = _caller("multi_lora_forward"), _caller("multi_lora_backward")
+_moe_forward, _moe_backward_call = _caller("moe_lora_forward"), _caller("moe_lora_backward")
 _dequantize = _caller("qlora_dequantize")
 _bottleneck_forward, _bottleneck_backward = _caller("bottleneck_forward"), _caller("bottleneck_backward")
 _prefix_forward, _prefix_backward = _caller("prefix_attention_forward"), _caller("prefix_attention_backward")
@@ -212,6 +232,29 @@ CASES = [
      r"gy must have shape \(5, 8\)"),
     ("multi_lora backward id past n", lambda ops: _multi_backward(ops, adapter_ids=torch.tensor([0, 1, -1, 2, 0])),
      r"adapter_ids must be in \[-1, 2\)"),
+    ("moe index past E", lambda ops: _moe_forward(ops, top_k_index=torch.tensor([[0, 2], [1, 3]] + [[0, 0]] * 3)),
+     r"top_k_index must be in \[0, 3\), got 3 at token 1, slot 1"),
+    ("moe index negative", lambda ops: _moe_backward_call(ops, top_k_index=torch.tensor([[0, -1]] + [[0, 0]] * 4)),
+     r"top_k_index must be in \[0, 3\), got -1"),
+    ("moe index int32", lambda ops: _moe_forward(ops, top_k_index=torch.zeros(M, TOPK, dtype=torch.int32)),
+     r"top_k_index must be Long"),
+    ("moe weights short", lambda ops: _moe_forward(ops, top_k_weights=torch.rand(M, TOPK - 1)),
+     r"top_k_weights must have shape \(5, 2\)"),
+    ("moe weights int", lambda ops: _moe_forward(ops, top_k_weights=torch.ones(M, TOPK, dtype=torch.int32)),
+     r"top_k_weights must be floating"),
+    ("moe gate_up odd", lambda ops: _moe_forward(ops, gate_up_proj=torch.randn(E, 7, K)), r"an even 2I"),
+    ("moe down_proj experts", lambda ops: _moe_forward(ops, down_proj=torch.randn(E - 1, K, MI)),
+     r"down_proj must have shape \(3, 16, 4\)"),
+    ("moe gate_up_A experts", lambda ops: _moe_forward(ops, gate_up_A=torch.randn(E + 1, R, K)),
+     r"gate_up_A must have shape \(3, \*, 16\)"),
+    ("moe down_B rank", lambda ops: _moe_forward(ops, down_B=torch.randn(E, K, 3)),
+     r"down_B must have shape \(3, 16, 2\)"),
+    ("moe down_A without B", lambda ops: _moe_forward(ops, down_B=None), r"down_A and down_B must be given together"),
+    ("moe activation", lambda ops: _moe_forward(ops, activation="gelu"), r"activation must be silu or gpt_oss"),
+    ("moe backward d short", lambda ops: _moe_backward_call(ops, d=torch.randn(M * TOPK - 1, K)),
+     r"d must have shape \(10, 16\)"),
+    ("moe backward u1 rank", lambda ops: _moe_backward_call(ops, u1=torch.randn(M * TOPK, R + 1)),
+     r"u1 must have shape \(10, 3\)"),
     # A block count that wrapped: a short or empty absmax (absmax2) passed, the kernel left the
     # weight unwritten (read past absmax2).
     ("qlora blocksize wraps",
@@ -299,6 +342,9 @@ VALID = [
     ("dora backward", lambda ops: _dora_backward(ops)),
     ("multi_lora forward", lambda ops: _multi_forward(ops)),
     ("multi_lora backward", lambda ops: _multi_backward(ops)),
+    ("moe_lora forward", lambda ops: _moe_forward(ops)),
+    ("moe_lora backward", lambda ops: _moe_backward_call(ops)),
+    ("moe_lora without LoRA", lambda ops: _moe_forward(ops, gate_up_A=None, gate_up_B=None, down_A=None, down_B=None)),
     ("qlora dequantize", lambda ops: _dequantize(ops)),
     ("qlora one block", lambda ops: _dequantize(ops, blocksize=2**63 - 1, blocksize2=2**63 - 1,
                                                 absmax=torch.zeros(1, dtype=torch.uint8), absmax2=torch.ones(1))),
@@ -348,7 +394,8 @@ OTHERS = {
     "absent": lambda t: None,  # optional arguments only: runs, or refused
 }
 CLASSES = (*LAYOUTS, *OTHERS)
-ANY_DTYPE = {("dropout_keep", "like")}  # only the shape is read
+# only the shape is read; the routing weights are read in any floating dtype
+ANY_DTYPE = {("dropout_keep", "like"), ("moe_lora_forward", "top_k_weights"), ("moe_lora_backward", "top_k_weights")}
 
 NAN, INF = float("nan"), float("inf")
 _P = r"must be in \[0, 1\)"
@@ -359,6 +406,8 @@ SCALARS = {
     "p": [(NAN, "p " + _P), (1.0, "p " + _P), (-1e-9, "p " + _P)],
     "dropout_p": [(NAN, "dropout_p " + _P), (1.0, "dropout_p " + _P), (-1e-9, "dropout_p " + _P)],
     "scaling": [(NAN, None), (INF, None)],
+    "gate_up_scaling": [(NAN, None)],
+    "limit": [(NAN, None), (-1.0, None)],
     "scale": [(NAN, None)],
     "eps": [(NAN, "eps must be positive and finite"), (0.0, "eps must be"), (INF, "eps must be")],
     "activation": [("bogus", "activation")],

@@ -35,9 +35,10 @@ def _run(*args: str, timeout: int) -> str:
 @pytest.mark.skipif(MODE == "0", reason="FASTADAPT_COMPILE_CHECK=0")
 def test_every_kernel_and_constexpr_compiles_for_sm90():
     """The cover: every kernel, every constexpr value, pointer dtype and autotune config at least
-    once, for sm_90. 188 compiles (173 before DoRA's norm and scale kernels and the dropout kernel
-    of its separate strategy; 157 before the QLoRA kernels; 108 before DoRA's 28 and multi_lora's
-    21: 94 CPU-seconds cold with Triton 3.9, 66 with 3.6); seconds from Triton's cache."""
+    once, for sm_90. 205 compiles (188 before moe_lora's 17; 173 before DoRA's norm and scale
+    kernels and the dropout kernel of its separate strategy; 157 before the QLoRA kernels; 108
+    before DoRA's 28 and multi_lora's 21: 94 CPU-seconds cold with Triton 3.9, 66 with 3.6); seconds
+    from Triton's cache."""
     out = _run(timeout=1800)
     assert " 0 failed" in out
 
@@ -55,8 +56,8 @@ def test_every_launch_compiles_for_sm90_and_sm80():
 
 
 def _kernel_modules():
-    from fastadapt.kernels import bottleneck, common, dora, lora, multi_lora, prefix_attention
-    return bottleneck, common, dora, lora, multi_lora, prefix_attention
+    from fastadapt.kernels import bottleneck, common, dora, lora, moe_lora, multi_lora, prefix_attention
+    return bottleneck, common, dora, lora, moe_lora, multi_lora, prefix_attention
 
 
 def _written_and_read(fn, params: list[str] | None = None, seen=None) -> tuple[set, set, set]:

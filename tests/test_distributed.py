@@ -127,8 +127,8 @@ def _reload(kind: str, what: str, directory: str) -> torch.nn.Module:
         model = jobs.build(kind)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
-    base = jobs.tiny_llama()
-    if kind.startswith("lora"):
+    base = jobs.base_model(kind)
+    if kind.startswith("lora") or kind == "moe":
         model = peft.PeftModel.from_pretrained(base, os.path.join(directory, "peft"))
         fastadapt.patch(model)
         return model
@@ -170,12 +170,18 @@ SCENARIOS = {
                        single_process_steps=1)],
 }
 CHECKPOINTS = {"ddp": {"lora": ["peft"], "lora_small": ["peft"], "bottleneck": ["file"], "llama_adapter": ["file"]},
-               "fsdp2": {"lora": ["peft", "dcp"], "bottleneck": ["file", "dcp"], "llama_adapter": ["file", "dcp"]},
+               "fsdp2": {"lora": ["peft", "dcp"], "bottleneck": ["file", "dcp"], "llama_adapter": ["file", "dcp"],
+                         "moe": ["peft", "dcp"]},
                "deepspeed": {"lora": ["peft"], "bottleneck": ["file"], "llama_adapter": ["file"]}}
 
 
-def _run_engine(tmp_path, engine: str, backend: str) -> None:
-    scenarios = [{"backend": backend, **sc} for sc in SCENARIOS[engine]]
+# PEFT target_parameters LoRA on a tiny Qwen3-MoE's experts, patched with strict=True: a job of its own.
+MOE_SCENARIOS = [dict(name="fsdp2 moe", kind="moe"),
+                 dict(name="fsdp2 moe bf16 (patched after wrapping)", kind="moe", mixed=True, patch_after=True)]
+
+
+def _run_engine(tmp_path, engine: str, backend: str, scenarios: list[dict] | None = None) -> None:
+    scenarios = [{"backend": backend, **sc} for sc in (SCENARIOS[engine] if scenarios is None else scenarios)]
     results = _launch(tmp_path, engine, scenarios)
     for sc in scenarios:
         name, kind, steps = sc["name"], sc["kind"], sc.get("steps", jobs.STEPS)
@@ -211,6 +217,10 @@ def test_ddp(tmp_path, cpp_backend):
 
 def test_fsdp2(tmp_path, cpp_backend):
     _run_engine(tmp_path, "fsdp2", cpp_backend)
+
+
+def test_fsdp2_moe(tmp_path, cpp_backend):
+    _run_engine(tmp_path, "fsdp2", cpp_backend, MOE_SCENARIOS)
 
 
 def test_deepspeed_zero3(tmp_path, cpp_backend):

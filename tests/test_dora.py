@@ -148,7 +148,7 @@ def test_norm_strategies_match_reference_and_each_other(monkeypatch, device, dty
 
 
 def test_norm_strategy_rule():
-    assert DORA_NORM.min_rows == 512  # the bench's M grid (fastadapt/bench/cases.py) brackets it
+    assert DORA_NORM.min_rows == 512  # the bench's M grid (fastadapt/bench/cases/dora.py) brackets it
     assert [DORA_NORM.choose(m) for m in (0, 1, 511, 512, 8192)] == ["gemm"] * 3 + ["separate"] * 2
     x = torch.empty(2, 256, 16)  # 512 rows
     inputs = dict(x=x, weight=torch.empty(8, 16), lora_A=torch.empty(2, 16), lora_B=torch.empty(8, 2),

@@ -62,6 +62,18 @@ def _prefix_tuning():
     return peft.get_peft_model(_tiny_llama(), config), dict(input_ids=IDS)
 
 
+def _moe():
+    # PEFT target_parameters LoRA on a tiny Qwen3-MoE's experts (fastadapt.integrations.peft_moe).
+    config = transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, head_dim=8,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, vocab_size=64,
+                                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=4, target_modules=[], init_lora_weights=False,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    return peft.get_peft_model(transformers.Qwen3MoeForCausalLM(config), lora), dict(input_ids=IDS)
+
+
 def _fastadapt_adapter():
     model = _tiny_llama()
     fastadapt.add_adapter(model, "a", "houlsby")
@@ -75,7 +87,7 @@ def _fastadapt_adaption_prompt():
 
 
 PATCHED = {"peft_lora": _lora, "peft_qlora": _qlora, "peft_adaption_prompt": _adaption_prompt,
-           "peft_prefix_tuning": _prefix_tuning}
+           "peft_prefix_tuning": _prefix_tuning, "peft_moe": _moe}
 MODELS = {**PATCHED, "fastadapt_adapter": _fastadapt_adapter, "fastadapt_adaption_prompt": _fastadapt_adaption_prompt}
 
 

@@ -128,7 +128,7 @@ def test_dequant_strategies_match_reference_and_each_other(monkeypatch, device, 
 
 
 def test_dequant_strategy_rule(monkeypatch):
-    assert QLORA_DEQUANT.min_rows == 512  # the bench's M grid (fastadapt/bench/cases.py) brackets it
+    assert QLORA_DEQUANT.min_rows == 512  # the bench's M grid (fastadapt/bench/cases/qlora.py) brackets it
     assert [QLORA_DEQUANT.choose(m) for m in (0, 1, 511, 512, 8192)] == ["gemm"] * 3 + ["once"] * 2
     inputs = dict(x=torch.empty(512, 64), lora_A=torch.empty(2, 64), lora_B=torch.empty(8, 2), bias=None)
     if "triton" in backends_for("qlora_linear", "cpu"):

@@ -1,9 +1,9 @@
 """``fastadapt.patch(model)``: swap other libraries' adapter modules for the fused ops, in place.
 
-Each integration (PEFT LoRA, PEFT adaption prompt, AdapterHub bottleneck adapters, ...) is a
-:class:`Patcher`: it walks the model, patches what it can serve, and records in the report what it
-left alone and why, and, per patched module, the call-time conditions under which that module will
-still run its library's own forward. :func:`unpatch` undoes every patch.
+Each integration (PEFT LoRA, PEFT LoRA on MoE experts, PEFT adaption prompt, AdapterHub bottleneck
+adapters, ...) is a :class:`Patcher`: it walks the model, patches what it can serve, and records in
+the report what it left alone and why, and, per patched module, the call-time conditions under
+which that module will still run its library's own forward. :func:`unpatch` undoes every patch.
 """
 
 from __future__ import annotations
@@ -174,8 +174,9 @@ def unmark(module: torch.nn.Module, mark: str) -> None:
 
 def _patchers() -> list[Patcher]:
     # Imported here: each integration imports its library (peft, adapters) only when asked to patch.
-    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora, peft_prefix_tuning
-    return [peft_lora.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER, adapterhub.PATCHER]
+    from fastadapt.integrations import adapterhub, peft_adaption_prompt, peft_lora, peft_moe, peft_prefix_tuning
+    return [peft_lora.PATCHER, peft_moe.PATCHER, peft_adaption_prompt.PATCHER, peft_prefix_tuning.PATCHER,
+            adapterhub.PATCHER]
 
 
 # --- Modules that join a patched model later (an adapter added, loaded or swapped in after patch())

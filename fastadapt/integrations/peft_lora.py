@@ -308,7 +308,8 @@ class _PeftLoraPatcher:
                 report.skipped.append((name, "modules_to_save: a trainable copy of the whole module, run as it is "
                                              "(no adapter to fuse)"))
                 continue
-            if not isinstance(module, lora_layer.LoraLayer):
+            param_wrapper = getattr(lora_layer, "ParamWrapper", ())  # target_parameters: fastadapt's peft_moe
+            if not isinstance(module, lora_layer.LoraLayer) or isinstance(module, param_wrapper):
                 continue
             if is_bound(module, _MARK):
                 report.skipped.append((name, "already patched"))

@@ -134,10 +134,8 @@ def mark_patched(module: torch.nn.Module, mark: str, *, name: str, report: Patch
     conditions; its fused path reaches the report through :func:`report_of`."""
     setattr(module, mark, True)
     attach(module, name, report)
-    # Once per name: an adapter deleted and loaded again under its name is listed once.
-    if (name, what) not in report.patched:
-        report.patched.append((name, what))
-    if fallbacks and (name, fallbacks) not in report.fallbacks:
+    report.patched.append((name, what))
+    if fallbacks:
         report.fallbacks.append((name, fallbacks))
 
 

@@ -76,7 +76,8 @@ def finite_float(name: str, value) -> float:
     and passes through (an eager call checks the same value)."""
     if torch.compiler.is_compiling():
         return value
-    if isinstance(value, bool) or not isinstance(value, Real):
+    # A plain float skips the ABC check (isinstance(value, Real) is a Python call each time).
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

@@ -326,7 +326,7 @@ def ops():
 def asked(grads, needs) -> tuple:
     """A native backward's gradients, None where ``needs`` did not ask for one (the kernels return an
     empty tensor there)."""
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return tuple([g if need else None for g, need in zip(grads, needs)])
 
 
 def calls(name: str):

@@ -101,13 +101,16 @@ class OpSpec:
         return next(a for a in self.args if a.name == name)
 
 
-def fast_path(*tensors: torch.Tensor | None) -> bool:
+def fast_path(tensors: list[torch.Tensor | None]) -> bool:
     """True when nothing is tracing or transforming the call: eager mode, plain tensors, no dispatch
     or function mode, no torch.func transform."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 _DECLARED: dict[str, "Declared"] = {}
@@ -131,6 +134,11 @@ class Declared:
         self._saved_out = tuple(spec.outputs.index(n) for n in spec.saved)
         self._keep = tuple(i for i, a in enumerate(spec.args) if a.keep)
         self._save = tuple(spec.args[i].save for i in self._tensor_pos)
+        self._tensor_names = tuple(self.names[i] for i in self._tensor_pos)
+        self._scalar_names = tuple(self.names[i] for i in self._scalar_pos)
+        # (position, name, whether a list may come: lists are made tuples, hashable for dispatch's cache)
+        self._select_args = tuple((i, self.names[i], "[]" in spec.args[i].type) for i in self._select_pos)
+        assert spec.args[0].type == "Tensor", f"{spec.name}: the first argument is a tensor (its device decides)"
         ns = "fastadapt::" + spec.name
         params = ", ".join(a.schema for a in spec.args)
         returns = ", ".join(["Tensor"] * (len(spec.outputs) + 1))
@@ -152,8 +160,8 @@ class Declared:
     # --- dispatch -------------------------------------------------------------------------------
 
     def select(self, args) -> dispatch.Implementation:
-        names = self.names
-        return dispatch.select(self.spec.name, **{names[i]: _hashable(args[i]) for i in self._select_pos})
+        return dispatch.select(self.spec.name, **{name: (_hashable(args[i]) if listed else args[i])
+                                                  for i, name, listed in self._select_args})
 
     def _run_forward(self, impl, args) -> tuple:
         return tuple(self.spec.forward(impl, *args))  # positional: its parameters are the arguments
@@ -185,7 +193,7 @@ class Declared:
         else:
             unsaved = frozenset()
             tensors = [inputs[i] if save else None for i, save in zip(self._tensor_pos, self._save)]
-        return unsaved, tensors, [output[i] for i in self._saved_out], tuple(inputs[i] for i in self._scalar_pos)
+        return unsaved, tensors, [output[i] for i in self._saved_out], [inputs[i] for i in self._scalar_pos]
 
     def backward_inputs(self, inputs, output, needs) -> tuple:
         """The arguments of ``fastadapt::<name>_backward`` for a call of the custom op with
@@ -234,8 +242,8 @@ class Declared:
                            "derivative of its own")
 
     def _values(self, tensors, scalars) -> dict:
-        values = dict(zip((self.names[i] for i in self._tensor_pos), tensors))
-        values.update(zip((self.names[i] for i in self._scalar_pos), scalars))
+        values = dict(zip(self._tensor_names, tensors))
+        values.update(zip(self._scalar_names, scalars))
         return values
 
     def _run_backward(self, impl, grads, tensors, saved, scalars, needs) -> tuple:
@@ -283,15 +291,18 @@ class Declared:
             impl = args[-1]
             outputs = declared._run_forward(impl, args[:-1])
             declared._setup_context(ctx, args[:-1], outputs, impl)
-            return tuple(_not_a_view(o) for o in outputs)
+            return tuple([_not_a_view(o) for o in outputs])
 
         def backward(ctx, *grads):
             saved = ctx.saved_tensors
             tensors, rest = saved[:ctx.n_tensors], saved[ctx.n_tensors:]
-            create_graph = torch.is_grad_enabled()
             needs = declared._needs(ctx)
-            with torch.no_grad():
+            create_graph = torch.is_grad_enabled()
+            if not create_graph:
                 computed = declared._run_backward(ctx.backend, grads, tensors, rest, ctx.scalars, needs)
+            else:
+                with torch.no_grad():
+                    computed = declared._run_backward(ctx.backend, grads, tensors, rest, ctx.scalars, needs)
             out = declared._grads(ctx, grads, computed, needs)
             if create_graph:  # the gradients get a backward that says why there is none
                 anchor = next((t for t in saved if t is not None and t.requires_grad), None)
@@ -307,9 +318,9 @@ class Declared:
 
     def __call__(self, *args) -> tuple:
         """The op's outputs for ``args`` (every argument, schema order), eager or traced."""
-        if not fast_path(*(args[i] for i in self._tensor_pos)):
+        if not fast_path([args[i] for i in self._tensor_pos]):
             return self.op(*args)[:-1]
-        device = next(args[i].device for i in self._tensor_pos if args[i] is not None)
+        device = args[0].device
         if self.spec.autocast and torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
             args = tuple(a if i in self._keep else _autocast.cast(a, device.type, dtype) for i, a in enumerate(args))

@@ -181,7 +181,4 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
-  m.impl("dora_forward", &fastadapt::dora_forward_cpu);
-  m.impl("dora_backward", &fastadapt::dora_backward_cpu);
-}
+FASTADAPT_CPU_KERNELS(dora)

@@ -328,9 +328,5 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
-  m.impl("lora_forward", &fastadapt::lora_forward_cpu);
-  m.impl("lora_backward", &fastadapt::lora_backward_cpu);
-  m.impl("lora_segments_forward", &fastadapt::lora_segments_forward_cpu);
-  m.impl("lora_segments_backward", &fastadapt::lora_segments_backward_cpu);
-}
+FASTADAPT_CPU_KERNELS(lora)
+FASTADAPT_CPU_KERNELS(lora_segments)

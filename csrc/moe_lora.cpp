@@ -374,7 +374,4 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
-  m.impl("moe_lora_forward", &fastadapt::moe_lora_forward_cpu);
-  m.impl("moe_lora_backward", &fastadapt::moe_lora_backward_cpu);
-}
+FASTADAPT_CPU_KERNELS(moe_lora)

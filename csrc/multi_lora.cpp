@@ -173,7 +173,4 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
-  m.impl("multi_lora_forward", &fastadapt::multi_lora_forward_cpu);
-  m.impl("multi_lora_backward", &fastadapt::multi_lora_backward_cpu);
-}
+FASTADAPT_CPU_KERNELS(multi_lora)

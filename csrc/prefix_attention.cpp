@@ -420,7 +420,4 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
         "bool[6] needs) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
-  m.impl("prefix_attention_forward", &fastadapt::prefix_attention_forward_cpu);
-  m.impl("prefix_attention_backward", &fastadapt::prefix_attention_backward_cpu);
-}
+FASTADAPT_CPU_KERNELS(prefix_attention)

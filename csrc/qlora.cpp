@@ -164,6 +164,5 @@ TORCH_LIBRARY_FRAGMENT(fastadapt_C, lib) {
 
 TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {
   m.impl("qlora_dequantize", &fastadapt::qlora_dequantize_cpu);
-  m.impl("qlora_forward", &fastadapt::qlora_forward_cpu);
-  m.impl("qlora_backward", &fastadapt::qlora_backward_cpu);
 }
+FASTADAPT_CPU_KERNELS(qlora)

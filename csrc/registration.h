@@ -30,3 +30,11 @@ class Schemas {
 };
 
 }  // namespace fastadapt
+
+// The CPU kernels of an op's forward and backward schemas, by the naming every csrc/OP.cpp keeps:
+// OP_forward -> fastadapt::OP_forward_cpu, OP_backward -> fastadapt::OP_backward_cpu.
+#define FASTADAPT_CPU_KERNELS(op)                                \
+  TORCH_LIBRARY_IMPL(fastadapt_C, CPU, m) {                      \
+    m.impl(#op "_forward", &fastadapt::op##_forward_cpu);        \
+    m.impl(#op "_backward", &fastadapt::op##_backward_cpu);      \
+  }

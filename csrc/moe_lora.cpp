@@ -214,6 +214,25 @@ Tensor combine(const Call& c, const Tensor& src, const Tensor& weights) {
   return out;
 }
 
+// One projection of every expert over its grouped rows: out = in W_e^T (+ bias_e), and with LoRA
+// (r > 0) u = s D(in) A_e^T (what the backward reads), out += u B_e^T.
+void project(const Call& c, const Tensor& in, const Tensor& W, const OptTensor& bias, const OptTensor& A,
+             const OptTensor& B, double s, int64_t r, double dropout_p, int64_t seed, const Tensor& out,
+             const Tensor& u) {
+  for_each_expert(c, [&](int64_t e, int64_t b, int64_t n) {
+    Tensor oe = out.narrow(0, b, n);
+    const Tensor ie = in.narrow(0, b, n);
+    if (present(bias)) at::addmm_out(oe, (*bias)[e], ie, W[e].t());
+    else at::mm_out(oe, ie, W[e].t());
+    if (r) {
+      Tensor ue = u.narrow(0, b, n);
+      at::mm_out(ue, cpu::dropped(ie, row_range(b, n), dropout_p, seed), (*A)[e].t());
+      ue.mul_(s);
+      oe.addmm_(ue, (*B)[e].t());
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_forward_cpu(
     const Tensor& x_in, const Tensor& top_k_index, const Tensor& top_k_weights, const Tensor& gate_up_proj,
     const OptTensor& gate_up_bias, const Tensor& down_proj, const OptTensor& down_bias, const OptTensor& gate_up_A,
@@ -228,31 +247,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_forward_cpu(
   const Tensor xs = x_in.index_select(0, c.token);
   Tensor g = at::empty({c.S, 2 * c.I}, opts), d = at::empty({c.S, c.H}, opts);
   Tensor u1 = at::zeros({c.S, c.r1}, opts), u2 = at::zeros({c.S, c.r2}, opts);
-  for_each_expert(c, [&](int64_t e, int64_t b, int64_t n) {
-    Tensor ge = g.narrow(0, b, n);
-    const Tensor xe = xs.narrow(0, b, n);
-    if (present(gate_up_bias)) at::addmm_out(ge, (*gate_up_bias)[e], xe, gate_up_proj[e].t());
-    else at::mm_out(ge, xe, gate_up_proj[e].t());
-    if (c.r1) {
-      Tensor ue = u1.narrow(0, b, n);
-      at::mm_out(ue, cpu::dropped(xe, row_range(b, n), dropout_p, seed), (*gate_up_A)[e].t());
-      ue.mul_(gate_up_scaling);
-      ge.addmm_(ue, (*gate_up_B)[e].t());
-    }
-  });
+  project(c, xs, gate_up_proj, gate_up_bias, gate_up_A, gate_up_B, gate_up_scaling, c.r1, dropout_p, seed, g, u1);
   const Tensor h = activate(c, g, alpha, limit);
-  for_each_expert(c, [&](int64_t e, int64_t b, int64_t n) {
-    Tensor de = d.narrow(0, b, n);
-    const Tensor he = h.narrow(0, b, n);
-    if (present(down_bias)) at::addmm_out(de, (*down_bias)[e], he, down_proj[e].t());
-    else at::mm_out(de, he, down_proj[e].t());
-    if (c.r2) {
-      Tensor ue = u2.narrow(0, b, n);
-      at::mm_out(ue, cpu::dropped(he, row_range(b, n), dropout_p, seed + 1), (*down_A)[e].t());
-      ue.mul_(down_scaling);
-      de.addmm_(ue, (*down_B)[e].t());
-    }
-  });
+  project(c, h, down_proj, down_bias, down_A, down_B, down_scaling, c.r2, dropout_p, seed + 1, d, u2);
   return {combine(c, d, top_k_weights), g, u1, u2, d};
 }
 

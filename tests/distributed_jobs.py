@@ -181,26 +181,20 @@ def spy(kind: str):
 
     restore = [(Declared, "_run_forward", run_forward), (Declared, "_run_backward", run_backward)]
     Declared._run_forward, Declared._run_backward = counting_forward, counting_backward
-    if kind in ("lora", "lora_small"):
+    # A fallback runs PEFT's own forward: LoRA's Linear, or the MoE experts' ParamWrapper (strict
+    # would refuse it anyway).
+    peft_layer = {"lora": "Linear", "lora_small": "Linear", "moe": "ParamWrapper"}.get(kind)
+    if peft_layer is not None:
         from peft.tuners.lora import layer
-        peft_forward = layer.Linear.forward
+        cls = getattr(layer, peft_layer)
+        peft_forward = cls.forward
 
         def counted(self, *args, **kwargs):
             seen["fallbacks"] += 1
             return peft_forward(self, *args, **kwargs)
 
-        restore.append((layer.Linear, "forward", peft_forward))
-        layer.Linear.forward = counted
-    if kind == "moe":  # a fallback runs PEFT's ParamWrapper forward (strict would refuse it anyway)
-        from peft.tuners.lora import layer
-        wrapper_forward = layer.ParamWrapper.forward
-
-        def counted_wrapper(self, *args, **kwargs):
-            seen["fallbacks"] += 1
-            return wrapper_forward(self, *args, **kwargs)
-
-        restore.append((layer.ParamWrapper, "forward", wrapper_forward))
-        layer.ParamWrapper.forward = counted_wrapper
+        restore.append((cls, "forward", peft_forward))
+        cls.forward = counted
     if kind == "llama_adapter":
         two_pass = llama_adapter._two_pass
 

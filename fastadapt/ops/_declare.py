@@ -186,13 +186,9 @@ class Declared:
         the non-tensor arguments) of a forward call: what its backward gets."""
         spec = self.spec
         inputs = self._full(tuple(inputs))
-        if spec.unsaved:
-            unsaved = spec.unsaved(**dict(zip(self.names, inputs)))
-            tensors = [inputs[i] if save and self.names[i] not in unsaved else None
-                       for i, save in zip(self._tensor_pos, self._save)]
-        else:
-            unsaved = frozenset()
-            tensors = [inputs[i] if save else None for i, save in zip(self._tensor_pos, self._save)]
+        unsaved = spec.unsaved(**dict(zip(self.names, inputs))) if spec.unsaved else frozenset()
+        tensors = [inputs[i] if save and name not in unsaved else None
+                   for i, name, save in zip(self._tensor_pos, self._tensor_names, self._save)]
         return unsaved, tensors, [output[i] for i in self._saved_out], [inputs[i] for i in self._scalar_pos]
 
     def backward_inputs(self, inputs, output, needs) -> tuple:
